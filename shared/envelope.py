@@ -1,0 +1,279 @@
+"""The wire envelope of PROTOCOL.md: client ops in, server messages out.
+
+Client frames are decoded by one module-level typed decoder into a tagged union of
+Structs. Server messages are encoded once into bytes; fan-out messages carry no inbox,
+so the same bytes go to every connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
+
+from shared.capabilities import Capabilities
+from shared.errors import CloseCode, Disconnect, ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = 1
+Inbox = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class Empty(Struct, forbid_unknown_fields=True):
+    pass
+
+
+class _Op(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    inbox: Inbox | None = None
+
+
+class Sub(_Op, kw_only=True, tag="sub"):
+    target: Name
+    data: Empty | None = None
+
+
+class Unsub(_Op, kw_only=True, tag="unsub"):
+    target: Name | None = None
+    data: Empty | None = None
+
+
+class KvSubData(Struct, forbid_unknown_fields=True):
+    pattern: Name = ">"
+    since_revision: Annotated[int, Meta(ge=0)] | None = None
+
+
+class KvSub(_Op, kw_only=True, tag="kv_sub"):
+    target: Name
+    data: KvSubData = msgspec.field(default_factory=KvSubData)
+
+
+class JsSubData(Struct, forbid_unknown_fields=True):
+    filter: Name = ">"
+    start_seq: Annotated[int, Meta(ge=1)] | None = None
+    time_delta: Annotated[float, Meta(gt=0, le=10 * 365 * 86400)] | None = None
+    start_time: dt.datetime | None = None
+    batch: Annotated[int, Meta(ge=1, le=1000)] = 100
+    ack: bool = False
+    durable: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+
+
+class JsSub(_Op, kw_only=True, tag="js_sub"):
+    target: Name
+    data: JsSubData = msgspec.field(default_factory=JsSubData)
+
+
+class AckData(Struct, forbid_unknown_fields=True):
+    seq: Annotated[int, Meta(ge=1)]
+
+
+class Ack(_Op, kw_only=True, tag="ack"):
+    target: Name
+    data: AckData
+
+
+class Ping(_Op, kw_only=True, tag="ping"):
+    target: Name | None = None
+    data: Empty | None = None
+
+
+class Pong(_Op, kw_only=True, tag="pong"):
+    target: Name | None = None
+    data: Empty | None = None
+
+
+class RefreshData(Struct, forbid_unknown_fields=True):
+    token: Annotated[str, Meta(min_length=1, max_length=8192)]
+
+
+class Refresh(_Op, kw_only=True, tag="refresh"):
+    target: Name | None = None
+    data: RefreshData
+
+
+class Cmd(_Op, kw_only=True, tag="cmd"):
+    target: Name | None = None
+    data: Any = None
+
+
+ClientOp = Sub | Unsub | KvSub | JsSub | Ack | Ping | Pong | Refresh | Cmd
+
+
+class _Head(Struct):
+    """Just enough of a frame to check the version and echo the inbox on errors."""
+
+    v: Any = PROTOCOL_VERSION
+    inbox: Any = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+_op_decoder = msgspec.json.Decoder(ClientOp)  # type: ignore[arg-type]
+
+
+def decode_client_frame(frame: bytes | str) -> ClientOp:
+    """Decode one client envelope or raise ProtocolError/Disconnect with its code."""
+    try:
+        head = _head_decoder.decode(frame)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed envelope: {e}") from None
+    inbox = head.inbox if isinstance(head.inbox, str) and len(head.inbox) <= 128 else None
+    if type(head.v) is not int or head.v != PROTOCOL_VERSION:
+        err = Disconnect(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {PROTOCOL_VERSION} only",
+            CloseCode.PROTOCOL_ERROR,
+        )
+        err.inbox = inbox
+        raise err
+    try:
+        return _op_decoder.decode(frame)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as e:
+        err2 = ProtocolError(ErrorCode.BAD_REQUEST, str(e))
+        err2.inbox = inbox
+        raise err2 from None
+
+
+# ---------------------------------------------------------------- server → client
+
+
+class ErrorData(Struct):
+    code: str
+    reason: str
+
+
+class RevokedRef(Struct):
+    inbox: str
+    op: str
+    target: str
+
+
+class CapUpdateData(Struct):
+    user: str
+    capabilities: Capabilities
+    revoked: list[RevokedRef] = []
+
+
+class PayloadData(Struct, omit_defaults=True):
+    payload: Raw | UnsetType = UNSET
+    payload_b64: str | UnsetType = UNSET
+
+
+class KvData(Struct, omit_defaults=True):
+    op: str
+    revision: int
+    key: str | UnsetType = UNSET
+    value: Raw | UnsetType = UNSET
+    value_b64: str | UnsetType = UNSET
+
+
+class JsData(Struct, omit_defaults=True):
+    seq: int
+    subject: str
+    time: str
+    payload: Raw | UnsetType = UNSET
+    payload_b64: str | UnsetType = UNSET
+
+
+class ServerMessage(Struct, omit_defaults=True):
+    op: str
+    v: int = PROTOCOL_VERSION
+    target: str | None = None
+    inbox: str | None = None
+    data: Any = None
+
+
+_encoder = msgspec.json.Encoder()
+_raw_decoder = msgspec.json.Decoder(Raw)
+_any_decoder = msgspec.json.Decoder()
+
+
+def embed_json(data: bytes) -> Raw | None:
+    """The payload as embeddable JSON, or None when it must travel as base64.
+
+    Raw bytes are embedded as they are when they are one valid JSON value in UTF-8 with no
+    newline (the frame separator); JSON with newlines in its whitespace is re-encoded.
+    """
+    if not data:
+        return None
+    try:
+        raw = _raw_decoder.decode(data)
+        data.decode("utf-8")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if b"\n" in data:
+        return Raw(_encoder.encode(_any_decoder.decode(data)))
+    return raw
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode(msg: ServerMessage) -> bytes:
+    return _encoder.encode(msg)
+
+
+def ok(inbox: str | None, target: str | None, data: Any = None) -> bytes:
+    return encode(ServerMessage("ok", target=target, inbox=inbox, data=data))
+
+
+def error(
+    code: ErrorCode | str, reason: str, inbox: str | None = None, target: str | None = None
+) -> bytes:
+    return encode(
+        ServerMessage("error", target=target, inbox=inbox, data=ErrorData(str(code), reason))
+    )
+
+
+def cap_update(user: str, caps: Capabilities, revoked: list[RevokedRef] | None = None) -> bytes:
+    return encode(ServerMessage("cap_update", data=CapUpdateData(user, caps, revoked or [])))
+
+
+def sub_msg(subject: str, payload: bytes) -> bytes:
+    raw = embed_json(payload)
+    data = PayloadData(payload=raw) if raw is not None else PayloadData(payload_b64=_b64(payload))
+    return encode(ServerMessage("sub_msg", target=subject, data=data))
+
+
+def kv_msg(
+    bucket: str, key: str, op: Literal["put", "delete", "purge"], revision: int, value: bytes | None
+) -> bytes:
+    data = KvData(op=op, revision=revision, key=key)
+    if op == "put" and value is not None:
+        raw = embed_json(value)
+        if raw is not None:
+            data.value = raw
+        else:
+            data.value_b64 = _b64(value)
+    return encode(ServerMessage("kv_msg", target=bucket, data=data))
+
+
+def kv_synced(bucket: str, inbox: str, revision: int) -> bytes:
+    return encode(
+        ServerMessage(
+            "kv_msg", target=bucket, inbox=inbox, data=KvData(op="synced", revision=revision)
+        )
+    )
+
+
+def js_msg(
+    stream: str, inbox: str, seq: int, subject: str, payload: bytes, time: dt.datetime
+) -> bytes:
+    data = JsData(seq=seq, subject=subject, time=time.isoformat().replace("+00:00", "Z"))
+    raw = embed_json(payload)
+    if raw is not None:
+        data.payload = raw
+    else:
+        data.payload_b64 = _b64(payload)
+    return encode(ServerMessage("js_msg", target=stream, inbox=inbox, data=data))
+
+
+def ping(inbox: str | None = None) -> bytes:
+    return encode(ServerMessage("ping", inbox=inbox))
+
+
+def pong(inbox: str | None = None) -> bytes:
+    return encode(ServerMessage("pong", inbox=inbox))

@@ -1,0 +1,111 @@
+"""One settings object, read once from the environment at startup and passed down.
+
+Every field maps to the upper-cased environment variable of its name
+(`nats_url` ← `NATS_URL`). Lists are comma-separated. See the README's table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_DEMO_PASSWORD = "demo"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    app_env: Literal["dev", "production"] = "dev"
+    var_dir: str = "var"
+    # NATS
+    nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    nats_replicas: int = 1
+    # tokens
+    jwt_private_key_file: str = ""  # default: <var_dir>/keys/jwt_ed25519.pem (dev keys)
+    jwt_public_key_file: str = ""  # default: <var_dir>/keys/jwt_ed25519.pub.pem
+    jwt_issuer: str = "natsgate"
+    jwt_audience: str = "natsgate"
+    jwt_leeway: float = 5.0
+    token_ttl: int = 3600
+    # browsers
+    allowed_origins: tuple[str, ...] = ("http://127.0.0.1:8080", "http://localhost:8080")
+    cookie_secure: bool = False
+    # processes and ports
+    host: str = "127.0.0.1"
+    base_port: int = 8080  # nginx; API workers at base+21…, gateways at base+121…
+    gateway_port: int = 8201
+    gateway_procs: int = 2
+    api_port: int = 8101
+    api_procs: int = 2
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    # gateway limits
+    send_queue_size: int = 1024
+    write_timeout: float = 0.25
+    max_frame_bytes: int = 65536
+    max_subscriptions: int = 256
+    client_ops_per_second: float = 50.0
+    client_ops_burst: int = 100
+    max_bad_frames: int = 10
+    ping_interval: float = 25.0
+    max_connections_per_user: int = 64
+    # api limits
+    login_attempts_per_minute: int = 10
+    max_body_bytes: int = 256 * 1024
+    hash_concurrency: int = 4
+    command_timeout: float = 5.0
+    # demo data and logs
+    demo_password: str = DEFAULT_DEMO_PASSWORD
+    log_level: str = "INFO"
+    log_format: Literal["pretty", "json"] = "pretty"
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def private_key_path(self) -> Path:
+        return Path(self.jwt_private_key_file or Path(self.var_dir) / "keys" / "jwt_ed25519.pem")
+
+    @property
+    def public_key_path(self) -> Path:
+        return Path(self.jwt_public_key_file or Path(self.var_dir) / "keys" / "jwt_ed25519.pub.pem")
+
+    def check(self) -> None:
+        """Refuse unsafe production settings."""
+        if not self.production:
+            return
+        problems = []
+        if not self.jwt_private_key_file or not self.jwt_public_key_file:
+            problems.append("JWT_PRIVATE_KEY_FILE and JWT_PUBLIC_KEY_FILE must be set")
+        if self.demo_password == DEFAULT_DEMO_PASSWORD:
+            problems.append("DEMO_PASSWORD is the default (demo users are never seeded)")
+        if not self.cookie_secure:
+            problems.append("COOKIE_SECURE must be true")
+        if problems:
+            raise SystemExit("refusing to start in production: " + "; ".join(problems))
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `env` (default: os.environ), then keyword overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for name, typ in _field_types().items():
+        value = env.get(name.upper())
+        if value is None:
+            continue
+        if typ == tuple[str, ...]:
+            raw[name] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            raw[name] = value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"invalid settings: {e}") from None

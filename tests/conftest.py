@@ -1,0 +1,59 @@
+"""Shared fixtures: a real nats-server per test module, provisioned and cleaned per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.client import JetStreamContext
+
+from shared import natsio
+from shared.settings import Settings, load
+from tests.natsd import NatsServer
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    srv = NatsServer(tmp_path_factory.mktemp("nats"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, keys_dir: Path) -> Settings:
+    # Tests never read the developer's environment: every setting is explicit here.
+    return load({}, nats_url=[nats_server.url], var_dir=str(keys_dir))
+
+
+async def _wipe(js: JetStreamContext) -> None:
+    for info in await js.streams_info():
+        await js.delete_stream(info.config.name)
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[NATS]:
+    """A client on a freshly provisioned server: every stream and bucket empty."""
+    conn = await nats.connect(settings.nats_url[0])
+    js = conn.jetstream()
+    await _wipe(js)
+    await natsio.provision(js, settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def js(nc: NATS) -> JetStreamContext:
+    return nc.jetstream()
