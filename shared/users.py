@@ -1,0 +1,39 @@
+"""User records in KV `auth_users` (key = user id), read by both processes."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from shared.capabilities import Capabilities
+
+USERS_BUCKET = "auth_users"
+CREDENTIALS_BUCKET = "auth_credentials"  # key = username → Credential; never exposed
+REVOKED_BUCKET = "auth_revoked"  # key = token jti → expiry; never exposed
+USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS token and one KV key token
+
+
+class UserRecord(msgspec.Struct, omit_defaults=False):
+    id: str
+    username: str
+    display_name: str = ""
+    disabled: bool = False
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+
+
+class Credential(msgspec.Struct):
+    user_id: str
+    hash: str  # argon2id
+
+
+_user_decoder = msgspec.json.Decoder(UserRecord)
+
+
+def decode_user(data: bytes) -> UserRecord:
+    return _user_decoder.decode(data)
+
+
+def encode_user(user: UserRecord) -> bytes:
+    return msgspec.json.encode(user)
