@@ -32,15 +32,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # browsers
     allowed_origins: tuple[str, ...] = ("http://127.0.0.1:8080", "http://localhost:8080")
     cookie_secure: bool = False
-    # processes and ports
+    # processes and ports: every port derives from BASE_PORT unless set itself (PORT_OFFSETS)
     host: str = "127.0.0.1"
-    base_port: int = 8080  # nginx; API workers at base+21…, gateways at base+121…
-    gateway_port: int = 8201
+    base_port: int = 8080  # nginx, the one public entry point
+    gateway_port: int = 8201  # first gateway; the others follow
     gateway_procs: int = 2
-    api_port: int = 8101
+    api_port: int = 8101  # first API worker; the others follow
     api_procs: int = 2
-    nats_port: int = 4222
-    nats_monitor_port: int = 8222
+    nats_cluster: int = 1  # NATS nodes run by deploy/: 1, or 3 for the loopback cluster
+    nats_port: int = 4222  # node i listens on nats_port + i
+    nats_monitor_port: int = 8222  # node i: nats_monitor_port + i
+    nats_cluster_port: int = 6222  # node i routes on nats_cluster_port + i
     # gateway limits
     send_queue_size: int = 1024
     write_timeout: float = 0.25
@@ -66,6 +68,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.app_env == "production"
 
     @property
+    def api_ports(self) -> range:
+        return range(self.api_port, self.api_port + self.api_procs)
+
+    @property
+    def gateway_ports(self) -> range:
+        return range(self.gateway_port, self.gateway_port + self.gateway_procs)
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.host}:{self.base_port}"
+
+    @property
     def private_key_path(self) -> Path:
         return Path(self.jwt_private_key_file or Path(self.var_dir) / "keys" / "jwt_ed25519.pem")
 
@@ -88,6 +102,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit("refusing to start in production: " + "; ".join(problems))
 
 
+# Ports derived from BASE_PORT (8080 → API 8101…, gateways 8201…, NATS 4222…, monitoring
+# 8222…, routes 6222…), so a whole second stack runs beside the first by changing one number.
+PORT_OFFSETS = {
+    "api_port": 21,
+    "gateway_port": 121,
+    "nats_port": -3858,
+    "nats_monitor_port": 142,
+    "nats_cluster_port": -1858,
+}
+
+
+def _derive(raw: dict[str, Any]) -> None:
+    """Fill every port, NATS URL and origin that was not set explicitly from BASE_PORT."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(Settings)}
+    try:
+        base = int(raw.get("base_port", defaults["base_port"]))
+        nodes = int(raw.get("nats_cluster", defaults["nats_cluster"]))
+    except (TypeError, ValueError):
+        return  # msgspec reports the ill-typed field
+    for name, offset in PORT_OFFSETS.items():
+        raw.setdefault(name, base + offset)
+    host = raw.get("host", defaults["host"])
+    first = int(raw["nats_port"])
+    raw.setdefault("nats_url", [f"nats://127.0.0.1:{first + i}" for i in range(nodes)])
+    raw.setdefault("nats_replicas", min(nodes, 3))
+    raw.setdefault("allowed_origins", [f"http://{host}:{base}", f"http://localhost:{base}"])
+
+
 def _field_types() -> dict[str, Any]:
     return {f.name: f.type for f in msgspec.structs.fields(Settings)}
 
@@ -105,7 +147,20 @@ def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         else:
             raw[name] = value
     raw.update(overrides)
+    _derive(raw)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as e:
         raise SystemExit(f"invalid settings: {e}") from None
+    last_nats = settings.nats_cluster - 1
+    ports = [
+        settings.base_port,
+        *settings.api_ports,
+        *settings.gateway_ports,
+        settings.nats_port + last_nats,
+        settings.nats_monitor_port + last_nats,
+        settings.nats_cluster_port + last_nats,
+    ]
+    if settings.nats_cluster < 1 or not all(1 <= p <= 65535 for p in ports):
+        raise SystemExit(f"invalid settings: a derived port is out of range ({ports})")
+    return settings
