@@ -1,0 +1,282 @@
+"""A typed asyncio client for the gateway protocol (the Python SDK; tests and bench use it).
+
+    async with await GatewayClient.connect(url, token=token) as c:
+        sub = await c.sub("chat.room.1")
+        msg = await sub.get()
+
+Frames are split on `\\n` (the server batches envelopes). Fan-out data (no inbox) is
+routed to every local subscription whose pattern matches; replies and per-subscription
+data by inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from shared.subjects import match
+
+
+class RequestError(Exception):
+    """The server answered a request with an `error` frame."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class ClientSubscription:
+    def __init__(
+        self, client: GatewayClient, op: str, target: str, inbox: str, pattern: str
+    ) -> None:
+        self.client, self.op, self.target, self.inbox, self.pattern = (
+            client,
+            op,
+            target,
+            inbox,
+            pattern,
+        )
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ok: dict[str, Any] = {}
+        self.revoked = asyncio.Event()
+        self.error: dict[str, Any] | None = None
+
+    async def get(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next envelope for this subscription."""
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
+
+    def get_nowait(self) -> dict[str, Any] | None:
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def unsub(self) -> None:
+        await self.client.request("unsub", inbox=self.inbox)
+        self.client.subs.pop(self.inbox, None)
+
+    async def ack(self, seq: int) -> None:
+        await self.client.send(
+            {"op": "ack", "target": self.target, "inbox": self.inbox, "data": {"seq": seq}}
+        )
+
+
+class GatewayClient:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.subs: dict[str, ClientSubscription] = {}
+        self.capabilities: dict[str, Any] = {}
+        self.user: str | None = None
+        self.cap_updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.errors: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.envelopes: asyncio.Queue[dict[str, Any]] | None = None  # every envelope, if set
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+        self._first = asyncio.get_running_loop().create_future()
+        self.frames = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        record: bool = False,
+        open_timeout: float = 10.0,
+    ) -> GatewayClient:
+        """Connect and wait for the first `cap_update`."""
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        ws = await connect(
+            url,
+            additional_headers=hdrs,
+            compression=None,
+            max_size=None,
+            open_timeout=open_timeout,
+            ping_interval=None,
+        )
+        client = cls(ws)
+        if record:
+            client.envelopes = asyncio.Queue()
+        client._reader = asyncio.get_running_loop().create_task(client._read())
+        async with asyncio.timeout(open_timeout):
+            await asyncio.shield(client._first)
+        return client
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:
+        async with asyncio.timeout(timeout):
+            await self.ws.wait_closed()
+        return self.ws.close_code
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, envelope: Mapping[str, Any] | bytes | str) -> None:
+        if isinstance(envelope, Mapping):
+            await self.ws.send(msgspec.json.encode(envelope).decode())
+        else:
+            await self.ws.send(envelope)
+
+    def new_inbox(self) -> str:
+        return f"c{next(self._ids)}"
+
+    async def request(
+        self,
+        op: str,
+        target: str | None = None,
+        data: Any = None,
+        inbox: str | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """Send a request and return its `ok` envelope; raise RequestError on `error`."""
+        inbox = inbox or self.new_inbox()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[inbox] = fut
+        env: dict[str, Any] = {"op": op, "inbox": inbox}
+        if target is not None:
+            env["target"] = target
+        if data is not None:
+            env["data"] = data
+        try:
+            await self.send(env)
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        finally:
+            self._pending.pop(inbox, None)
+        if reply["op"] == "error":
+            raise RequestError(reply["data"]["code"], reply["data"]["reason"])
+        return reply
+
+    async def _subscribe(self, op: str, target: str, pattern: str, data: Any) -> ClientSubscription:
+        inbox = self.new_inbox()
+        sub = ClientSubscription(self, op, target, inbox, pattern)
+        self.subs[inbox] = sub
+        try:
+            reply = await self.request(op, target, data, inbox=inbox)
+        except BaseException:
+            self.subs.pop(inbox, None)
+            raise
+        sub.ok = reply.get("data") or {}
+        return sub
+
+    async def sub(self, subject: str) -> ClientSubscription:
+        return await self._subscribe("sub", subject, subject, None)
+
+    async def kv_sub(
+        self, bucket: str, pattern: str = ">", since_revision: int | None = None
+    ) -> ClientSubscription:
+        data: dict[str, Any] = {"pattern": pattern}
+        if since_revision is not None:
+            data["since_revision"] = since_revision
+        return await self._subscribe("kv_sub", bucket, pattern, data)
+
+    async def js_sub(self, stream: str, filter: str = ">", **options: Any) -> ClientSubscription:
+        return await self._subscribe("js_sub", stream, filter, {"filter": filter, **options})
+
+    async def ping(self) -> None:
+        await self.request("ping")
+
+    async def refresh(self, token: str) -> dict[str, Any]:
+        return await self.request("refresh", data={"token": token})
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read(self) -> None:
+        decode = msgspec.json.decode
+        try:
+            async for frame in self.ws:
+                self.frames += 1
+                for line in frame.split("\n") if isinstance(frame, str) else [frame]:
+                    if line:
+                        self._route(decode(line))
+        except ConnectionClosed:
+            pass
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+            if not self._first.done():
+                self._first.set_exception(ConnectionError("closed before cap_update"))
+
+    def _route(self, env: dict[str, Any]) -> None:
+        if self.envelopes is not None:
+            self.envelopes.put_nowait(env)
+        op = env.get("op")
+        inbox = env.get("inbox")
+        if op in ("ok", "error", "pong") and inbox in self._pending:
+            fut = self._pending[inbox]
+            if not fut.done():
+                fut.set_result(env)
+            return
+        if op == "cap_update":
+            data = env["data"]
+            self.user = data["user"]
+            self.capabilities = data["capabilities"]
+            for r in data.get("revoked", []):
+                sub = self.subs.pop(r["inbox"], None)
+                if sub:
+                    sub.revoked.set()
+            self.cap_updates.put_nowait(env)
+            if not self._first.done():
+                self._first.set_result(env)
+            return
+        if op == "ping":
+            task = asyncio.ensure_future(self._pong(inbox))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if op == "error":
+            sub = self.subs.get(inbox) if inbox else None
+            if sub is not None:
+                sub.error = env
+                sub.queue.put_nowait(env)
+            self.errors.put_nowait(env)
+            return
+        if inbox is not None:  # synced marker, js_msg
+            sub = self.subs.get(inbox)
+            if sub is not None:
+                sub.queue.put_nowait(env)
+            return
+        target = env.get("target", "")
+        if op == "sub_msg":
+            for sub in self.subs.values():
+                if sub.op == "sub" and match(sub.pattern, target):
+                    sub.queue.put_nowait(env)
+        elif op == "kv_msg":
+            key = env["data"].get("key", "")
+            for sub in self.subs.values():
+                if sub.op == "kv_sub" and sub.target == target and match(sub.pattern, key):
+                    sub.queue.put_nowait(env)
+
+    async def _pong(self, inbox: str | None) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.send({"op": "pong", **({"inbox": inbox} if inbox else {})})

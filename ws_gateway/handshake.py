@@ -1,0 +1,113 @@
+"""The opening handshake: health routes, origin and token checks, before any WebSocket.
+
+A refused upgrade is a plain HTTP response (401/403/503); nothing is upgraded.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from shared.auth import Claims
+from shared.errors import InvalidToken
+from shared.users import UserRecord
+from ws_gateway.hub import Hub
+
+log = logging.getLogger("ws_gateway.handshake")
+
+WS_PATHS = frozenset({"/ws", "/"})
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    claims: Claims
+    user: UserRecord
+
+
+class Refused(Exception):
+    def __init__(self, status: http.HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def token_from(headers: Headers, allowed_origins: tuple[str, ...]) -> str:
+    """The bearer token, or the session cookie when the Origin is allowed."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(http.HTTPStatus.UNAUTHORIZED, "malformed Authorization header")
+        return token.strip()
+    cookie_header = headers.get("Cookie")
+    if cookie_header:
+        try:
+            jar = SimpleCookie(cookie_header)
+        except CookieError:
+            jar = SimpleCookie()
+        morsel = jar.get("session")
+        if morsel is not None and morsel.value:
+            # A browser sends cookies on cross-site WebSocket upgrades too; only the
+            # Origin tells a page of ours from someone else's (CSWSH).
+            origins = headers.get_all("Origin")
+            if len(origins) != 1 or origins[0] not in allowed_origins:
+                raise Refused(http.HTTPStatus.FORBIDDEN, "origin not allowed")
+            return morsel.value
+    raise Refused(http.HTTPStatus.UNAUTHORIZED, "no token")
+
+
+async def admit(hub: Hub, headers: Headers) -> Admitted:
+    token = token_from(headers, hub.settings.allowed_origins)
+    try:
+        claims = hub.verifier.verify(token)
+    except InvalidToken as e:
+        raise Refused(http.HTTPStatus.UNAUTHORIZED, str(e)) from None
+    if not hub.nats_ready:
+        raise Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "NATS unreachable")
+    if await hub.is_revoked(claims.jti):
+        raise Refused(http.HTTPStatus.UNAUTHORIZED, "token revoked")
+    user = await hub.load_user(claims.sub)
+    if user is None or user.disabled:
+        raise Refused(http.HTTPStatus.FORBIDDEN, "user disabled or deleted")
+    if hub.user_sessions(claims.sub) >= hub.settings.max_connections_per_user:
+        raise Refused(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connections for this user")
+    return Admitted(claims, user)
+
+
+def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain") -> Response:
+    headers = Headers([("Content-Type", content_type), ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, body.encode())
+
+
+async def process_request(
+    hub: Hub, admitted: dict[ServerConnection, Admitted], ws: ServerConnection, request: Request
+) -> Response | None:
+    path = request.path.partition("?")[0]
+    if path == "/healthz":
+        return _text(http.HTTPStatus.OK, "ok\n")
+    if path == "/readyz":
+        if hub.nats_ready:
+            return _text(http.HTTPStatus.OK, "ready\n")
+        return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unreachable\n")
+    if path == "/metrics":
+        return _text(http.HTTPStatus.OK, generate_latest().decode(), CONTENT_TYPE_LATEST)
+    if path not in WS_PATHS:
+        return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return _text(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket upgrade required\n")
+    try:
+        admitted[ws] = await admit(hub, request.headers)
+    except Refused as e:
+        log.info("upgrade refused", extra={"status": e.status.value, "reason": e.reason})
+        return _text(e.status, e.reason + "\n")
+    except Exception as e:
+        log.warning("upgrade failed", extra={"error": type(e).__name__})
+        return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "temporarily unavailable\n")
+    return None

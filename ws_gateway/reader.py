@@ -1,0 +1,266 @@
+"""Read a JetStream stream continuously through a pull consumer, resumably.
+
+One reader per KV watch or JetStream subscription. Messages are handled in the NATS
+subscription callback (no extra queue hop); the next pull is issued only when the sink
+has room, so a slow reader of history is slowed, not dropped. If the consumer is lost
+(NATS restart, ephemeral consumer expired during an outage, leader change) the reader
+recreates it from the last stream sequence it delivered + 1: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger("ws_gateway.reader")
+
+PULL_EXPIRES = 30.0
+IDLE_HEARTBEAT = 5.0
+EPHEMERAL_INACTIVE = 300.0  # survives NATS outages of a few minutes without a resume
+
+
+@dataclass(slots=True)
+class Delivery:
+    stream_seq: int
+    pending: int  # messages left for this consumer after this one
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    time: dt.datetime
+    reply: str
+    redelivered: bool
+
+
+OnMessage = Callable[[Delivery], None]
+WaitRoom = Callable[[int], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Start:
+    """Where a new consumer starts: NEW, ALL, LAST_PER_SUBJECT, BY_START_SEQUENCE/TIME."""
+
+    policy: api.DeliverPolicy
+    seq: int | None = None
+    time: dt.datetime | None = None
+
+
+class StreamReader:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        stream: str,
+        filter_subject: str,
+        start: Start,
+        on_message: OnMessage,
+        *,
+        batch: int = 256,
+        ack: bool = False,
+        durable: str | None = None,
+        wait_room: WaitRoom | None = None,
+        on_lost: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self._nc, self._js = nc, js
+        self.stream, self.filter_subject = stream, filter_subject
+        self._start = start
+        self._on_message = on_message
+        self._batch = batch
+        self._ack = ack
+        self.durable = durable
+        self._wait_room = wait_room
+        self._on_lost = on_lost
+        self.consumer: str | None = None
+        self.last_seq = 0  # last stream sequence handed to on_message
+        self.initial_pending = 0
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._activity = asyncio.Event()
+        self._request_done = asyncio.Event()
+        self._remaining = 0
+        self._lost = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> api.ConsumerInfo:
+        """Create (or bind to) the consumer and start pulling. Raises NotFoundError."""
+        info = await self._ensure_consumer(self._start)
+        self.initial_pending = info.num_pending or 0
+        inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(
+            inbox, cb=self._handle, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        self._inbox = inbox
+        self._task = asyncio.get_running_loop().create_task(self._pull_loop())
+        return info
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+        if self.consumer and not self.durable and self._nc.is_connected:
+            try:
+                await self._js.delete_consumer(self.stream, self.consumer)
+            except Exception:
+                pass  # ephemeral: the server removes it after its inactive threshold anyway
+
+    # ------------------------------------------------------------------ consumer
+
+    def _config(self, start: Start) -> api.ConsumerConfig:
+        cfg = api.ConsumerConfig(
+            deliver_policy=start.policy,
+            opt_start_seq=start.seq,
+            opt_start_time=start.time.isoformat() if start.time else None,
+            ack_policy=api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE,
+            filter_subject=self.filter_subject,
+            max_ack_pending=max(self._batch * 4, 1000) if self._ack else None,
+            ack_wait=30.0 if self._ack else None,
+            inactive_threshold=EPHEMERAL_INACTIVE if not self.durable else 7 * 86400.0,
+            mem_storage=None if self.durable else True,
+            num_replicas=None if self.durable else 1,
+        )
+        if self.durable:
+            cfg.durable_name = self.durable
+            cfg.name = self.durable
+        return cfg
+
+    async def _ensure_consumer(self, start: Start) -> api.ConsumerInfo:
+        if self.durable:
+            try:
+                info = await self._js.consumer_info(self.stream, self.durable)
+                if info.config.filter_subject != self.filter_subject:
+                    raise ValueError("durable exists with another filter")
+                self.consumer = self.durable
+                return info
+            except NotFoundError as e:
+                if "stream" in str(e).lower() and "consumer" not in str(e).lower():
+                    raise
+        info = await self._js.add_consumer(self.stream, self._config(start))
+        self.consumer = info.name
+        return info
+
+    async def _recreate(self) -> None:
+        """After a loss: resume right after the last delivered message."""
+        if self.durable:
+            await self._ensure_consumer(self._start)
+            return
+        if self.consumer:
+            try:
+                await self._js.delete_consumer(self.stream, self.consumer)
+            except Exception:
+                pass
+        if self.last_seq:
+            start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=self.last_seq + 1)
+        else:
+            start = self._start
+        await self._ensure_consumer(start)
+
+    # ------------------------------------------------------------------ pulling
+
+    async def _pull_loop(self) -> None:
+        backoff = 0.1
+        while not self._closed:
+            try:
+                if self._lost:
+                    await self._recreate()
+                    self._lost = False
+                if self._wait_room is not None:
+                    await self._wait_room(self._batch)
+                self._request_done.clear()
+                self._remaining = self._batch
+                req = {
+                    "batch": self._batch,
+                    "expires": int(PULL_EXPIRES * 1e9),
+                    "idle_heartbeat": int(IDLE_HEARTBEAT * 1e9),
+                }
+                await self._nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
+                    json.dumps(req).encode(),
+                    reply=self._inbox,
+                )
+                while not self._request_done.is_set():
+                    self._activity.clear()
+                    try:
+                        async with asyncio.timeout(IDLE_HEARTBEAT * 2.5):
+                            await self._activity.wait()
+                    except TimeoutError:
+                        # No message, heartbeat or status: the request or the consumer
+                        # is gone (NATS restarted, or we were disconnected).
+                        self._lost = True
+                        break
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except NotFoundError as e:
+                if self._on_lost:
+                    self._on_lost(e)
+                return
+            except Exception as e:
+                self._lost = True
+                log.info("reader retry", extra={"stream": self.stream, "error": type(e).__name__})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _handle(self, msg: Msg) -> None:
+        self._activity.set()
+        headers = msg.headers
+        if not msg.reply and headers and "Status" in headers:
+            status = headers["Status"]
+            if status == "100":  # idle heartbeat
+                return
+            if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+                self._lost = True
+            self._request_done.set()  # 404 no messages, 408 expired, 409 …
+            return
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        redelivered = meta.num_delivered > 1
+        if seq <= self.last_seq and not (self._ack and redelivered):
+            return  # a duplicate after a consumer was recreated
+        self.last_seq = max(self.last_seq, seq)
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._request_done.set()
+        self._on_message(
+            Delivery(
+                stream_seq=seq,
+                pending=meta.num_pending,
+                subject=msg.subject,
+                data=msg.data,
+                headers=headers,
+                time=meta.timestamp,
+                reply=msg.reply,
+                redelivered=redelivered,
+            )
+        )
+
+    def mark_lost(self) -> None:
+        """Called when NATS reconnects: the outstanding pull request died with the link."""
+        self._lost = True
+        self._request_done.set()
+        self._activity.set()
+
+    async def ack(self, reply: str) -> None:
+        await self._nc.publish(reply, b"+ACK")

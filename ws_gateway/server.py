@@ -1,0 +1,160 @@
+"""The gateway process: serve WebSockets, own the hub and the NATS connection, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from shared import natsio
+from shared.auth import TokenVerifier
+from shared.errors import CloseCode
+from shared.settings import Settings
+from ws_gateway.handshake import Admitted, process_request
+from ws_gateway.hub import Hub
+from ws_gateway.session import Session
+
+log = logging.getLogger("ws_gateway.server")
+
+
+class Gateway:
+    """One gateway: `async with Gateway(settings, port=0) as gw:` in tests, `run()` in prod."""
+
+    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None):
+        self.settings = settings
+        self.host = host or settings.host
+        self.port = settings.gateway_port if port is None else port
+        self.hub: Hub | None = None
+        self.server: Server | None = None
+        self._admitted: dict[ServerConnection, Admitted] = {}
+
+    async def start(self) -> None:
+        verifier = TokenVerifier.from_settings(self.settings)
+
+        async def on_disconnect() -> None:
+            if self.hub:
+                await self.hub.on_disconnect()
+
+        async def on_reconnect() -> None:
+            if self.hub:
+                await self.hub.on_reconnect()
+
+        nc = await natsio.connect(
+            self.settings,
+            f"ws_gateway:{self.port}",
+            on_disconnect=on_disconnect,
+            on_reconnect=on_reconnect,
+        )
+        self.hub = Hub(self.settings, nc, verifier)
+        await self.hub.start()
+        self.server = await serve(
+            self._handler,
+            self.host,
+            self.port,
+            process_request=functools.partial(process_request, self.hub, self._admitted),
+            compression=None,  # compressing secrets beside attacker-chosen data leaks them
+            max_size=self.settings.max_frame_bytes,
+            max_queue=16,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=2,
+            write_limit=1 << 16,
+            server_header=None,
+        )
+        sock = next(iter(self.server.sockets))
+        self.port = sock.getsockname()[1]
+        log.info("gateway listening", extra={"host": self.host, "port": self.port})
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        admitted = self._admitted.pop(ws)
+        assert self.hub is not None
+
+        async def send(data: bytes) -> None:
+            await ws.send(data, text=True)
+
+        async def close_transport(code: int, reason: str) -> None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await ws.close(code, reason[:120])
+            except TimeoutError:
+                ws.transport.abort()
+
+        remote = ws.request.headers.get("X-Real-IP") if ws.request else None
+        session = Session(
+            self.hub,
+            admitted.claims,
+            admitted.user,
+            send,
+            close_transport,
+            remote=remote or str(ws.remote_address[0] if ws.remote_address else ""),
+        )
+        self.hub.register(session)
+        session.start()
+        code, reason = CloseCode.NORMAL, "client closed"
+        try:
+            async for frame in ws:
+                await session.handle_frame(frame)
+                if session.closed:
+                    break
+        except ConnectionClosed as e:
+            if e.rcvd is not None:
+                code, reason = e.rcvd.code, e.rcvd.reason or "client closed"
+        finally:
+            if ws.close_code is not None and not session.closed and ws.close_code != 1000:
+                code = ws.close_code
+            await session.close(code, reason)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every client with 1001, drain NATS."""
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        if self.hub is not None:
+            closing = [
+                s.close(CloseCode.GOING_AWAY, "server shutting down")
+                for s in list(self.hub.sessions)
+            ]
+            if closing:
+                await asyncio.gather(*closing, return_exceptions=True)
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.server.wait_closed()
+        if self.hub is not None:
+            await self.hub.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.hub.nc.drain()
+            if not self.hub.nc.is_closed:
+                await self.hub.nc.close()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def run(settings: Settings, host: str | None, port: int | None) -> None:
+    gateway = Gateway(settings, host, port)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    try:
+        async with asyncio.timeout(4.5):
+            await gateway.stop()
+    except TimeoutError:
+        log.warning("shutdown timed out")

@@ -1,0 +1,634 @@
+"""One client session: its requests, subscriptions, outbox and lifetime.
+
+The session does not know its transport: it is handed a `send` coroutine (one frame of
+newline-delimited envelopes) and a `close_transport` coroutine. Close order is fixed:
+mark closed, deregister, close the outbox and the transport, then stop subscriptions
+(logging each failure), then one summary log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from shared import envelope
+from shared.auth import Claims
+from shared.capabilities import CompiledCapabilities, SubscriptionRef
+from shared.errors import CloseCode, Disconnect, ErrorCode, InvalidToken, ProtocolError
+from shared.subjects import match_tokens, tokens, validate_pattern
+from shared.users import UserRecord
+from ws_gateway import metrics
+from ws_gateway.outbox import Outbox
+from ws_gateway.reader import Delivery, Start, StreamReader
+
+if TYPE_CHECKING:
+    from ws_gateway.hub import Hub
+
+log = logging.getLogger("ws_gateway.session")
+
+SendFn = Callable[[bytes], Awaitable[None]]
+CloseFn = Callable[[int, str], Awaitable[None]]
+_ids = itertools.count(1)
+_NAME_BAD = frozenset(" .*>\t\r\n\x00/\\")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or len(name) > 255 or any(c in _NAME_BAD for c in name):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid {kind} name")
+
+
+def _pattern(p: str, what: str) -> str:
+    try:
+        return validate_pattern(p)
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid {what}: {e}") from None
+
+
+class Subscription:
+    """A live subscription of this session (core, KV or JetStream)."""
+
+    def __init__(self, ref: SubscriptionRef) -> None:
+        self.ref = ref
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class CoreSubscription(Subscription):
+    def __init__(self, ref: SubscriptionRef, session: Session) -> None:
+        super().__init__(ref)
+        self._session = session
+
+    async def close(self) -> None:
+        await self._session.hub.router.leave(self._session, self.ref.pattern)
+
+
+class ReaderSubscription(Subscription):
+    def __init__(self, ref: SubscriptionRef) -> None:
+        super().__init__(ref)
+        self.reader: StreamReader | None = None
+        self.unacked: dict[int, str] = {}
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            await self.reader.close()
+
+
+class Session:
+    def __init__(
+        self,
+        hub: Hub,
+        claims: Claims,
+        user: UserRecord,
+        send: SendFn,
+        close_transport: CloseFn,
+        *,
+        remote: str = "",
+        transport: str = "ws",
+    ) -> None:
+        self.id = next(_ids)
+        self.hub = hub
+        self.settings = hub.settings
+        self.claims = claims
+        self.uid = claims.sub
+        self.user = user
+        self.caps = CompiledCapabilities(user.capabilities, self.uid)
+        self.remote = remote
+        self.transport = transport
+        self.subs: dict[str, Subscription] = {}
+        self.core_patterns: dict[str, tuple[str, ...]] = {}
+        self._close_transport = close_transport
+        self.outbox = Outbox(
+            send, self._on_slow, self.settings.send_queue_size, self.settings.write_timeout
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._closing: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self.close_code: int | None = None
+        self._opened = time.monotonic()
+        self._last_rx = time.monotonic()
+        self._bad_frames = 0
+        self._tokens = float(self.settings.client_ops_burst)
+        self._tokens_at = time.monotonic()
+        self._auto_inbox = itertools.count(1)
+        self.frames_in = 0
+
+    def __hash__(self) -> int:
+        return self.id
+
+    # ------------------------------------------------------------------ lifetime
+
+    def start(self) -> None:
+        self.outbox.start()
+        self.push(envelope.cap_update(self.uid, self.caps.document))
+        self._timers["heartbeat"] = self._spawn(self._heartbeat())
+        self._schedule_expiry()
+        metrics.CONNECTIONS.inc()
+        log.info(
+            "session open",
+            extra={
+                "session": self.id,
+                "user": self.uid,
+                "transport": self.transport,
+                "remote": self.remote,
+            },
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
+
+    def push(self, frame: bytes) -> bool:
+        return self.outbox.push(frame)
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def close(self, code: int, reason: str, error: ErrorCode | None = None) -> asyncio.Task[None]:
+        """Start closing (idempotent); the returned task finishes when all is released."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close(code, reason, error))
+        return self._closing
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def _close(self, code: int, reason: str, error: ErrorCode | None) -> None:
+        self.close_code = code
+        self.hub.unregister(self)
+        await self.outbox.close()
+        if error is not None:
+            try:
+                async with asyncio.timeout(self.settings.write_timeout):
+                    await self.outbox._send(envelope.error(error, reason))
+            except Exception:
+                pass  # best effort: the client may be the reason we are closing
+        try:
+            await self._close_transport(code, reason)
+        except Exception as e:
+            log.info("transport close failed", extra={"session": self.id, "error": repr(e)})
+        current = asyncio.current_task()
+        for task in list(self._tasks) + list(self._timers.values()):
+            if task is not current:
+                task.cancel()
+        for task in list(self._tasks) + list(self._timers.values()):
+            if task is not current:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        counts = {"sub": 0, "kv_sub": 0, "js_sub": 0}
+        while self.subs:
+            _, sub = self.subs.popitem()
+            counts[sub.ref.op] += 1
+            await self._end(sub)
+        metrics.CONNECTIONS.dec()
+        metrics.CLOSES.labels(str(code)).inc()
+        log.info(
+            "session closed",
+            extra={
+                "session": self.id,
+                "user": self.uid,
+                "code": code,
+                "reason": reason,
+                "seconds": round(time.monotonic() - self._opened, 3),
+                "frames_in": self.frames_in,
+                **counts,
+            },
+        )
+        self._closed.set()
+
+    async def _end(self, sub: Subscription) -> None:
+        metrics.SUBSCRIPTIONS.labels(sub.ref.op).dec()
+        try:
+            await sub.close()
+        except Exception as e:
+            log.info("subscription close failed", extra={"session": self.id, "error": repr(e)})
+
+    def _on_slow(self, why: str) -> None:
+        metrics.BACKPRESSURE_CLOSES.inc()
+        log.info("slow client", extra={"session": self.id, "why": why})
+        self.close(CloseCode.TRY_AGAIN_LATER, f"backpressure: {why}", ErrorCode.BACKPRESSURE)
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.ping_interval
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self._last_rx > 2 * interval:
+                self.close(CloseCode.POLICY, "heartbeat timeout")
+                return
+            self.push(envelope.ping())
+
+    def _schedule_expiry(self) -> None:
+        old = self._timers.pop("expiry", None)
+        if old:
+            old.cancel()
+        self._timers["expiry"] = self._spawn(self._expire(self.claims.exp))
+
+    async def _expire(self, exp: int) -> None:
+        await asyncio.sleep(max(0.0, exp - time.time()))
+        self.close(CloseCode.TOKEN, "token expired", ErrorCode.TOKEN_EXPIRED)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def handle_frame(self, raw: bytes | str) -> None:
+        """Handle one client frame; protocol errors become error frames."""
+        self._last_rx = time.monotonic()
+        self.frames_in += 1
+        metrics.FRAMES_IN.inc()
+        inbox: str | None = None
+        try:
+            if isinstance(raw, bytes) and self.transport == "ws":
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "text frames only")
+            self._take_token()
+            op = envelope.decode_client_frame(raw)
+            inbox = op.inbox
+            await self._dispatch(op)
+        except Disconnect as e:
+            self._reply_error(e, inbox)
+            self.close(e.close_code, e.reason)
+        except ProtocolError as e:
+            self._reply_error(e, inbox)
+            if e.code == ErrorCode.BAD_REQUEST:
+                self._bad_frames += 1
+                if self._bad_frames > self.settings.max_bad_frames:
+                    self.close(CloseCode.POLICY, "too many bad frames")
+        except Exception:
+            log.exception("request failed", extra={"session": self.id})
+            self._reply_error(ProtocolError(ErrorCode.INTERNAL, "internal error"), inbox)
+
+    def _reply_error(self, e: ProtocolError, inbox: str | None) -> None:
+        metrics.ERRORS.labels(e.code.value).inc()
+        self.push(envelope.error(e.code, e.reason, inbox or e.inbox))
+
+    def _take_token(self) -> None:
+        now = time.monotonic()
+        rate = self.settings.client_ops_per_second
+        self._tokens = min(
+            self.settings.client_ops_burst, self._tokens + (now - self._tokens_at) * rate
+        )
+        self._tokens_at = now
+        if self._tokens < 1:
+            raise ProtocolError(ErrorCode.LIMIT, "too many requests: slow down")
+        self._tokens -= 1
+
+    async def _dispatch(self, op: envelope.ClientOp) -> None:
+        match op:
+            case envelope.Sub():
+                await self._sub(op)
+            case envelope.Unsub():
+                await self._unsub(op)
+            case envelope.KvSub():
+                await self._kv_sub(op)
+            case envelope.JsSub():
+                await self._js_sub(op)
+            case envelope.Ack():
+                await self._ack(op)
+            case envelope.Ping():
+                self.push(envelope.pong(op.inbox))
+            case envelope.Pong():
+                pass
+            case envelope.Refresh():
+                await self._refresh(op)
+            case envelope.Cmd():
+                raise ProtocolError(
+                    ErrorCode.USE_HTTP, f"use HTTP POST /api/commands/{op.target or ''}"
+                )
+
+    # ------------------------------------------------------------------ requests
+
+    def _new_inbox(self, inbox: str | None) -> str:
+        if inbox is None:
+            while (inbox := f"s{next(self._auto_inbox)}") in self.subs:
+                pass
+            return inbox
+        if inbox in self.subs:
+            raise ProtocolError(ErrorCode.DUPLICATE_INBOX, f"inbox {inbox!r} is in use")
+        if len(self.subs) >= self.settings.max_subscriptions:
+            raise ProtocolError(ErrorCode.LIMIT, "too many subscriptions")
+        return inbox
+
+    def _require_nats(self) -> None:
+        if not self.hub.nats_ready:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "NATS is unreachable: retry later")
+
+    def _deny(self, op: str, reason: str) -> ProtocolError:
+        metrics.DENIED.labels(op).inc()
+        return ProtocolError(ErrorCode.FORBIDDEN, reason)
+
+    def _add(self, inbox: str, sub: Subscription) -> None:
+        self.subs[inbox] = sub
+        metrics.SUBSCRIPTIONS.labels(sub.ref.op).inc()
+
+    async def _sub(self, op: envelope.Sub) -> None:
+        pattern = _pattern(op.target, "subject")
+        inbox = self._new_inbox(op.inbox)
+        decision = self.caps.allows_subject(pattern)
+        if not decision:
+            raise self._deny("sub", decision.reason)
+        self._require_nats()
+        ref = SubscriptionRef(inbox, "sub", pattern, pattern)
+        sub = CoreSubscription(ref, self)
+        self.subs[inbox] = sub  # reserve the inbox across the await
+        try:
+            await self.hub.router.join(self, pattern)
+        except BaseException:
+            self.subs.pop(inbox, None)
+            raise
+        metrics.SUBSCRIPTIONS.labels("sub").inc()
+        if await self._closed_meanwhile(inbox, sub):
+            return
+        self.push(envelope.ok(inbox, pattern))
+
+    async def _closed_meanwhile(self, inbox: str, sub: Subscription) -> bool:
+        """If the session closed while a subscription was being set up, release it here."""
+        if not self.closed:
+            return False
+        if self.subs.get(inbox) is sub:
+            del self.subs[inbox]
+            await self._end(sub)
+        return True
+
+    async def _unsub(self, op: envelope.Unsub) -> None:
+        if op.inbox is not None and op.inbox in self.subs:
+            victims = [op.inbox]
+        elif op.target is not None:  # the inbox, if any, only correlates the reply
+            victims = [i for i, s in self.subs.items() if s.ref.target == op.target]
+        else:
+            victims = []
+        if not victims:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such subscription")
+        for inbox in victims:
+            sub = self.subs.pop(inbox)
+            await self._end(sub)
+        self.push(envelope.ok(op.inbox, op.target))
+
+    async def _kv_sub(self, op: envelope.KvSub) -> None:
+        bucket = op.target
+        _check_name("bucket", bucket)
+        pattern = _pattern(op.data.pattern, "key pattern")
+        inbox = self._new_inbox(op.inbox)
+        decision = self.caps.allows_kv(bucket, pattern)
+        if not decision:
+            raise self._deny("kv_sub", decision.reason)
+        self._require_nats()
+        ref = SubscriptionRef(inbox, "kv_sub", bucket, pattern)
+        sub = ReaderSubscription(ref)
+        self.subs[inbox] = sub
+        try:
+            await self._start_kv(sub, bucket, pattern, op.data.since_revision)
+        except BaseException:
+            self.subs.pop(inbox, None)
+            await sub.close()
+            raise
+        metrics.SUBSCRIPTIONS.labels("kv_sub").inc()
+        await self._closed_meanwhile(inbox, sub)
+
+    async def _start_kv(
+        self, sub: ReaderSubscription, bucket: str, pattern: str, since: int | None
+    ) -> None:
+        stream = f"KV_{bucket}"
+        try:
+            info = await self.hub.js.stream_info(stream)
+        except NotFoundError:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
+        first, last = info.state.first_seq, info.state.last_seq
+        # Resuming is only complete when every change after `since` is still stored.
+        recovered = since is not None and since <= last and since + 1 >= first
+        if since is not None and recovered:
+            start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=since + 1)
+            position = since + 1
+        else:
+            start = Start(api.DeliverPolicy.LAST_PER_SUBJECT)
+            position = first if last else 0
+        prefix = f"$KV.{bucket}."
+        cut = len(prefix)
+        inbox = sub.ref.inbox
+        state = {"synced": False, "revision": last}
+
+        def synced() -> None:
+            state["synced"] = True
+            self.push(envelope.kv_synced(bucket, inbox, state["revision"]))
+
+        def on_message(d: Delivery) -> None:
+            key = d.subject[cut:]
+            if state["synced"] and not self._kv_primary(bucket, pattern, key):
+                return
+            op_header = (d.headers or {}).get("KV-Operation")
+            marker = (d.headers or {}).get("Nats-Marker-Reason")
+            if op_header == "DEL" or marker == "Remove":
+                kv_op = "delete"
+            elif op_header == "PURGE" or marker in ("MaxAge", "Purge"):
+                kv_op = "purge"
+            else:
+                kv_op = "put"
+            self.push(
+                envelope.kv_msg(
+                    bucket,
+                    key,
+                    kv_op,
+                    d.stream_seq,  # type: ignore[arg-type]
+                    d.data if kv_op == "put" else None,
+                )
+            )
+            if d.stream_seq > state["revision"]:
+                state["revision"] = d.stream_seq
+            if not state["synced"] and d.pending == 0:
+                synced()
+
+        sub.reader = StreamReader(
+            self.hub.nc,
+            self.hub.js,
+            stream,
+            prefix + pattern,
+            start,
+            on_message,
+            batch=256,
+            on_lost=lambda e: self._reader_lost(sub, e),
+        )
+        await sub.reader.start()
+        self.push(envelope.ok(inbox, bucket, {"position": position, "recovered": recovered}))
+        if sub.reader.initial_pending == 0:
+            synced()
+
+    def _kv_primary(self, bucket: str, pattern: str, key: str) -> bool:
+        kt = tokens(key)
+        for other in self.subs.values():
+            r = other.ref
+            if (
+                r.op == "kv_sub"
+                and r.target == bucket
+                and r.pattern < pattern
+                and match_tokens(tokens(r.pattern), kt)
+            ):
+                return False
+        return True
+
+    def _reader_lost(self, sub: ReaderSubscription, e: Exception) -> None:
+        """The stream or bucket is gone: end the subscription and say so."""
+        if self.subs.get(sub.ref.inbox) is sub:
+            del self.subs[sub.ref.inbox]
+            self._spawn(self._end(sub))
+            self.push(
+                envelope.error(
+                    ErrorCode.NOT_FOUND, "stream or bucket deleted", sub.ref.inbox, sub.ref.target
+                )
+            )
+
+    async def _js_sub(self, op: envelope.JsSub) -> None:
+        stream = op.target
+        _check_name("stream", stream)
+        d = op.data
+        flt = _pattern(d.filter, "filter")
+        inbox = self._new_inbox(op.inbox)
+        decision = self.caps.allows_stream(stream, flt)
+        if not decision:
+            raise self._deny("js_sub", decision.reason)
+        if sum(x is not None for x in (d.start_seq, d.time_delta, d.start_time)) > 1:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "give at most one of start_seq, time_delta, start_time"
+            )
+        self._require_nats()
+        ref = SubscriptionRef(inbox, "js_sub", stream, flt)
+        sub = ReaderSubscription(ref)
+        self.subs[inbox] = sub
+        try:
+            await self._start_js(sub, stream, flt, d)
+        except BaseException:
+            self.subs.pop(inbox, None)
+            await sub.close()
+            raise
+        metrics.SUBSCRIPTIONS.labels("js_sub").inc()
+        await self._closed_meanwhile(inbox, sub)
+
+    async def _start_js(
+        self, sub: ReaderSubscription, stream: str, flt: str, d: envelope.JsSubData
+    ) -> None:
+        try:
+            info = await self.hub.js.stream_info(stream)
+        except NotFoundError:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
+        first, last = info.state.first_seq, info.state.last_seq
+        recovered = True
+        if d.start_seq is not None:
+            recovered = first <= d.start_seq <= last + 1 or (last == 0 and d.start_seq == 1)
+            if d.start_seq > last + 1:
+                start = Start(api.DeliverPolicy.ALL)  # the stream was recreated: replay it
+            else:
+                start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=d.start_seq)
+        elif d.time_delta is not None:
+            since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=d.time_delta)
+            start = Start(api.DeliverPolicy.BY_START_TIME, time=since)
+        elif d.start_time is not None:
+            t = d.start_time if d.start_time.tzinfo else d.start_time.replace(tzinfo=dt.UTC)
+            start = Start(api.DeliverPolicy.BY_START_TIME, time=t)
+        else:
+            start = Start(api.DeliverPolicy.NEW)
+        inbox = sub.ref.inbox
+        ack = d.ack
+
+        def on_message(m: Delivery) -> None:
+            if ack:
+                sub.unacked[m.stream_seq] = m.reply
+            self.push(envelope.js_msg(stream, inbox, m.stream_seq, m.subject, m.data, m.time))
+
+        durable = f"u_{self.uid}_{d.durable}" if d.durable else None
+        sub.reader = StreamReader(
+            self.hub.nc,
+            self.hub.js,
+            stream,
+            flt,
+            start,
+            on_message,
+            batch=d.batch,
+            ack=ack,
+            durable=durable,
+            wait_room=self.outbox.wait_room,
+            on_lost=lambda e: self._reader_lost(sub, e),
+        )
+        try:
+            cinfo = await sub.reader.start()
+        except ValueError as e:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(e)) from None
+        except NotFoundError:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
+        except Exception as e:
+            if type(e).__name__ == "BadRequestError":
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "filter does not fit the stream's subjects"
+                ) from None
+            raise
+        delivered = cinfo.delivered.stream_seq if cinfo.delivered else 0
+        position = max(delivered or 0, 0) + 1
+        if start.policy == api.DeliverPolicy.NEW:
+            position = last + 1
+        self.push(envelope.ok(inbox, stream, {"position": position, "recovered": recovered}))
+
+    async def _ack(self, op: envelope.Ack) -> None:
+        sub = self.subs.get(op.inbox or "")
+        if not isinstance(sub, ReaderSubscription) or sub.ref.op != "js_sub":
+            raise ProtocolError(ErrorCode.NOT_FOUND, "ack needs the inbox of a js_sub")
+        reply = sub.unacked.pop(op.data.seq, None)
+        if reply is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"seq {op.data.seq} is not awaiting an ack")
+        self._require_nats()
+        await self.hub.nc.publish(reply, b"+ACK")
+
+    async def _refresh(self, op: envelope.Refresh) -> None:
+        try:
+            claims = self.hub.verifier.verify(op.data.token)
+        except InvalidToken as e:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, str(e)) from None
+        if claims.sub != self.uid:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "token is for another user")
+        self._require_nats()
+        if await self.hub.is_revoked(claims.jti):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "token revoked")
+        old = self.claims
+        self.claims = claims
+        self.hub.rekey(self, old.jti)
+        self._schedule_expiry()
+        self.push(envelope.ok(op.inbox, None, {"exp": claims.exp}))
+
+    # ------------------------------------------------------------------ from the hub
+
+    def apply_user(self, user: UserRecord | None, changed_at: float | None = None) -> None:
+        """The user's record changed: end what is no longer allowed, then tell the client."""
+        if user is None or user.disabled:
+            self.close(CloseCode.USER_DISABLED, "user disabled or deleted", ErrorCode.USER_DISABLED)
+            return
+        try:
+            caps = CompiledCapabilities(user.capabilities, self.uid)
+        except ValueError:
+            log.warning(
+                "invalid capabilities in auth_users; keeping none", extra={"user": self.uid}
+            )
+            caps = CompiledCapabilities(type(user.capabilities)(), self.uid)
+        self.user = user
+        self.caps = caps
+        ended: list[envelope.RevokedRef] = []
+        for inbox, sub in list(self.subs.items()):
+            if not caps.allows(sub.ref):
+                del self.subs[inbox]
+                ended.append(envelope.RevokedRef(inbox, sub.ref.op, sub.ref.target))
+                self._spawn(self._end(sub))
+        if ended and changed_at is not None:
+            metrics.REVOCATION_LATENCY.observe(max(0.0, time.time() - changed_at))
+        self.push(envelope.cap_update(self.uid, caps.document, ended))
+
+    def on_nats_reconnect(self) -> None:
+        for sub in self.subs.values():
+            if isinstance(sub, ReaderSubscription) and sub.reader is not None:
+                sub.reader.mark_lost()
