@@ -1,0 +1,90 @@
+"""The application factory: `create_app(settings)`.
+
+Everything an app needs is typed state on the app (`state.py` keys), set up here or, for
+the NATS connection and what depends on it, in a cleanup context that also tears it down
+(after aiohttp has let in-flight requests finish).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from argon2 import PasswordHasher
+
+from http_api import openapi
+from http_api.events import Events
+from http_api.metrics import Metrics
+from http_api.middlewares import auth_middleware, problem_middleware
+from http_api.passwords import Passwords
+from http_api.ratelimit import RateLimiter
+from http_api.routes import ROUTES as ROUTE_TABLE
+from http_api.state import (
+    EVENTS,
+    ISSUER,
+    JS,
+    LOGIN_BY_ADDRESS,
+    LOGIN_BY_USER,
+    METRICS,
+    NC,
+    OPENAPI,
+    PASSWORDS,
+    ROUTES,
+    SETTINGS,
+    STORE,
+    VERIFIER,
+    Handler,
+    Route,
+)
+from http_api.store import Store
+from shared import natsio
+from shared.auth import TokenIssuer, TokenVerifier
+from shared.settings import Settings
+
+log = logging.getLogger("http_api.app")
+# Many users can share one address (NAT, offices): its budget is larger than a username's.
+ADDRESS_LIMIT_FACTOR = 5
+
+
+async def nats_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    nc = await natsio.connect(settings, "http_api")
+    try:
+        js = nc.jetstream(timeout=settings.command_timeout)
+        await natsio.provision(js, settings)  # idempotent: any worker may start first
+        store = Store(js)
+        await store.open()
+        app[NC], app[JS], app[STORE] = nc, js, store
+        app[EVENTS] = Events(nc, js, app[METRICS])
+        log.info("nats ready", extra={"event": "nats_ready", "servers": len(settings.nats_url)})
+        yield
+    finally:
+        # Requests have finished by now; drain flushes what they published, then closes.
+        if not nc.is_closed:
+            await nc.drain()
+
+
+def create_app(
+    settings: Settings, *, password_hasher: PasswordHasher | None = None
+) -> web.Application:
+    """The API as an aiohttp app. `password_hasher`: argon2id parameters (tests make it cheap)."""
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[PASSWORDS] = Passwords(password_hasher or PasswordHasher(), settings.hash_concurrency)
+    app[ISSUER] = TokenIssuer.from_settings(settings)
+    app[VERIFIER] = TokenVerifier.from_settings(settings)
+    app[LOGIN_BY_USER] = RateLimiter(settings.login_attempts_per_minute)
+    app[LOGIN_BY_ADDRESS] = RateLimiter(settings.login_attempts_per_minute * ADDRESS_LIMIT_FACTOR)
+    table: dict[Handler, Route] = {}
+    for route in ROUTE_TABLE:
+        app.router.add_route(route.method, route.path, route.handler)
+        table[route.handler] = route
+    app[ROUTES] = table
+    app[OPENAPI] = openapi.encoded(ROUTE_TABLE)
+    app.cleanup_ctx.append(nats_context)
+    return app

@@ -1,0 +1,51 @@
+"""Reading request bodies into Structs and writing JSON responses, both with msgspec."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from http_api.problems import Problem
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(typ: type[T]) -> msgspec.json.Decoder[T]:
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    return dec
+
+
+def decode(raw: bytes, typ: type[T]) -> T:
+    """Malformed JSON is a 400; JSON of the wrong shape is a 422 naming the field."""
+    if not raw:
+        raise Problem(400, "a JSON request body is required")
+    try:
+        return _decoder(typ).decode(raw)
+    except msgspec.ValidationError as e:
+        raise Problem(422, str(e)) from None
+    except msgspec.DecodeError:
+        raise Problem(400, "request body is not valid JSON") from None
+
+
+async def read_json(request: web.Request, typ: type[T]) -> T:
+    # request.read() enforces the app's client_max_size (settings.max_body_bytes): 413.
+    return decode(await request.read(), typ)
+
+
+def encode(data: Any) -> bytes:
+    return _encoder.encode(data)
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=_encoder.encode(data), content_type="application/json", headers=headers
+    )

@@ -1,0 +1,119 @@
+"""The OpenAPI 3.1 document, generated from the route table and the msgspec Structs.
+
+Nothing here is written by hand per route: paths, parameters, bodies and responses come from
+`Route` entries, schemas from `msgspec.json.schema_components`. A test checks that the
+document and the router agree both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from http_api import __version__
+from http_api.problems import DEFAULTS, PROBLEM_CONTENT_TYPE, ProblemBody
+from http_api.state import Route
+
+REF = "#/components/schemas/{name}"
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+
+def _is_schema_type(t: Any) -> bool:
+    return t is not None and t is not Any
+
+
+def _content(ct: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {ct: {"schema": schema}}
+
+
+def build(routes: list[Route]) -> dict[str, Any]:
+    types: list[Any] = [ProblemBody]
+    for r in routes:
+        for t in (
+            r.body,
+            r.response,
+            *r.extra.get("body_variants", ()),
+            *r.extra.get("response_variants", ()),
+        ):
+            if _is_schema_type(t) and t not in types:
+                types.append(t)
+    schemas, components = msgspec.json.schema_components(types, ref_template=REF)
+    schema_of = dict(zip(types, schemas, strict=True))
+
+    def schema(t: Any, variants: tuple[Any, ...] = ()) -> dict[str, Any]:
+        if variants:
+            return {
+                "anyOf": [schema_of[v] for v in variants]
+                + [{"description": "any JSON (a forwarded command)"}]
+            }
+        return schema_of[t] if _is_schema_type(t) else {}
+
+    problem = _content(PROBLEM_CONTENT_TYPE, schema_of[ProblemBody])
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        params: list[dict[str, Any]] = [
+            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+            for n in _PATH_PARAM.findall(r.path)
+        ]
+        for where, items in (("query", r.query), ("header", r.headers)):
+            for q in items:
+                s: dict[str, Any] = {"type": "string"}
+                if q.enum:
+                    s["enum"] = list(q.enum)
+                params.append(
+                    {
+                        "name": q.name,
+                        "in": where,
+                        "required": q.required,
+                        "description": q.description,
+                        "schema": s,
+                    }
+                )
+        ok: dict[str, Any] = {"description": "success"}
+        if r.response is not None and r.status != 204:
+            ok["content"] = _content(
+                r.response_content_type, schema(r.response, r.extra.get("response_variants", ()))
+            )
+        responses: dict[str, Any] = {str(r.status): ok}
+        for status in sorted({*r.errors, 500}):
+            responses[str(status)] = {"description": DEFAULTS[status][1], "content": problem}
+        op: dict[str, Any] = {
+            "operationId": r.handler.__name__,
+            "summary": r.summary,
+            "tags": [r.tag],
+            "responses": responses,
+        }
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": _content(
+                    "application/json", schema(r.body, r.extra.get("body_variants", ()))
+                ),
+            }
+        op["security"] = [{"bearer": []}, {"cookie": []}] if r.auth else []
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "natsgate HTTP API",
+            "version": __version__,
+            "description": "Every write goes into NATS and reaches browsers over the WebSocket "
+            "gateway. Errors are application/problem+json (RFC 9457).",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "session"},
+            },
+        },
+    }
+
+
+def encoded(routes: list[Route]) -> bytes:
+    return msgspec.json.encode(build(routes))

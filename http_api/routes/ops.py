@@ -1,0 +1,75 @@
+"""Health, readiness, metrics and the OpenAPI document: no token needed."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from http_api.bodies import json_response
+from http_api.metrics import CONTENT_TYPE
+from http_api.problems import Problem
+from http_api.schemas import AnyJson, Status
+from http_api.state import METRICS, NC, OPENAPI, Route
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """The process answers; no dependency is checked."""
+    return json_response(Status("ok"))
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    nc = request.app.get(NC)
+    if nc is None or not nc.is_connected:
+        raise Problem(503, "NATS is not connected", headers={"Retry-After": "1"})
+    return json_response(Status("ready"))
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/api/healthz",
+        healthz,
+        "Liveness: the process answers",
+        "ops",
+        auth=False,
+        response=Status,
+    ),
+    Route(
+        "GET",
+        "/api/readyz",
+        readyz,
+        "Readiness: the NATS connection is up",
+        "ops",
+        auth=False,
+        response=Status,
+        errors=(503,),
+    ),
+    Route(
+        "GET",
+        "/api/metrics",
+        metrics,
+        "Prometheus metrics",
+        "ops",
+        auth=False,
+        response=str,
+        response_content_type="text/plain",
+    ),
+    Route(
+        "GET",
+        "/api/openapi.json",
+        openapi,
+        "This document (OpenAPI 3.1)",
+        "ops",
+        auth=False,
+        response=AnyJson,
+    ),
+]

@@ -1,0 +1,236 @@
+"""Users: CRUD gated by the command capability `users.manage` (a user may GET itself).
+
+PUT replaces only the fields it carries. Capability documents are validated with
+`shared.capabilities` (422 naming the bad pattern). Every change lands in KV `auth_users`,
+which every gateway watches: capability changes take effect live on open sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import msgspec
+from aiohttp import web
+
+from http_api.authz import USERS_MANAGE, require_command
+from http_api.bodies import json_response, read_json
+from http_api.problems import Problem
+from http_api.schemas import Deleted, Explain, UserCreate, UserList, UserOut, UserUpdate
+from http_api.state import EVENTS, PASSWORDS, STORE, QueryParam, Route, principal
+from http_api.store import Conflict, Exists, Versioned
+from shared.capabilities import Capabilities, CompiledCapabilities, SubscriptionRef, validate
+from shared.errors import CapabilityError
+from shared.users import USER_ID_RE, UserRecord
+
+log = logging.getLogger("http_api.users")
+EXPLAIN_OPS = ("sub", "kv_sub", "js_sub", "cmd")
+_UPDATE_ATTEMPTS = 5
+
+
+def new_user_id() -> str:
+    return "u" + secrets.token_hex(8)
+
+
+def check_capabilities(caps: Capabilities) -> None:
+    try:
+        validate(caps)
+    except CapabilityError as e:
+        raise Problem(422, str(e), extra={"where": e.where, "pattern": e.pattern}) from None
+
+
+def _user_id(request: web.Request) -> str:
+    uid = request.match_info["id"]
+    if not USER_ID_RE.fullmatch(uid):
+        raise Problem(404, "no such user")
+    return uid
+
+
+async def _get(request: web.Request, uid: str) -> Versioned[UserRecord]:
+    found = await request.app[STORE].users.get(uid)
+    if found is None:
+        raise Problem(404, "no such user")
+    return found
+
+
+async def list_users(request: web.Request) -> web.StreamResponse:
+    require_command(principal(request), USERS_MANAGE)
+    rows = await request.app[STORE].users.list()
+    return json_response(UserList([UserOut.of(v.value, v.revision) for _, v in rows]))
+
+
+async def create_user(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    require_command(p, USERS_MANAGE)
+    body = await read_json(request, UserCreate)
+    check_capabilities(body.capabilities)
+    user = UserRecord(
+        id=new_user_id(),
+        username=body.username,
+        display_name=body.display_name or body.username,
+        disabled=body.disabled,
+        capabilities=body.capabilities,
+    )
+    hash = await request.app[PASSWORDS].hash(body.password)
+    try:
+        revision = await request.app[STORE].create_user(user, hash)
+    except Exists:
+        raise Problem(409, f"username {body.username!r} is taken") from None
+    out = UserOut.of(user, revision)
+    await request.app[EVENTS].write(p.actor, "users", user.id, "created", out, revision=revision)
+    log.info("user created", extra={"event": "user_created", "user": user.id, "by": p.user.id})
+    return json_response(out, status=201, headers={"Location": f"/api/users/{user.id}"})
+
+
+async def get_user(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    uid = _user_id(request)
+    if uid != p.user.id:
+        require_command(p, USERS_MANAGE)
+    found = await _get(request, uid)
+    return json_response(UserOut.of(found.value, found.revision))
+
+
+async def update_user(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    require_command(p, USERS_MANAGE)
+    uid = _user_id(request)
+    body = await read_json(request, UserUpdate)
+    changes: dict[str, object] = {}
+    if not isinstance(body.display_name, msgspec.UnsetType):
+        changes["display_name"] = body.display_name
+    if not isinstance(body.capabilities, msgspec.UnsetType):
+        check_capabilities(body.capabilities)
+        changes["capabilities"] = body.capabilities
+    if not isinstance(body.disabled, msgspec.UnsetType):
+        changes["disabled"] = body.disabled
+    fields = sorted(changes)
+    if not fields and isinstance(body.password, msgspec.UnsetType):
+        raise Problem(422, "nothing to change: give display_name, password, capabilities, disabled")
+    store = request.app[STORE]
+    found = await _get(request, uid)
+    if not isinstance(body.password, msgspec.UnsetType):
+        fields = sorted([*fields, "password"])
+        await store.set_password(found.value, await request.app[PASSWORDS].hash(body.password))
+    # Read, change, write with the revision read: a concurrent change makes us re-read.
+    for _ in range(_UPDATE_ATTEMPTS):
+        user = msgspec.structs.replace(found.value, **changes)
+        try:
+            revision = await store.users.update(uid, user, last=found.revision)
+            break
+        except Conflict:
+            found = await _get(request, uid)
+    else:
+        raise Problem(409, "the user changed concurrently; retry")
+    out = UserOut.of(user, revision)
+    await request.app[EVENTS].write(
+        p.actor, "users", uid, "updated", out, revision=revision, fields=fields
+    )
+    log.info(
+        "user updated",
+        extra={"event": "user_updated", "user": uid, "by": p.user.id, "fields": fields},
+    )
+    return json_response(out)
+
+
+async def delete_user(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    require_command(p, USERS_MANAGE)
+    uid = _user_id(request)
+    found = await _get(request, uid)
+    revision = await request.app[STORE].delete_user(found.value)
+    out = Deleted(uid, revision)
+    await request.app[EVENTS].write(p.actor, "users", uid, "deleted", out, revision=revision)
+    log.info("user deleted", extra={"event": "user_deleted", "user": uid, "by": p.user.id})
+    return json_response(out)
+
+
+async def explain(request: web.Request) -> web.StreamResponse:
+    """Would this user's request be allowed, and which capability pattern decides it?"""
+    require_command(principal(request), USERS_MANAGE)
+    uid = _user_id(request)
+    q = request.query
+    op, target = q.get("op", ""), q.get("target", "")
+    if op not in EXPLAIN_OPS:
+        raise Problem(400, f"op must be one of {', '.join(EXPLAIN_OPS)}")
+    if not target:
+        raise Problem(400, "target is required")
+    default = target if op == "sub" else (target if op == "cmd" else ">")
+    pattern = q.get("pattern") or default
+    user = (await _get(request, uid)).value
+    try:
+        caps = CompiledCapabilities(user.capabilities, user.id)
+        decision = caps.allows(SubscriptionRef("explain", op, target, pattern))
+    except ValueError as e:
+        raise Problem(400, f"invalid target or pattern: {e}") from None
+    return json_response(Explain(decision.allowed, decision.rule, decision.reason))
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/api/users",
+        list_users,
+        "List users (users.manage)",
+        "users",
+        response=UserList,
+        errors=(401, 403),
+    ),
+    Route(
+        "POST",
+        "/api/users",
+        create_user,
+        "Create a user (users.manage)",
+        "users",
+        body=UserCreate,
+        response=UserOut,
+        status=201,
+        errors=(400, 401, 403, 409, 413, 422),
+    ),
+    Route(
+        "GET",
+        "/api/users/{id}",
+        get_user,
+        "Read a user (users.manage, or oneself)",
+        "users",
+        response=UserOut,
+        errors=(401, 403, 404),
+    ),
+    Route(
+        "PUT",
+        "/api/users/{id}",
+        update_user,
+        "Replace the fields given (users.manage); capabilities apply live",
+        "users",
+        body=UserUpdate,
+        response=UserOut,
+        errors=(400, 401, 403, 404, 409, 413, 422),
+    ),
+    Route(
+        "DELETE",
+        "/api/users/{id}",
+        delete_user,
+        "Delete a user and its credentials (users.manage)",
+        "users",
+        response=Deleted,
+        errors=(401, 403, 404),
+    ),
+    Route(
+        "GET",
+        "/api/users/{id}/explain",
+        explain,
+        "Would the user be allowed this request, and by which rule (users.manage)",
+        "users",
+        response=Explain,
+        errors=(400, 401, 403, 404),
+        query=(
+            QueryParam("op", "the operation", required=True, enum=EXPLAIN_OPS),
+            QueryParam(
+                "target",
+                "subject (sub), bucket (kv_sub), stream (js_sub) or command name (cmd)",
+                required=True,
+            ),
+            QueryParam("pattern", "key pattern (kv_sub) or filter (js_sub); default '>'"),
+        ),
+    ),
+]
