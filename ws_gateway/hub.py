@@ -143,11 +143,11 @@ class Hub:
 
     # ------------------------------------------------------------------ watches
 
-    def _on_user_change(self, d: Delivery) -> None:
+    def _on_user_change(self, d: Delivery) -> bool:
         uid = d.subject[len(f"$KV.{USERS_BUCKET}.") :]
         sessions = self.by_user.get(uid)
         if not sessions:
-            return
+            return True
         op = (d.headers or {}).get("KV-Operation")
         record: UserRecord | None = None
         if op not in ("DEL", "PURGE") and d.data:
@@ -159,10 +159,12 @@ class Hub:
         changed_at = d.time.timestamp()
         for s in list(sessions):
             s.apply_user(record, changed_at)
+        return True
 
-    def _on_revoked(self, d: Delivery) -> None:
+    def _on_revoked(self, d: Delivery) -> bool:
         jti = d.subject[len(f"$KV.{REVOKED_BUCKET}.") :]
         if (d.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            return
+            return True
         for s in list(self.by_jti.get(jti, ())):
             s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+        return True

@@ -42,7 +42,7 @@ class Delivery:
     redelivered: bool
 
 
-OnMessage = Callable[[Delivery], None]
+OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
 WaitRoom = Callable[[int], Awaitable[None]]
 
 
@@ -83,6 +83,7 @@ class StreamReader:
         self.consumer: str | None = None
         self.last_seq = 0  # last stream sequence handed to on_message
         self.initial_pending = 0
+        self._bound_at = 0
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._activity = asyncio.Event()
@@ -97,6 +98,7 @@ class StreamReader:
         """Create (or bind to) the consumer and start pulling. Raises NotFoundError."""
         info = await self._ensure_consumer(self._start)
         self.initial_pending = info.num_pending or 0
+        self._bound_at = info.delivered.stream_seq if info.delivered else 0
         inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             inbox, cb=self._handle, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -120,6 +122,14 @@ class StreamReader:
                 await self._sub.unsubscribe()
             except Exception:
                 pass
+        if self.durable and self._nc.is_connected:
+            try:
+                await self._park_durable()
+            except Exception as e:
+                log.info(
+                    "durable park failed",
+                    extra={"consumer": self.durable, "error": type(e).__name__},
+                )
         if self.consumer and not self.durable and self._nc.is_connected:
             try:
                 await self._js.delete_consumer(self.stream, self.consumer)
@@ -160,6 +170,26 @@ class StreamReader:
         info = await self._js.add_consumer(self.stream, self._config(start))
         self.consumer = info.name
         return info
+
+    async def _park_durable(self) -> None:
+        """Recreate the durable at its position, dropping our outstanding pull request.
+
+        A pull request outlives the connection that made it; without this, the next
+        message would be handed to a reply subject nobody listens to (and, without acks,
+        be lost to the user who resumes the durable).
+        """
+        assert self.durable
+        info = await self._js.consumer_info(self.stream, self.durable)
+        if self._ack:
+            resume = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        else:
+            # What this reader handed on, not what the server delivered: messages sent to
+            # our dead pull request after the client left never reached anyone.
+            resume = max(self.last_seq, self._bound_at) + 1
+        await self._js.delete_consumer(self.stream, self.durable)
+        await self._js.add_consumer(
+            self.stream, self._config(Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=resume))
+        )
 
     async def _recreate(self) -> None:
         """After a loss: resume right after the last delivered message."""
@@ -239,11 +269,12 @@ class StreamReader:
         redelivered = meta.num_delivered > 1
         if seq <= self.last_seq and not (self._ack and redelivered):
             return  # a duplicate after a consumer was recreated
-        self.last_seq = max(self.last_seq, seq)
         self._remaining -= 1
         if self._remaining <= 0:
             self._request_done.set()
-        self._on_message(
+        if self._closed:
+            return
+        delivered = self._on_message(
             Delivery(
                 stream_seq=seq,
                 pending=meta.num_pending,
@@ -255,6 +286,8 @@ class StreamReader:
                 redelivered=redelivered,
             )
         )
+        if delivered:
+            self.last_seq = max(self.last_seq, seq)
 
     def mark_lost(self) -> None:
         """Called when NATS reconnects: the outstanding pull request died with the link."""

@@ -422,10 +422,10 @@ class Session:
             state["synced"] = True
             self.push(envelope.kv_synced(bucket, inbox, state["revision"]))
 
-        def on_message(d: Delivery) -> None:
+        def on_message(d: Delivery) -> bool:
             key = d.subject[cut:]
             if state["synced"] and not self._kv_primary(bucket, pattern, key):
-                return
+                return True
             op_header = (d.headers or {}).get("KV-Operation")
             marker = (d.headers or {}).get("Nats-Marker-Reason")
             if op_header == "DEL" or marker == "Remove":
@@ -539,10 +539,12 @@ class Session:
         inbox = sub.ref.inbox
         ack = d.ack
 
-        def on_message(m: Delivery) -> None:
+        def on_message(m: Delivery) -> bool:
             if ack:
                 sub.unacked[m.stream_seq] = m.reply
-            self.push(envelope.js_msg(stream, inbox, m.stream_seq, m.subject, m.data, m.time))
+            return self.push(
+                envelope.js_msg(stream, inbox, m.stream_seq, m.subject, m.data, m.time)
+            )
 
         durable = f"u_{self.uid}_{d.durable}" if d.durable else None
         sub.reader = StreamReader(
