@@ -29,6 +29,10 @@ def decode(raw: bytes, typ: type[T]) -> T:
     try:
         return _decoder(typ).decode(raw)
     except msgspec.ValidationError as e:
+        try:  # typed decoding stops at the first mismatch: is the JSON itself well-formed?
+            msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise Problem(400, "request body is not valid JSON") from None
         raise Problem(422, str(e)) from None
     except msgspec.DecodeError:
         raise Problem(400, "request body is not valid JSON") from None
