@@ -65,6 +65,11 @@ async def nats_context(app: web.Application) -> AsyncIterator[None]:
             await nc.drain()
 
 
+async def _draining(app: web.Application) -> None:
+    # Runs after the listener closed and before aiohttp waits for in-flight requests.
+    log.info("draining", extra={"event": "draining"})
+
+
 def create_app(
     settings: Settings, *, password_hasher: PasswordHasher | None = None
 ) -> web.Application:
@@ -87,4 +92,5 @@ def create_app(
     app[ROUTES] = table
     app[OPENAPI] = openapi.encoded(ROUTE_TABLE)
     app.cleanup_ctx.append(nats_context)
+    app.on_shutdown.append(_draining)
     return app
