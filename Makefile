@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test lint typecheck run start stop status logs bench clean
+.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx bench clean
 
 install: $(STAMP)
 
@@ -22,11 +22,26 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint
+test: install lint ensure-nginx
 	$(PY) -m pytest -q -p no:cacheprovider
 
-run start stop status logs:
-	@echo "make $@: not yet — the deploy issue brings the full stack (see README)"; exit 1
+# The stack (deploy/README.md). Settings come from the environment or the command line:
+# `make run NATS_CLUSTER=3`, `make start BASE_PORT=9080 VAR_DIR=/tmp/stack2`.
+run: install ensure-nginx
+	@$(PY) -m deploy run
+
+start: install ensure-nginx
+	@$(PY) -m deploy start
+
+stop status logs:
+	@if [ -x $(PY) ]; then $(PY) -m deploy $@; else echo "not installed: nothing running"; fi
+
+# `make ctl ARGS='restart ws_gateway:*'`: supervisorctl on this stack.
+ctl: install
+	@$(PY) -m deploy ctl $(ARGS)
+
+ensure-nginx:
+	@deploy/ensure-nginx.sh
 
 bench: install
 	@echo "make bench: not yet — see bench/"; exit 1

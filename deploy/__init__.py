@@ -1,0 +1,1 @@
+"""The deploy stack: configs rendered from settings, supervisord, nginx, NATS (see README)."""

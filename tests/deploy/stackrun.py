@@ -1,0 +1,146 @@
+"""Run a whole second stack from the repo with `make`, on free ports and a temp VAR_DIR.
+
+Every port derives from BASE_PORT (shared/settings.py), so a free base whose derived ports
+are all free is enough to run beside a `make run` that may be up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from deploy.render import Layout
+from deploy.stack import stack_pids
+from shared.settings import Settings, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def apps_exist() -> bool:
+    return all(
+        importlib.util.find_spec(f"{pkg}.__main__") is not None
+        for pkg in ("http_api", "ws_gateway")
+    )
+
+
+needs_apps = pytest.mark.skipif(
+    not apps_exist(), reason="needs `python -m http_api` and `python -m ws_gateway`"
+)
+
+
+def _free(port: int) -> bool:
+    """Nothing listens on it (TIME_WAIT leftovers of closed connections do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(nats_cluster: int = 1) -> int:
+    """A BASE_PORT whose every derived port is free right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        settings = load({"BASE_PORT": str(base), "NATS_CLUSTER": str(nats_cluster)})
+        ports = [
+            base,
+            *settings.api_ports,
+            *settings.gateway_ports,
+            *(settings.nats_port + i for i in range(nats_cluster)),
+            *(settings.nats_monitor_port + i for i in range(nats_cluster)),
+            *(settings.nats_cluster_port + i for i in range(nats_cluster)),
+        ]
+        if all(_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free base port found")
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The caller's environment without any setting of ours, plus `settings`."""
+    names = {f.name.upper() for f in msgspec.structs.fields(Settings)}
+    env = {k: v for k, v in os.environ.items() if k not in names and k != "NATSGATE_STACK"}
+    env.update(settings)
+    return env
+
+
+class Stack:
+    """One stack started by `make start` and stopped by `make stop`."""
+
+    def __init__(self, var_dir: Path, *, nats_cluster: int = 1, **extra: str) -> None:
+        self.env = clean_env(
+            BASE_PORT=str(free_base_port(nats_cluster)),
+            VAR_DIR=str(var_dir),
+            NATS_CLUSTER=str(nats_cluster),
+            APP_ENV="dev",
+            DEMO_PASSWORD="demo",
+            **extra,
+        )
+        self.settings = load(self.env)
+        self.layout = Layout.of(self.settings, ROOT)
+
+    @property
+    def url(self) -> str:
+        return self.settings.public_url
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.settings.host}:{self.settings.base_port}/ws"
+
+    @property
+    def origin(self) -> str:
+        return self.settings.allowed_origins[0]
+
+    def make(
+        self, target: str, *args: str, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "-s", "--no-print-directory", target, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        res = self.make("start")
+        assert res.returncode == 0, f"make start failed:\n{res.stdout}\n{res.stderr}"
+        self.start_seconds = time.monotonic() - t0
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """supervisorctl on this stack (as an operator would type it)."""
+        return self.make("ctl", "ARGS=" + " ".join(args), timeout=timeout)
+
+    def stop(self) -> None:
+        res = self.make("stop")
+        assert res.returncode == 0, f"make stop failed:\n{res.stdout}\n{res.stderr}"
+
+    def leftovers(self) -> list[str]:
+        """Every process of this stack still alive: by marker and by its VAR_DIR on the
+        command line (nats-server, nginx and supervisord name their config there)."""
+        found = [f"pid {p} (NATSGATE_STACK)" for p in stack_pids(self.layout)]
+        res = subprocess.run(["pgrep", "-af", str(self.layout.var)], capture_output=True, text=True)
+        found += [line for line in res.stdout.splitlines() if line.strip()]
+        return found
+
+    def busy_ports(self) -> list[int]:
+        s = self.settings
+        ports = [
+            s.base_port,
+            *s.api_ports,
+            *s.gateway_ports,
+            *(s.nats_port + i for i in range(s.nats_cluster)),
+        ]
+        return [p for p in ports if not _free(p)]
