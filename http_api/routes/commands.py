@@ -7,7 +7,8 @@ Allowed when the caller's `commands` capability covers the name. Built-ins:
 - `todos.put` {id, title, done} / `todos.delete` {id}: KV `todos`, key `user.<uid>.<id>`.
 Anything else is forwarded to whatever service answers `cmd.<command>`: the request body as
 is, the caller in headers `User-Id` and `Username`. The reply body is the response (JSON when
-it parses, else octet-stream); a reply with header `Nats-Service-Error-Code` (the NATS
+it parses, else octet-stream; an `Idempotency-Key` is passed on; an answered command is
+audited as `audit.commands.<command>`); a reply with header `Nats-Service-Error-Code` (the NATS
 micro-services convention) becomes a problem with that status. No responders → 404,
 no reply within `settings.command_timeout` → 504.
 """
@@ -109,12 +110,12 @@ async def forward(request: web.Request, p: Principal, command: str) -> web.Strea
     if payload:
         decode(payload, AnyJson)  # 400 on malformed JSON, before anything leaves
     settings = request.app[SETTINGS]
+    headers = {"User-Id": p.user.id, "Username": p.user.username}
+    if (key := idempotency_key(request)) is not None:
+        headers["Idempotency-Key"] = key  # the service may dedupe retries with it
     try:
         reply = await request.app[NC].request(
-            f"cmd.{command}",
-            payload,
-            timeout=settings.command_timeout,
-            headers={"User-Id": p.user.id, "Username": p.user.username},
+            f"cmd.{command}", payload, timeout=settings.command_timeout, headers=headers
         )
     except NoRespondersError:
         raise Problem(404, f"no service handles command {command!r}") from None
@@ -125,6 +126,7 @@ async def forward(request: web.Request, p: Principal, command: str) -> web.Strea
         status = int(code) if code.isdigit() and 400 <= int(code) <= 599 else 502
         detail = (reply.headers or {}).get("Nats-Service-Error", "command failed")
         raise Problem(status, detail[:500])
+    await request.app[EVENTS].audit(p.actor, "commands", command, command)
     try:
         msgspec.json.decode(reply.data)
         content_type = "application/json"

@@ -114,7 +114,7 @@ async def test_todos_put_and_delete(api: Api, js: JetStreamContext, nc: NATS) ->
     assert resp.status == 422
 
 
-async def test_forwarded_command_gets_the_reply(api: Api, nc: NATS) -> None:
+async def test_forwarded_command_gets_the_reply(api: Api, nc: NATS, js: JetStreamContext) -> None:
     """A real NATS responder on cmd.<x> answers; the caller arrives in the User-Id header."""
     seen: list[Msg] = []
 
@@ -126,11 +126,16 @@ async def test_forwarded_command_gets_the_reply(api: Api, nc: NATS) -> None:
     await nc.flush()
     await api.add_user("rep", Capabilities(commands=["reports.*"]))
     resp = await api.client.post(
-        "/api/commands/reports.build", json={"n": 1}, headers=api.auth("rep")
+        "/api/commands/reports.build",
+        json={"n": 1},
+        headers={**api.auth("rep"), "Idempotency-Key": "r-1"},
     )
     assert resp.status == 200
     assert await resp.json() == {"echo": {"n": 1}}
     assert seen[0].headers and seen[0].headers["User-Id"] == api.users["rep"].id
+    assert seen[0].headers["Idempotency-Key"] == "r-1"
+    audit = await js.get_last_msg("audit", "audit.commands.reports.build")
+    assert msgspec.json.decode(audit.data or b"")["who"]["username"] == "rep"
     resp = await api.client.post("/api/commands/other.thing", json={}, headers=api.auth("rep"))
     assert resp.status == 403
     resp = await api.client.post("/api/commands/reports.build", data=b"{", headers=api.auth("rep"))

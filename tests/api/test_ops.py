@@ -7,6 +7,7 @@ import re
 from aiohttp import web
 
 from http_api.app import create_app
+from http_api.state import NC
 from shared.settings import Settings
 from tests.api.conftest import Api
 
@@ -16,6 +17,14 @@ async def test_health_and_readiness(api: Api) -> None:
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
     resp = await api.client.get("/api/readyz")
     assert resp.status == 200 and await resp.json() == {"status": "ready"}
+
+
+async def test_readiness_fails_without_nats(api: Api) -> None:
+    """readyz follows the NATS connection; healthz does not depend on it."""
+    await api.app[NC].close()
+    resp = await api.client.get("/api/readyz")
+    assert resp.status == 503 and resp.content_type == "application/problem+json"
+    assert (await api.client.get("/api/healthz")).status == 200
 
 
 async def test_metrics_count_requests_and_login_failures(api: Api) -> None:
