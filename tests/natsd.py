@@ -49,10 +49,11 @@ class NatsServer:
     def start(self, timeout: float = 20.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
+        js_dir = str(self.store_dir / "js")
         conf.write_text(
-            "listen: 127.0.0.1:%d\n"
-            "jetstream { store_dir: %r }\n"
-            "max_payload: 1MB\n%s\n" % (self.port, str(self.store_dir / "js"), self.extra_config)
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"jetstream {{ store_dir: {js_dir!r} }}\n"
+            f"max_payload: 1MB\n{self.extra_config}\n"
         )
         self.output = bytearray()
         self.proc = subprocess.Popen(

@@ -153,6 +153,7 @@ async def test_js_ack_redelivers_unacked(make_user: UserFactory, connect: Client
     c1 = await connect(token)
     sub = await c1.js_sub("chat", "chat.room.123", start_seq=1, ack=True, durable="d1")
     m1, m2 = await sub.get(), await sub.get()
+    assert (m1["data"]["seq"], m2["data"]["seq"]) == (1, 2)
     await sub.ack(m1["data"]["seq"])
     await c1.ping()
     await c1.close()

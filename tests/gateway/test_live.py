@@ -120,8 +120,6 @@ async def test_backpressure_closes_slow_client_only(
     payload = b'{"pad":"' + b"x" * 4000 + b'"}'
     before = gateway.hub.sessions.copy()  # type: ignore[union-attr]
     assert len(before) == 2
-    slow_session = next(s for s in before if s.subs.get("s"))  if any(
-        s.subs.get("s") for s in before) else None
     for i in range(3000):
         await nc.publish("chat.room.1", payload)
         if i % 100 == 0:
@@ -137,9 +135,8 @@ async def test_backpressure_closes_slow_client_only(
     codes = sorted(s.close_code or 0 for s in before)
     assert codes == [0, 1013]
     await nc.publish("chat.room.1", b'"still here"')
-    while (m := await sub.get())["data"]["payload"] != "still here":
+    while (await sub.get())["data"]["payload"] != "still here":
         pass
-    assert slow_session is None or slow_session.close_code == 1013
     slow.transport.abort()
     await reader.close()
 
