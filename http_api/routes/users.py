@@ -155,8 +155,8 @@ async def explain(request: web.Request) -> web.StreamResponse:
         raise Problem(400, f"op must be one of {', '.join(EXPLAIN_OPS)}")
     if not target:
         raise Problem(400, "target is required")
-    default = target if op == "sub" else (target if op == "cmd" else ">")
-    pattern = q.get("pattern") or default
+    # sub and cmd name their pattern in `target`; kv_sub and js_sub default to everything.
+    pattern = q.get("pattern") or (target if op in ("sub", "cmd") else ">")
     user = (await _get(request, uid)).value
     try:
         caps = CompiledCapabilities(user.capabilities, user.id)

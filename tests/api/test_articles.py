@@ -52,6 +52,8 @@ async def test_create_stores_in_kv_publishes_event_and_audit(
 
 
 async def test_read_and_list(api: Api) -> None:
+    resp = await api.client.get("/api/articles", headers=api.auth("bob"))
+    assert resp.status == 200 and (await resp.json())["items"] == []  # empty bucket
     a = await create(api, "one")
     b = await create(api, "two")
     resp = await api.client.get(f"/api/articles/{a['id']}", headers=api.auth("bob"))
@@ -175,6 +177,8 @@ async def test_delete(api: Api, nc: NATS) -> None:
     await events.unsubscribe()
     resp = await api.client.get(url, headers=api.auth("bob"))
     assert resp.status == 404
+    resp = await api.client.get("/api/articles", headers=api.auth("bob"))
+    assert (await resp.json())["items"] == []  # only a delete marker left in the bucket
     resp = await api.client.delete(url, headers=api.auth("bob"))
     assert resp.status == 404
     await api.add_user("reader", Capabilities(buckets={"articles": [">"]}))
