@@ -7,6 +7,7 @@ extensions we do not understand (`crit`).
 
 from __future__ import annotations
 
+import fcntl
 import secrets
 import time
 from dataclasses import dataclass
@@ -41,22 +42,30 @@ def ensure_dev_keys(settings: Settings) -> None:
     if settings.production:
         raise SystemExit(f"JWT key files are missing: {priv}, {pub}")
     priv.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    tmp = priv.with_suffix(".tmp")
-    tmp.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    # Every process of a fresh dev deployment gets here at once: one of them creates the
+    # pair while the others wait, so no process is left holding half of another's pair.
+    with open(priv.parent / f".{priv.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if priv.exists() and pub.exists():
+            return
+        key = Ed25519PrivateKey.generate()
+        tmp = priv.with_suffix(".tmp")
+        tmp.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         )
-    )
-    tmp.chmod(0o600)
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        tmp.chmod(0o600)
+        pub_tmp = pub.with_name(pub.name + ".tmp")
+        pub_tmp.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
-    )
-    tmp.replace(priv)
+        pub_tmp.replace(pub)
+        tmp.replace(priv)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -122,6 +122,14 @@ def validate(caps: Capabilities) -> None:
 
 def render(caps: Capabilities, uid: str) -> Capabilities:
     """Substitute `{uid}` with the user's id."""
+    # `user.{uid}.>` must stay inside one user's space: an id with a dot or a wildcard
+    # (`a.b`, `*`) would render into another user's keys or all of them.
+    try:
+        validate_subject(uid)
+    except ValueError as e:
+        raise CapabilityError("uid", uid, str(e)) from None
+    if "." in uid:
+        raise CapabilityError("uid", uid, "a user id is one token (no dots)")
 
     def sub(ps: list[str]) -> list[str]:
         return [p.replace("{uid}", uid) for p in ps]

@@ -117,7 +117,7 @@ def decode_client_frame(frame: bytes | str) -> ClientOp:
     """Decode one client envelope or raise ProtocolError/Disconnect with its code."""
     try:
         head = _head_decoder.decode(frame)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError, UnicodeError) as e:  # deep or not UTF-8
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed envelope: {e}") from None
     inbox = head.inbox if isinstance(head.inbox, str) and len(head.inbox) <= 128 else None
     if type(head.v) is not int or head.v != PROTOCOL_VERSION:
@@ -130,7 +130,7 @@ def decode_client_frame(frame: bytes | str) -> ClientOp:
         raise err
     try:
         return _op_decoder.decode(frame)  # type: ignore[no-any-return]
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError, UnicodeError) as e:
         err2 = ProtocolError(ErrorCode.BAD_REQUEST, str(e))
         err2.inbox = inbox
         raise err2 from None
@@ -201,10 +201,10 @@ def embed_json(data: bytes) -> Raw | None:
     try:
         raw = _raw_decoder.decode(data)
         data.decode("utf-8")
-    except (msgspec.DecodeError, UnicodeDecodeError):
+        if b"\n" in data:
+            return Raw(_encoder.encode(_any_decoder.decode(data)))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: base64
         return None
-    if b"\n" in data:
-        return Raw(_encoder.encode(_any_decoder.decode(data)))
     return raw
 
 
