@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from nats.aio.client import Client as NATS
 
 from shared.client import RequestError
 from tests.gateway.conftest import ClientFactory, UserFactory
+from ws_gateway.server import Gateway
 
 
 async def test_kv_sub_sends_values_then_synced_then_live(
@@ -144,7 +147,18 @@ async def test_js_time_delta(make_user: UserFactory, connect: ClientFactory, nc:
     assert (await sub.get())["data"]["payload"] == 1
 
 
-async def test_js_ack_redelivers_unacked(make_user: UserFactory, connect: ClientFactory, nc: NATS):
+async def _until_closed(gateway: Gateway) -> None:
+    """The old connection's session has released its consumer (bounded wait)."""
+    for _ in range(200):
+        if not gateway.hub.sessions:  # type: ignore[union-attr]
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("old session still open")
+
+
+async def test_js_ack_redelivers_unacked(
+    make_user: UserFactory, connect: ClientFactory, nc: NATS, gateway: Gateway
+):
     """With ack: true an unacked message comes back on a durable resumed elsewhere."""
     js = nc.jetstream()
     await js.publish("chat.room.123", b"1")
@@ -157,6 +171,7 @@ async def test_js_ack_redelivers_unacked(make_user: UserFactory, connect: Client
     await sub.ack(m1["data"]["seq"])
     await c1.ping()
     await c1.close()
+    await _until_closed(gateway)
     info = await js.consumer_info("chat", "u_alice_d1")
     assert info.ack_floor.stream_seq == 1
     c2 = await connect(token)
@@ -171,7 +186,7 @@ async def test_js_ack_redelivers_unacked(make_user: UserFactory, connect: Client
 
 
 async def test_js_durable_resumes_across_connections(
-    make_user: UserFactory, connect: ClientFactory, nc: NATS
+    make_user: UserFactory, connect: ClientFactory, nc: NATS, gateway: Gateway
 ):
     """A durable without acks resumes after the last delivered message on a new connection."""
     js = nc.jetstream()
@@ -183,6 +198,7 @@ async def test_js_durable_resumes_across_connections(
     assert [(await sub.get())["data"]["seq"] for _ in range(3)] == [1, 2, 3]
     await c1.close()
     await js.publish("chat.room.123", b"3")
+    await _until_closed(gateway)
     c2 = await connect(token)
     sub2 = await c2.js_sub("chat", "chat.room.123", durable="tail")
     assert (await sub2.get())["data"]["seq"] == 4
