@@ -11,8 +11,8 @@ from shared.capabilities import Capabilities
 USERS_BUCKET = "auth_users"
 CREDENTIALS_BUCKET = "auth_credentials"  # key = username → Credential; never exposed
 REVOKED_BUCKET = "auth_revoked"  # key = token jti → expiry; never exposed
-USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS token and one KV key token
+USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # one NATS token and one KV key token
 
 
 class UserRecord(msgspec.Struct, omit_defaults=False):
