@@ -263,6 +263,8 @@ def render(settings: Settings, layout: Layout) -> None:
             (DEPLOY / "templates" / "supervisord.conf").read_text(),
             {
                 "conf": layout.supervisord_conf,
+                # Started by root (CI, sudo): say so, rather than a CRIT line at every start.
+                "user": "user = root" if os.geteuid() == 0 else "; runs as the invoking user",
                 "run_dir": layout.run_dir,
                 "log_dir": layout.log_dir,
                 "root": layout.root,

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -144,3 +145,32 @@ class Stack:
             *(s.nats_port + i for i in range(s.nats_cluster)),
         ]
         return [p for p in ports if not _free(p)]
+
+
+async def login(http: aiohttp.ClientSession, username: str) -> tuple[str, str]:
+    """(token, session cookie value) of a demo user, through nginx."""
+    async with http.post(
+        "/api/auth/login", json={"username": username, "password": "demo"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        return body["token"], resp.cookies["session"].value
+
+
+async def chat_send(
+    http: aiohttp.ClientSession, token: str, room: str, text: str, key: str
+) -> int | None:
+    """POST /api/commands/chat.send; the stream seq, or None when not acknowledged.
+    The Idempotency-Key makes a retry of the same message store it once."""
+    try:
+        async with http.post(
+            "/api/commands/chat.send",
+            json={"room": room, "text": text},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as resp:
+            if resp.status != 200:
+                return None
+            return int((await resp.json())["seq"])
+    except (aiohttp.ClientError, TimeoutError):
+        return None
