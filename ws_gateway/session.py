@@ -252,9 +252,12 @@ class Session:
         try:
             if isinstance(raw, bytes) and self.transport == "ws":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "text frames only")
-            self._take_token()
+            # Every frame costs a token, but a refused request still gets its inbox back.
+            limited = not self._take_token()
             op = envelope.decode_client_frame(raw)
             inbox = op.inbox
+            if limited:
+                raise ProtocolError(ErrorCode.LIMIT, "too many requests: slow down")
             await self._dispatch(op)
         except Disconnect as e:
             self._reply_error(e, inbox)
@@ -273,7 +276,7 @@ class Session:
         metrics.ERRORS.labels(e.code.value).inc()
         self.push(envelope.error(e.code, e.reason, inbox or e.inbox))
 
-    def _take_token(self) -> None:
+    def _take_token(self) -> bool:
         now = time.monotonic()
         rate = self.settings.client_ops_per_second
         self._tokens = min(
@@ -281,8 +284,9 @@ class Session:
         )
         self._tokens_at = now
         if self._tokens < 1:
-            raise ProtocolError(ErrorCode.LIMIT, "too many requests: slow down")
+            return False
         self._tokens -= 1
+        return True
 
     async def _dispatch(self, op: envelope.ClientOp) -> None:
         match op:
@@ -310,14 +314,15 @@ class Session:
     # ------------------------------------------------------------------ requests
 
     def _new_inbox(self, inbox: str | None) -> str:
-        if inbox is None:
-            while (inbox := f"s{next(self._auto_inbox)}") in self.subs:
-                pass
-            return inbox
-        if inbox in self.subs:
+        if inbox is not None and inbox in self.subs:
             raise ProtocolError(ErrorCode.DUPLICATE_INBOX, f"inbox {inbox!r} is in use")
         if len(self.subs) >= self.settings.max_subscriptions:
             raise ProtocolError(ErrorCode.LIMIT, "too many subscriptions")
+        if inbox is None:
+            auto = f"s{next(self._auto_inbox)}"
+            while auto in self.subs:
+                auto = f"s{next(self._auto_inbox)}"
+            return auto
         return inbox
 
     def _require_nats(self) -> None:
@@ -434,7 +439,7 @@ class Session:
                 kv_op = "purge"
             else:
                 kv_op = "put"
-            self.push(
+            delivered = self.push(
                 envelope.kv_msg(
                     bucket,
                     key,
@@ -447,6 +452,9 @@ class Session:
                 state["revision"] = d.stream_seq
             if not state["synced"] and d.pending == 0:
                 synced()
+            # The reader resumes after the last delivered revision when its consumer is
+            # lost (NATS restart): without this it would replay the bucket's values.
+            return delivered
 
         sub.reader = StreamReader(
             self.hub.nc,
