@@ -246,8 +246,12 @@ def _apps_ready(settings: Settings, layout: Layout) -> bool:
 
 
 def _ready(settings: Settings, layout: Layout) -> bool:
-    """Ready = `/api/readyz` answers 200 through nginx and every gateway is ready."""
+    """Ready = every program RUNNING (past startsecs), `/api/readyz` answers 200 through
+    nginx and every gateway's `/readyz` answers 200."""
     _check_no_fatal(layout)
+    info = _process_info(layout)
+    if not info or any(p["statename"] != "RUNNING" for p in info):
+        return False
     if _http_status(f"{settings.public_url}/api/readyz") != 200:
         return False
     return all(
@@ -325,10 +329,11 @@ def _preflight(settings: Settings, layout: Layout) -> dict[str, str]:
 def start(settings: Settings, layout: Layout, timeout: float) -> int:
     """Background: supervisord daemonizes; return once the stack is ready."""
     if supervisord_running(layout):
-        print(f"already running (config {layout.supervisord_conf}); waiting until ready")
-        deadline = time.monotonic() + timeout
-        _poll("the stack to be ready", lambda: _ready(settings, layout), deadline, every=0.2)
-        print(banner(settings, layout, foreground=False))
+        # With the settings it was started with, which may differ from ours.
+        print(
+            f"already running from {layout.supervisord_conf}: `make status`; "
+            "`make stop` first to change its settings"
+        )
         return 0
     env = _preflight(settings, layout)
     subprocess.run([SUPERVISORD, "-c", str(layout.supervisord_conf)], env=env, check=True)
