@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Mapping
+import secrets
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -70,8 +72,154 @@ class ClientSubscription:
         )
 
 
-class GatewayClient:
+class WsTransport:
+    """The WebSocket transport: one frame per send, frames as they arrive."""
+
     def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, url: str, headers: dict[str, str], open_timeout: float) -> WsTransport:
+        ws = await connect(
+            url,
+            additional_headers=headers,
+            compression=None,
+            max_size=None,
+            open_timeout=open_timeout,
+            ping_interval=None,
+        )
+        return cls(ws)
+
+    async def send(self, data: str | bytes) -> None:
+        await self.ws.send(data)
+
+    async def frames(self) -> AsyncIterator[str | bytes]:
+        try:
+            async for frame in self.ws:
+                yield frame
+        except ConnectionClosed:
+            pass
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def wait_closed(self) -> None:
+        await self.ws.wait_closed()
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+
+class PollTransport:
+    """The long-polling transport (PROTOCOL.md, Fallback): same envelopes over HTTP."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base: str, sid: str, headers: dict[str, str]
+    ) -> None:
+        self.http, self.base, self.sid, self.headers = http, base, sid, headers
+        self.after = 0
+        self._close_code: int | None = None
+        self._closed = asyncio.Event()
+
+    @classmethod
+    async def open(cls, url: str, headers: dict[str, str], open_timeout: float) -> PollTransport:
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        sid = secrets.token_urlsafe(18)
+        try:
+            async with http.post(
+                f"{url}/open",
+                params={"sid": sid},
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=open_timeout),
+            ) as r:
+                if r.status != 200:
+                    raise PollRefused(r.status, await r.text())
+        except BaseException:
+            await http.close()
+            raise
+        return cls(http, url, sid, headers)
+
+    async def send(self, data: str | bytes) -> None:
+        body = data.encode() if isinstance(data, str) else data
+        async with self.http.post(
+            f"{self.base}/send", params={"sid": self.sid}, data=body, headers=self.headers
+        ) as r:
+            if r.status == 410:
+                await self._gone(r)
+                raise ConnectionError("session closed")
+            if r.status != 204:
+                raise ConnectionError(f"poll send failed: {r.status} {await r.text()}")
+
+    async def _gone(self, r: aiohttp.ClientResponse) -> None:
+        try:
+            body = await r.json(content_type=None)
+            self._close_code = int(body.get("close_code") or 1006)
+        except Exception:
+            self._close_code = 1006
+        self._closed.set()
+
+    async def frames(self) -> AsyncIterator[str | bytes]:
+        failures = 0
+        while not self._closed.is_set():
+            try:
+                async with self.http.get(
+                    self.base,
+                    params={"sid": self.sid, "after": str(self.after)},
+                    headers=self.headers,
+                ) as r:
+                    if r.status == 410:
+                        await self._gone(r)
+                        return
+                    if r.status != 200:
+                        self._close_code = 1006
+                        self._closed.set()
+                        return
+                    body = await r.text()
+                    self.after = int(r.headers.get("Poll-Last-Frame", self.after))
+                failures = 0
+            except (TimeoutError, aiohttp.ClientError):
+                failures += 1
+                if self._closed.is_set() or failures > 5:
+                    self._close_code = self._close_code or 1006
+                    self._closed.set()
+                    return
+                await asyncio.sleep(0.2 * failures)
+                continue
+            if body:
+                yield body
+
+    async def close(self) -> None:
+        if not self._closed.is_set():
+            with contextlib.suppress(Exception):
+                async with self.http.post(
+                    f"{self.base}/close", params={"sid": self.sid}, headers=self.headers
+                ) as r:
+                    await r.read()
+            if self._close_code is None:
+                self._close_code = 1000
+            self._closed.set()
+        await self.http.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    @property
+    def close_code(self) -> int | None:
+        return self._close_code
+
+
+class PollRefused(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"poll open refused: {status} {body}")
+        self.status = status
+
+
+Transport = WsTransport | PollTransport
+
+
+class GatewayClient:
+    def __init__(self, ws: Transport) -> None:
         self.ws = ws
         self.subs: dict[str, ClientSubscription] = {}
         self.capabilities: dict[str, Any] = {}
@@ -100,15 +248,12 @@ class GatewayClient:
         hdrs = dict(headers or {})
         if token:
             hdrs["Authorization"] = f"Bearer {token}"
-        ws = await connect(
-            url,
-            additional_headers=hdrs,
-            compression=None,
-            max_size=None,
-            open_timeout=open_timeout,
-            ping_interval=None,
-        )
-        client = cls(ws)
+        transport: Transport
+        if url.startswith(("http://", "https://")):
+            transport = await PollTransport.open(url, hdrs, open_timeout)
+        else:
+            transport = await WsTransport.open(url, hdrs, open_timeout)
+        client = cls(transport)
         if record:
             client.envelopes = asyncio.Queue()
         client._reader = asyncio.get_running_loop().create_task(client._read())
@@ -213,13 +358,11 @@ class GatewayClient:
     async def _read(self) -> None:
         decode = msgspec.json.decode
         try:
-            async for frame in self.ws:
+            async for frame in self.ws.frames():
                 self.frames += 1
                 for line in frame.split("\n") if isinstance(frame, str) else [frame]:
                     if line:
                         self._route(decode(line))
-        except ConnectionClosed:
-            pass
         finally:
             for fut in self._pending.values():
                 if not fut.done():
@@ -278,5 +421,5 @@ class GatewayClient:
                     sub.queue.put_nowait(env)
 
     async def _pong(self, inbox: str | None) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        with contextlib.suppress(ConnectionClosed, ConnectionError, aiohttp.ClientError):
             await self.send({"op": "pong", **({"inbox": inbox} if inbox else {})})

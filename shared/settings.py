@@ -37,6 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     base_port: int = 8080  # nginx, the one public entry point
     gateway_port: int = 8201  # first gateway; the others follow
     gateway_procs: int = 2
+    poll_port: int = 8301  # long-polling listener of the first gateway; the others follow
     api_port: int = 8101  # first API worker; the others follow
     api_procs: int = 2
     nats_cluster: int = 1  # NATS nodes run by deploy/: 1, or 3 for the loopback cluster
@@ -107,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 PORT_OFFSETS = {
     "api_port": 21,
     "gateway_port": 121,
+    "poll_port": 221,
     "nats_port": -3858,
     "nats_monitor_port": 142,
     "nats_cluster_port": -1858,

@@ -20,11 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", help="listen address (default: HOST setting)")
     parser.add_argument("--port", type=int, help="listen port (default: GATEWAY_PORT)")
+    parser.add_argument(
+        "--poll-port",
+        type=int,
+        help="long-polling listener (default: POLL_PORT + (port - GATEWAY_PORT))",
+    )
     args = parser.parse_args(argv)
     settings = load()
     settings.check()
     logs.setup(settings)
-    uvloop.run(run(settings, args.host, args.port))
+    uvloop.run(run(settings, args.host, args.port, args.poll_port))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ log = logging.getLogger("ws_gateway.outbox")
 MAX_BATCH_BYTES = 1 << 20
 
 SendFn = Callable[[bytes], Awaitable[None]]
+
+
+class SlowTransport(Exception):
+    """Raised by a transport's send when its client is not keeping up (full poll buffer)."""
+
+
 SlowFn = Callable[[str], None]
 
 
@@ -104,9 +110,9 @@ class Outbox:
                 try:
                     async with asyncio.timeout(self._write_timeout):
                         await self._send(data)
-                except TimeoutError:
+                except (TimeoutError, SlowTransport) as e:
                     self._closed = True
-                    self._on_slow("write timed out")
+                    self._on_slow("write timed out" if isinstance(e, TimeoutError) else str(e))
                     return
                 metrics.FRAMES_OUT.inc()
             self._drained.set()

@@ -17,6 +17,7 @@ from shared.errors import CloseCode
 from shared.settings import Settings
 from ws_gateway.handshake import Admitted, process_request
 from ws_gateway.hub import Hub
+from ws_gateway.poll import PollServer
 from ws_gateway.session import Session
 
 log = logging.getLogger("ws_gateway.server")
@@ -25,10 +26,21 @@ log = logging.getLogger("ws_gateway.server")
 class Gateway:
     """One gateway: `async with Gateway(settings, port=0) as gw:` in tests, `run()` in prod."""
 
-    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        host: str | None = None,
+        port: int | None = None,
+        poll_port: int | None = None,
+    ):
         self.settings = settings
         self.host = host or settings.host
         self.port = settings.gateway_port if port is None else port
+        if poll_port is None:
+            # gateway i of the group gets poll port i; port 0 (tests) gets any free one
+            poll_port = settings.poll_port + (self.port - settings.gateway_port) if port else 0
+        self.poll_port = poll_port
+        self.poll: PollServer | None = None
         self.hub: Hub | None = None
         self.server: Server | None = None
         self._admitted: dict[ServerConnection, Admitted] = {}
@@ -68,11 +80,21 @@ class Gateway:
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
-        log.info("gateway listening", extra={"host": self.host, "port": self.port})
+        self.poll = PollServer(self.hub)
+        await self.poll.start(self.host, self.poll_port)
+        self.poll_port = self.poll.port
+        log.info(
+            "gateway listening",
+            extra={"host": self.host, "port": self.port, "poll_port": self.poll_port},
+        )
 
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}/ws"
+
+    @property
+    def poll_url(self) -> str:
+        return f"http://{self.host}:{self.poll_port}/poll"
 
     async def _handler(self, ws: ServerConnection) -> None:
         admitted = self._admitted.pop(ws)
@@ -117,6 +139,8 @@ class Gateway:
         """Stop accepting, close every client with 1001, drain NATS."""
         if self.server is not None:
             self.server.close(close_connections=False)
+        if self.poll is not None:
+            await self.poll.stop()
         if self.hub is not None:
             closing = [
                 s.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -144,8 +168,10 @@ class Gateway:
         await self.stop()
 
 
-async def run(settings: Settings, host: str | None, port: int | None) -> None:
-    gateway = Gateway(settings, host, port)
+async def run(
+    settings: Settings, host: str | None, port: int | None, poll_port: int | None = None
+) -> None:
+    gateway = Gateway(settings, host, port, poll_port)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -150,6 +150,10 @@ class Session:
     def push(self, frame: bytes) -> bool:
         return self.outbox.push(frame)
 
+    def touch(self) -> None:
+        """The transport saw the client alive (a long poll), even without a frame."""
+        self._last_rx = time.monotonic()
+
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)

@@ -42,11 +42,18 @@ UserFactory = Callable[..., Awaitable[str]]
 def make_user(nc: NATS, issuer: TokenIssuer) -> UserFactory:
     """Write a user record to auth_users and return a token for it."""
 
-    async def make(uid: str = "alice", caps: dict[str, Any] | None = None,
-                   disabled: bool = False, ttl: int | None = None) -> str:
+    async def make(
+        uid: str = "alice",
+        caps: dict[str, Any] | None = None,
+        disabled: bool = False,
+        ttl: int | None = None,
+    ) -> str:
         kv = await nc.jetstream().key_value(USERS_BUCKET)
         record = UserRecord(
-            id=uid, username=uid, display_name=uid.title(), disabled=disabled,
+            id=uid,
+            username=uid,
+            display_name=uid.title(),
+            disabled=disabled,
             capabilities=msgspec.convert(ALICE_CAPS if caps is None else caps, Capabilities),
         )
         await kv.put(uid, encode_user(record))
@@ -59,15 +66,29 @@ def make_user(nc: NATS, issuer: TokenIssuer) -> UserFactory:
 ClientFactory = Callable[..., Awaitable[GatewayClient]]
 
 
-@pytest.fixture
-async def connect(gateway: Gateway) -> AsyncIterator[ClientFactory]:
+async def _factory(url: str) -> AsyncIterator[ClientFactory]:
     clients: list[GatewayClient] = []
 
     async def factory(token: str, **kw: Any) -> GatewayClient:
-        c = await GatewayClient.connect(gateway.url, token=token, **kw)
+        c = await GatewayClient.connect(url, token=token, **kw)
         clients.append(c)
         return c
 
     yield factory
     for c in clients:
         await c.close()
+
+
+@pytest.fixture(params=["ws", "poll"])
+async def connect(gateway: Gateway, request: pytest.FixtureRequest) -> AsyncIterator[ClientFactory]:
+    """Clients over both transports: every protocol test runs over WebSocket and long polling."""
+    url = gateway.url if request.param == "ws" else gateway.poll_url
+    async for factory in _factory(url):
+        yield factory
+
+
+@pytest.fixture
+async def connect_ws(gateway: Gateway) -> AsyncIterator[ClientFactory]:
+    """WebSocket-only clients, for what only a WebSocket has (frame types, frame size)."""
+    async for factory in _factory(gateway.url):
+        yield factory

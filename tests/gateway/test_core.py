@@ -178,16 +178,16 @@ async def test_too_many_bad_frames_closes_1008(make_user: UserFactory, connect: 
     assert await c.wait_closed() == 1008
 
 
-async def test_frame_too_big_closes_1009(make_user: UserFactory, connect: ClientFactory):
+async def test_frame_too_big_closes_1009(make_user: UserFactory, connect_ws: ClientFactory):
     """A frame over the 64 KiB limit closes 1009."""
-    c = await connect(await make_user())
+    c = await connect_ws(await make_user())
     await c.send('{"op":"ping","inbox":"' + "x" * 70000 + '"}')
     assert await c.wait_closed() == 1009
 
 
-async def test_binary_frame_is_bad_request(make_user: UserFactory, connect: ClientFactory):
+async def test_binary_frame_is_bad_request(make_user: UserFactory, connect_ws: ClientFactory):
     """Only text frames carry envelopes."""
-    c = await connect(await make_user())
+    c = await connect_ws(await make_user())
     await c.send(b'{"op":"ping"}')
     err = await asyncio.wait_for(c.errors.get(), 5)
     assert err["data"]["code"] == "bad_request"

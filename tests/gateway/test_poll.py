@@ -1,0 +1,78 @@
+"""What only the long-polling transport has: numbered frames, re-fetch, session binding."""
+
+from __future__ import annotations
+
+import aiohttp
+from nats.aio.client import Client as NATS
+
+from tests.gateway.conftest import UserFactory
+from ws_gateway.server import Gateway
+
+SID = "test-session-0123456789"
+
+
+async def _open(http: aiohttp.ClientSession, gw: Gateway, headers: dict[str, str]) -> int:
+    async with http.post(f"{gw.poll_url}/open", params={"sid": SID}, headers=headers) as r:
+        return r.status
+
+
+async def _poll(
+    http: aiohttp.ClientSession, gw: Gateway, headers: dict[str, str], after: int
+) -> tuple[int, list[str]]:
+    async with http.get(
+        gw.poll_url, params={"sid": SID, "after": str(after), "wait": "5"}, headers=headers
+    ) as r:
+        assert r.status == 200
+        return int(r.headers["Poll-Last-Frame"]), (await r.text()).split("\n")
+
+
+async def test_lost_response_is_fetched_again(gateway: Gateway, make_user: UserFactory, nc: NATS):
+    """A response the client never acknowledged comes back whole; acknowledged frames don't."""
+    headers = {"Authorization": f"Bearer {await make_user()}"}
+    async with aiohttp.ClientSession() as http:
+        assert await _open(http, gateway, headers) == 200
+        last, lines = await _poll(http, gateway, headers, 0)
+        assert '"cap_update"' in lines[0]
+        again, lines2 = await _poll(http, gateway, headers, 0)  # the first one was "lost"
+        assert (again, lines2) == (last, lines)
+        body = '{"op":"sub","target":"chat.room.1","inbox":"s"}'
+        async with http.post(
+            f"{gateway.poll_url}/send", params={"sid": SID}, data=body, headers=headers
+        ) as r:
+            assert r.status == 204
+        await nc.publish("chat.room.1", b'"hello"')
+        seen: list[str] = []
+        while not any('"sub_msg"' in x for x in seen):
+            last, more = await _poll(http, gateway, headers, last)
+            assert not any('"cap_update"' in x for x in more)  # acknowledged: never again
+            seen += more
+        assert any('"ok"' in x for x in seen)
+
+
+async def test_unknown_session_and_wrong_user_get_404(gateway: Gateway, make_user: UserFactory):
+    """A sid this process does not hold, or another user's, is unknown_session (reopen)."""
+    alice = {"Authorization": f"Bearer {await make_user()}"}
+    bob = {"Authorization": f"Bearer {await make_user('bob')}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.poll_url, params={"sid": SID}, headers=alice) as r:
+            assert r.status == 404
+            assert (await r.json(content_type=None))["code"] == "unknown_session"
+        assert await _open(http, gateway, alice) == 200
+        async with http.get(gateway.poll_url, params={"sid": SID}, headers=bob) as r:
+            assert r.status == 404
+        assert await _open(http, gateway, alice) == 409  # a live sid is never taken over
+
+
+async def test_open_with_cookie_needs_allowed_origin(gateway: Gateway, make_user: UserFactory):
+    """Cookie-authenticated opens are refused without an allowed Origin (CSRF)."""
+    cookie = {"Cookie": f"session={await make_user()}"}
+    async with aiohttp.ClientSession() as http:
+        assert await _open(http, gateway, {**cookie, "Origin": "http://evil.example"}) == 403
+        assert await _open(http, gateway, cookie) == 403
+        assert await _open(http, gateway, {**cookie, "Origin": "http://127.0.0.1:8080"}) == 200
+        async with http.post(
+            f"{gateway.poll_url}/open",
+            params={"sid": "short"},
+            headers={**cookie, "Origin": "http://127.0.0.1:8080"},
+        ) as r:
+            assert r.status == 400
