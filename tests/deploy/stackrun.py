@@ -48,10 +48,19 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port(nats_cluster: int = 1) -> int:
-    """A BASE_PORT whose every derived port is free right now."""
+    """A BASE_PORT whose every derived port is free right now, all of them between 10000
+    and the kernel's ephemeral range (where any outgoing connection could take one)."""
+    low, high = 10000 + 3858, _ephemeral_start() - 145
     for _ in range(200):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(low, high)
         settings = load({"BASE_PORT": str(base), "NATS_CLUSTER": str(nats_cluster)})
         ports = [
             base,
