@@ -36,6 +36,11 @@ from shared.users import USERS_BUCKET, UserRecord, encode_user  # noqa: E402
 from tests.natsd import NatsServer, free_port  # noqa: E402
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -124,6 +129,7 @@ async def main(args: argparse.Namespace) -> None:
             await r.wait()
         payload_pad = "x" * 150
         t0 = time.perf_counter()
+        gw_cpu0 = cpu_seconds(gw.pid)
         for seq in range(expected):
             await nc.publish("bench.fan", json.dumps(
                 {"seq": seq, "ts": time.time(), "pad": payload_pad}).encode())
@@ -134,6 +140,7 @@ async def main(args: argparse.Namespace) -> None:
         except TimeoutError:
             pass
         elapsed = time.perf_counter() - t0
+        gw_cpu = cpu_seconds(gw.pid) - gw_cpu0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         delivered = sum(counts)
         total = expected * args.clients
@@ -143,7 +150,8 @@ async def main(args: argparse.Namespace) -> None:
         client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
         print(f"fan-out N={args.clients} M={expected}: delivered {delivered}/{total} "
               f"(lost {total - delivered}) in {elapsed:.2f}s = {delivered / elapsed:,.0f} msg/s; "
-              f"load client CPU {client_cpu:.1f}s ({client_cpu / elapsed:.0%} of one core)")
+              f"load client CPU {client_cpu:.1f}s ({client_cpu / elapsed:.0%} of one core); "
+              f"gateway CPU {gw_cpu:.2f}s = {gw_cpu / max(delivered, 1) * 1e9:.0f} ns/delivery")
 
     finally:
         gw.terminate()

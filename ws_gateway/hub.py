@@ -21,6 +21,7 @@ from shared.errors import CloseCode, ErrorCode
 from shared.settings import Settings
 from shared.users import REVOKED_BUCKET, USERS_BUCKET, UserRecord, decode_user
 from ws_gateway.core import CoreRouter
+from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, Start, StreamReader
 from ws_gateway.session import Session
 
@@ -34,7 +35,9 @@ class Hub:
         self.js: JetStreamContext = nc.jetstream(timeout=5)
         self.verifier = verifier
         self.router = CoreRouter(nc)
+        self.flusher = Flusher()
         self.sessions: set[Session] = set()
+        self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
         self._watchers: list[StreamReader] = []
@@ -89,6 +92,8 @@ class Hub:
         self.by_jti[session.claims.jti].add(session)
 
     def unregister(self, session: Session) -> None:
+        if session in self.sessions:
+            self.closing.add(session)
         self.sessions.discard(session)
         for index, key in ((self.by_user, session.uid), (self.by_jti, session.claims.jti)):
             group = index.get(key)

@@ -1,10 +1,12 @@
-"""A bounded per-connection outbox with one writer task.
+"""A bounded per-connection outbox with one writer task, flushed once per loop tick.
 
 Producers (NATS callbacks) call `push()`, which never awaits: the frame is queued or, if
-the queue is full, the connection is marked slow and closed with `backpressure`. The
-writer joins everything queued into one newline-delimited frame (PROTOCOL.md, Envelope),
-so a burst costs one socket write, and gives up on a write that takes longer than the
-write timeout.
+the queue is full, the connection is marked slow and closed with `backpressure`. Pushed
+outboxes are flushed together by the process's `Flusher` once per event-loop tick: what
+each one queued is joined into one newline-delimited frame (PROTOCOL.md, Envelope) and
+written straight to the socket when its buffer has room — no task switch per connection.
+Only a socket whose buffer is full is left to the writer task, which awaits the drain and
+gives up (backpressure) on a write that takes longer than the write timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ log = logging.getLogger("ws_gateway.outbox")
 MAX_BATCH_BYTES = 1 << 20
 
 SendFn = Callable[[bytes], Awaitable[None]]
+CanSendFn = Callable[[], bool]
+SendNowFn = Callable[[bytes], None]
 
 
 class SlowTransport(Exception):
@@ -30,22 +34,65 @@ class SlowTransport(Exception):
 SlowFn = Callable[[str], None]
 
 
+class Flusher:
+    """Flushes every outbox pushed to during one event-loop tick, in one callback."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def mark(self, outbox: Outbox) -> None:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox.flush_now()
+
+
 class Outbox:
     __slots__ = (
+        "_can_send",
         "_closed",
+        "_dirty",
         "_drained",
+        "_flusher",
         "_has_room",
         "_on_slow",
         "_queue",
         "_send",
+        "_send_now",
         "_task",
         "_wake",
         "_write_timeout",
+        "_writing",
         "maxsize",
     )
 
-    def __init__(self, send: SendFn, on_slow: SlowFn, maxsize: int, write_timeout: float) -> None:
+    def __init__(
+        self,
+        send: SendFn,
+        on_slow: SlowFn,
+        maxsize: int,
+        write_timeout: float,
+        *,
+        flusher: Flusher | None = None,
+        can_send: CanSendFn | None = None,
+        send_now: SendNowFn | None = None,
+    ) -> None:
         self._send = send
+        self._flusher = flusher if can_send and send_now else None
+        self._can_send = can_send
+        self._send_now = send_now
+        self._dirty = False
+        self._writing = False
         self._on_slow = on_slow
         self.maxsize = maxsize
         self._write_timeout = write_timeout
@@ -73,11 +120,52 @@ class Outbox:
             self._on_slow("send queue full")
             return False
         self._queue.append(frame)
-        self._drained.clear()
         if len(self._queue) >= self.maxsize // 2:
             self._has_room.clear()
-        self._wake.set()
+        if self._flusher is not None and not self._writing:
+            if not self._dirty:
+                self._dirty = True
+                self._drained.clear()
+                self._flusher.mark(self)
+        else:
+            self._drained.clear()
+            self._wake.set()
         return True
+
+    def _take(self) -> bytes:
+        queue = self._queue
+        if len(queue) == 1:
+            return queue.popleft()
+        parts: list[bytes] = []
+        size = 0
+        while queue and size < MAX_BATCH_BYTES:
+            frame = queue.popleft()
+            parts.append(frame)
+            size += len(frame) + 1
+        return b"\n".join(parts)
+
+    def flush_now(self) -> None:
+        """Write what is queued without awaiting, while the socket buffer has room."""
+        self._dirty = False
+        if self._closed or self._writing:
+            return
+        assert self._can_send is not None and self._send_now is not None
+        queue = self._queue
+        while queue:
+            if not self._can_send():
+                self._wake.set()  # the writer task awaits the drain, with the timeout
+                return
+            try:
+                self._send_now(self._take())
+            except SlowTransport as e:
+                self._closed = True
+                self._on_slow(str(e))
+                return
+            except Exception:
+                return  # the connection is closing; its reader notices
+            metrics.FRAMES_OUT.inc()
+        self._has_room.set()
+        self._drained.set()
 
     def room(self) -> int:
         return self.maxsize - len(self._queue)
@@ -94,17 +182,9 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._writing = True
             while queue:
-                if len(queue) == 1:
-                    data = queue.popleft()
-                else:
-                    parts: list[bytes] = []
-                    size = 0
-                    while queue and size < MAX_BATCH_BYTES:
-                        frame = queue.popleft()
-                        parts.append(frame)
-                        size += len(frame) + 1
-                    data = b"\n".join(parts)
+                data = self._take()
                 if len(queue) < self.maxsize // 2:
                     self._has_room.set()
                 try:
@@ -115,6 +195,7 @@ class Outbox:
                     self._on_slow("write timed out" if isinstance(e, TimeoutError) else str(e))
                     return
                 metrics.FRAMES_OUT.inc()
+            self._writing = False
             self._drained.set()
 
     def stop_accepting(self) -> None:

@@ -78,6 +78,9 @@ class PollTransport:
         self.closed_at: float | None = None
 
     async def send(self, data: bytes) -> None:
+        self.send_now(data)
+
+    def send_now(self, data: bytes) -> None:
         if self.size + len(data) > MAX_BUFFER_BYTES:
             raise SlowTransport("poll buffer full: the client is not polling")
         self.frames.append((self.next_no, data))

@@ -10,6 +10,7 @@ import signal
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from shared import natsio
 from shared.auth import TokenVerifier
@@ -21,6 +22,8 @@ from ws_gateway.poll import PollServer
 from ws_gateway.session import Session
 
 log = logging.getLogger("ws_gateway.server")
+
+WRITE_HIGH = 1 << 16  # socket buffer above which a client counts as not keeping up
 
 
 class Gateway:
@@ -75,7 +78,7 @@ class Gateway:
             ping_interval=20,
             ping_timeout=20,
             close_timeout=2,
-            write_limit=1 << 16,
+            write_limit=WRITE_HIGH,
             server_header=None,
         )
         sock = next(iter(self.server.sockets))
@@ -110,6 +113,16 @@ class Gateway:
             except TimeoutError:
                 ws.transport.abort()
 
+        protocol, transport = ws.protocol, ws.transport
+
+        def can_send() -> bool:
+            return protocol.state is State.OPEN and transport.get_write_buffer_size() < WRITE_HIGH
+
+        def send_now(data: bytes) -> None:
+            # what websockets.broadcast does: frame it and hand it to the transport now
+            protocol.send_text(data)
+            ws.send_data()
+
         remote = ws.request.headers.get("X-Real-IP") if ws.request else None
         session = Session(
             self.hub,
@@ -118,6 +131,8 @@ class Gateway:
             send,
             close_transport,
             remote=remote or str(ws.remote_address[0] if ws.remote_address else ""),
+            can_send=can_send,
+            send_now=send_now,
         )
         self.hub.register(session)
         session.start()

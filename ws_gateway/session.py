@@ -93,6 +93,8 @@ class Session:
         *,
         remote: str = "",
         transport: str = "ws",
+        can_send: Callable[[], bool] | None = None,
+        send_now: Callable[[bytes], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.hub = hub
@@ -107,7 +109,13 @@ class Session:
         self.core_patterns: dict[str, tuple[str, ...]] = {}
         self._close_transport = close_transport
         self.outbox = Outbox(
-            send, self._on_slow, self.settings.send_queue_size, self.settings.write_timeout
+            send,
+            self._on_slow,
+            self.settings.send_queue_size,
+            self.settings.write_timeout,
+            flusher=hub.flusher,
+            can_send=can_send,
+            send_now=send_now,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.Task[None]] = {}
@@ -198,6 +206,7 @@ class Session:
             _, sub = self.subs.popitem()
             counts[sub.ref.op] += 1
             await self._end(sub)
+        self.hub.closing.discard(self)
         metrics.CONNECTIONS.dec()
         metrics.CLOSES.labels(str(code)).inc()
         log.info(
@@ -598,7 +607,13 @@ class Session:
         if reply is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"seq {op.data.seq} is not awaiting an ack")
         self._require_nats()
-        await self.hub.nc.publish(reply, b"+ACK")
+        try:
+            # A confirmed ack: the ack floor has moved when this returns, so a durable
+            # parked right after (client leaving) resumes after it, not before.
+            await self.hub.nc.request(reply, b"+ACK", timeout=2)
+        except Exception:
+            sub.unacked[op.data.seq] = reply
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "ack not confirmed: retry") from None
 
     async def _refresh(self, op: envelope.Refresh) -> None:
         try:
