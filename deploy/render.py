@@ -243,6 +243,7 @@ def render(settings: Settings, layout: Layout) -> None:
                 "csp": CSP.format(script_hashes="".join(" " + h for h in hashes)),
                 "api_servers": servers(settings.api_ports),
                 "gateway_servers": servers(settings.gateway_ports),
+                "poll_servers": servers(settings.poll_ports),
                 "host": settings.host,
                 "base_port": settings.base_port,
                 "web_root": layout.web_root,

@@ -77,6 +77,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return range(self.gateway_port, self.gateway_port + self.gateway_procs)
 
     @property
+    def poll_ports(self) -> range:
+        return range(self.poll_port, self.poll_port + self.gateway_procs)
+
+    @property
     def public_url(self) -> str:
         return f"http://{self.host}:{self.base_port}"
 

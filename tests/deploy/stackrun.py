@@ -6,7 +6,6 @@ are all free is enough to run beside a `make run` that may be up.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import socket
@@ -16,25 +15,12 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import pytest
 
 from deploy.render import Layout
 from deploy.stack import stack_pids
 from shared.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def apps_exist() -> bool:
-    return all(
-        importlib.util.find_spec(f"{pkg}.__main__") is not None
-        for pkg in ("http_api", "ws_gateway")
-    )
-
-
-needs_apps = pytest.mark.skipif(
-    not apps_exist(), reason="needs `python -m http_api` and `python -m ws_gateway`"
-)
 
 
 def _free(port: int) -> bool:

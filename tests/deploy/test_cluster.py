@@ -17,9 +17,7 @@ import nats
 
 from deploy import stack as ops
 from shared.client import GatewayClient
-from tests.deploy.stackrun import Stack, chat_send, login, needs_apps
-
-pytestmark = needs_apps
+from tests.deploy.stackrun import Stack, chat_send, login
 
 
 async def test_killing_a_nats_node_loses_no_acknowledged_write(tmp_path: Path) -> None:

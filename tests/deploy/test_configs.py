@@ -49,7 +49,6 @@ def test_every_port_derives_from_base_port() -> None:
         load({"BASE_PORT": "1000"})  # NATS would land below port 1
 
 
-@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (make ensure-nginx)")
 def test_rendered_nginx_config_is_valid(tmp_path: Path) -> None:
     """nginx -t accepts the config; upstreams, limits and security headers are in it."""
     s = _settings(tmp_path, BASE_PORT="9080", GATEWAY_PROCS="3")

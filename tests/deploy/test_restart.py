@@ -10,9 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from shared.client import GatewayClient
-from tests.deploy.stackrun import Stack, chat_send, login, needs_apps
-
-pytestmark = needs_apps
+from tests.deploy.stackrun import Stack, chat_send, login
 
 
 class ResumingReader:

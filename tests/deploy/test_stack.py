@@ -17,9 +17,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.deploy.stackrun import Stack, login, needs_apps
-
-pytestmark = needs_apps
+from tests.deploy.stackrun import Stack, login
 
 
 @pytest.fixture
@@ -119,3 +117,33 @@ async def test_a_socket_without_an_allowed_origin_is_refused_through_nginx(
         ):
             pass
     assert "403" in str(info.value) or "401" in str(info.value)
+
+
+async def test_long_polling_through_nginx_reaches_the_same_session(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A polling client (cookie + Origin) gets its frames through nginx, which routes every
+    request of a session to the gateway holding it; bob's article reaches it."""
+    from shared.client import GatewayClient
+
+    _, cookie = await login(http, "alice")
+    bob_token, _ = await login(http, "bob")
+    client = await GatewayClient.connect(
+        f"{stack.url}/poll", headers={"Cookie": f"session={cookie}", "Origin": stack.origin}
+    )
+    try:
+        sub = await client.kv_sub("articles")
+        while (await sub.get())["data"]["op"] != "synced":
+            pass
+        async with http.post(
+            "/api/articles",
+            json={"title": "polled", "body": "through nginx"},
+            headers={"Authorization": f"Bearer {bob_token}"},
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            revision = (await resp.json())["revision"]
+        while (env := await sub.get())["data"].get("revision") != revision:
+            pass
+        assert env["data"]["value"]["title"] == "polled"
+    finally:
+        await client.close()
