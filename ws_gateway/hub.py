@@ -21,6 +21,7 @@ from shared.errors import CloseCode, ErrorCode
 from shared.settings import Settings
 from shared.users import REVOKED_BUCKET, USERS_BUCKET, UserRecord, decode_user
 from ws_gateway.core import CoreRouter
+from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, Start, StreamReader
 from ws_gateway.session import Session
@@ -36,6 +37,8 @@ class Hub:
         self.verifier = verifier
         self.router = CoreRouter(nc)
         self.flusher = Flusher()
+        self.kv_feeds = KvFeeds(nc, self.js)
+        self.kv_feeds.on_gone = self._feed_gone
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)
@@ -71,6 +74,11 @@ class Hub:
         for w in self._watchers:
             await w.close()
         self._watchers.clear()
+        await self.kv_feeds.close()
+
+    def _feed_gone(self, feed: KvFeed) -> None:
+        for s in list(self.sessions):
+            s.feed_gone(feed)
 
     # ------------------------------------------------------------------ NATS state
 
@@ -81,6 +89,7 @@ class Hub:
         self.nats_ready = True
         for w in self._watchers:
             w.mark_lost()
+        self.kv_feeds.mark_lost()
         for s in list(self.sessions):
             s.on_nats_reconnect()
 

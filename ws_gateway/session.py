@@ -26,6 +26,7 @@ from shared.errors import CloseCode, Disconnect, ErrorCode, InvalidToken, Protoc
 from shared.subjects import match_tokens, tokens, validate_pattern
 from shared.users import UserRecord
 from ws_gateway import metrics
+from ws_gateway.kvfeed import KvFeed, Member, encode_change
 from ws_gateway.outbox import Outbox
 from ws_gateway.reader import Delivery, Start, StreamReader
 
@@ -80,6 +81,27 @@ class ReaderSubscription(Subscription):
     async def close(self) -> None:
         if self.reader is not None:
             await self.reader.close()
+
+
+class KvSubscription(Subscription):
+    """A kv_sub: a member of the process's shared feed, plus a catch-up reader until synced."""
+
+    def __init__(self, ref: SubscriptionRef, session: Session) -> None:
+        super().__init__(ref)
+        self._session = session
+        self.feed: KvFeed | None = None
+        self.member: Member | None = None
+        self.catchup: StreamReader | None = None
+
+    async def end_catchup(self) -> None:
+        reader, self.catchup = self.catchup, None
+        if reader is not None:
+            await reader.close()
+
+    async def close(self) -> None:
+        await self.end_catchup()
+        if self.feed is not None and self.member is not None:
+            await self._session.hub.kv_feeds.leave(self.feed, self.member)
 
 
 class Session:
@@ -403,7 +425,7 @@ class Session:
             raise self._deny("kv_sub", decision.reason)
         self._require_nats()
         ref = SubscriptionRef(inbox, "kv_sub", bucket, pattern)
-        sub = ReaderSubscription(ref)
+        sub = KvSubscription(ref, self)
         self.subs[inbox] = sub
         try:
             await self._start_kv(sub, bucket, pattern, op.data.since_revision)
@@ -415,13 +437,21 @@ class Session:
         await self._closed_meanwhile(inbox, sub)
 
     async def _start_kv(
-        self, sub: ReaderSubscription, bucket: str, pattern: str, since: int | None
+        self, sub: KvSubscription, bucket: str, pattern: str, since: int | None
     ) -> None:
         stream = f"KV_{bucket}"
+        js = self.hub.js
         try:
-            info = await self.hub.js.stream_info(stream)
+            await js.stream_info(stream)
         except NotFoundError:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
+        inbox = sub.ref.inbox
+        member = Member(self.push, lambda key: self._kv_primary(bucket, pattern, key))
+        sub.member = member
+        # Join the shared live feed first, then read the current values: every change
+        # after the catch-up's cutoff is then in the member's buffer (no gap).
+        sub.feed = await self.hub.kv_feeds.join(bucket, pattern, member)
+        info = await js.stream_info(stream)
         first, last = info.state.first_seq, info.state.last_seq
         # Resuming is only complete when every change after `since` is still stored.
         recovered = since is not None and since <= last and since + 1 >= first
@@ -431,57 +461,39 @@ class Session:
         else:
             start = Start(api.DeliverPolicy.LAST_PER_SUBJECT)
             position = first if last else 0
-        prefix = f"$KV.{bucket}."
-        cut = len(prefix)
-        inbox = sub.ref.inbox
-        state = {"synced": False, "revision": last}
+        cut = len(f"$KV.{bucket}.")
+        state = {"done": False, "revision": last}
 
         def synced() -> None:
-            state["synced"] = True
-            self.push(envelope.kv_synced(bucket, inbox, state["revision"]))
+            state["done"] = True
+            cutoff = state["revision"]
+            self.push(envelope.kv_synced(bucket, inbox, cutoff))
+            member.go_live(cutoff)
+            if sub.catchup is not None:
+                self._spawn(sub.end_catchup())
 
         def on_message(d: Delivery) -> bool:
-            key = d.subject[cut:]
-            if state["synced"] and not self._kv_primary(bucket, pattern, key):
-                return True
-            op_header = (d.headers or {}).get("KV-Operation")
-            marker = (d.headers or {}).get("Nats-Marker-Reason")
-            if op_header == "DEL" or marker == "Remove":
-                kv_op = "delete"
-            elif op_header == "PURGE" or marker in ("MaxAge", "Purge"):
-                kv_op = "purge"
-            else:
-                kv_op = "put"
-            delivered = self.push(
-                envelope.kv_msg(
-                    bucket,
-                    key,
-                    kv_op,
-                    d.stream_seq,  # type: ignore[arg-type]
-                    d.data if kv_op == "put" else None,
-                )
-            )
-            if d.stream_seq > state["revision"]:
-                state["revision"] = d.stream_seq
-            if not state["synced"] and d.pending == 0:
+            if state["done"]:
+                return True  # the shared feed delivers from here on
+            delivered = self.push(encode_change(bucket, d.subject[cut:], d))
+            state["revision"] = max(state["revision"], d.stream_seq)
+            if d.pending == 0:
                 synced()
-            # The reader resumes after the last delivered revision when its consumer is
-            # lost (NATS restart): without this it would replay the bucket's values.
             return delivered
 
-        sub.reader = StreamReader(
+        sub.catchup = StreamReader(
             self.hub.nc,
-            self.hub.js,
+            js,
             stream,
-            prefix + pattern,
+            f"$KV.{bucket}.{pattern}",
             start,
             on_message,
             batch=256,
             on_lost=lambda e: self._reader_lost(sub, e),
         )
-        await sub.reader.start()
+        await sub.catchup.start()
         self.push(envelope.ok(inbox, bucket, {"position": position, "recovered": recovered}))
-        if sub.reader.initial_pending == 0:
+        if sub.catchup.initial_pending == 0 and not state["done"]:
             synced()
 
     def _kv_primary(self, bucket: str, pattern: str, key: str) -> bool:
@@ -497,7 +509,13 @@ class Session:
                 return False
         return True
 
-    def _reader_lost(self, sub: ReaderSubscription, e: Exception) -> None:
+    def feed_gone(self, feed: KvFeed) -> None:
+        for sub in list(self.subs.values()):
+            if isinstance(sub, KvSubscription) and sub.feed is feed:
+                sub.feed = None  # nothing to leave: the feed is gone
+                self._reader_lost(sub, None)
+
+    def _reader_lost(self, sub: Subscription, e: Exception | None) -> None:
         """The stream or bucket is gone: end the subscription and say so."""
         if self.subs.get(sub.ref.inbox) is sub:
             del self.subs[sub.ref.inbox]
@@ -661,3 +679,5 @@ class Session:
         for sub in self.subs.values():
             if isinstance(sub, ReaderSubscription) and sub.reader is not None:
                 sub.reader.mark_lost()
+            elif isinstance(sub, KvSubscription) and sub.catchup is not None:
+                sub.catchup.mark_lost()
