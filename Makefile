@@ -43,8 +43,21 @@ ctl: install
 ensure-nginx:
 	@deploy/ensure-nginx.sh
 
-bench: install
-	@echo "make bench: not yet — see bench/"; exit 1
+# The benchmark suite (bench/run.py, bench/RESULTS.md): never part of `make test`. It needs
+# the `bench` extra (matplotlib) and, for the Node load client, `ws` from npm in bench/;
+# without node it falls back to the Python load client. Options: `make bench ARGS=--quick`.
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml bench/package.json | sha1sum | cut -c1-12)
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml bench/package.json
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@if command -v npm >/dev/null; then cd bench && npm install --no-audit --no-fund --no-package-lock --silent \
+	  || echo "npm install failed: bench uses the Python load client"; \
+	else echo "npm not found: bench uses the Python load client"; fi
+	@rm -f $(VENV)/.bench-*
+	@touch $@
+
+bench: install $(BENCH_STAMP)
+	$(PY) bench/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache bench/node_modules

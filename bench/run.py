@@ -1,0 +1,833 @@
+"""The benchmark suite (`make bench`): ours vs nats-server's WebSocket listener vs a Python ceiling.
+
+    .venv/bin/python bench/run.py            # the full run: bench/RESULTS.md, bench/fanout.png
+    .venv/bin/python bench/run.py --quick    # a smoke run with small N (writes to /tmp)
+
+Three servers, measured one at a time on this machine, each behind a fresh nats-server, with
+the same messages (~200-byte compact JSON `{"seq":N,"ts":<send time>,"pad":"…"}` published on
+one subject by this process over core NATS) and the same load client (`bench/loadclient.py`,
+several processes each holding a share of the connections):
+
+- **peer**: nats-server's own WebSocket listener (`websocket { no_tls: true }`), clients
+  speaking the NATS protocol over WebSocket (no auth);
+- **ceiling**: `bench/ceiling.py`, one NATS subscription and `websockets.broadcast()` of
+  pre-encoded envelopes batched per event-loop tick (no auth, no protocol);
+- **ours**: `python -m ws_gateway` with a bearer JWT per connection, capability checks and
+  PROTOCOL.md's envelopes.
+
+Workloads: idle connections (handshakes/s while opening them, RSS per connection); fan-out to
+N subscribers of one subject (delivered msg/s at max publish rate; p50/p99 end-to-end latency
+at a fixed rate); KV fan-out (ours only: `PUT /api/articles/{id}` to the last of N `kv_sub`
+clients); JetStream catch-up (N clients replaying the stream from `start_seq` 1; ours, and
+peer through `$JS.API` pull consumers). Messages lost are counted by sequence in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import nats
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import natsio  # noqa: E402
+from shared.auth import TokenIssuer  # noqa: E402
+from shared.settings import load  # noqa: E402
+from shared.users import USERS_BUCKET, UserRecord, encode_user  # noqa: E402
+from tests.natsd import NatsServer, free_port  # noqa: E402
+
+SUBJECT = "bench.fan"
+JS_STREAM, JS_SUBJECT = "chat", "chat.bench"
+PAD = "x" * 156  # 200 bytes with a 4-digit seq
+KINDS = ("ours", "peer", "ceiling")
+CLK = os.sysconf("SC_CLK_TCK")
+LOG = print
+
+
+def message(seq: int) -> bytes:
+    return json.dumps({"seq": seq, "ts": time.time(), "pad": PAD}, separators=(",", ":")).encode()
+
+
+def proc_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+async def wait_http(port: int, path: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            line = await r.readline()
+            w.close()
+            if b" 200 " in line:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)  # polling a starting process
+    raise RuntimeError(f"{path} on port {port} did not become ready")
+
+
+class LoadClients:
+    """P load-client processes; a command goes to all, with `n` split between them."""
+
+    def __init__(self, procs: int, kind: str) -> None:
+        self.n = procs
+        self.argv = ([shutil.which("node") or "node", str(ROOT / "bench" / "loadclient.js")]
+                     if kind == "node" else [sys.executable, str(ROOT / "bench" / "loadclient.py")])
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        for _ in range(self.n):
+            self.procs.append(await asyncio.create_subprocess_exec(
+                *self.argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, limit=1 << 28))
+
+    def split(self, n: int) -> list[int]:
+        return [n // self.n + (i < n % self.n) for i in range(self.n)]
+
+    async def call(self, cmd: str, n: int | None = None, **kw: Any) -> list[dict[str, Any]]:
+        shares = self.split(n) if n is not None else [None] * self.n
+
+        async def one(proc: asyncio.subprocess.Process, share: int | None) -> dict[str, Any]:
+            p = {"cmd": cmd, **kw}
+            if share is not None:
+                p["n"] = share
+            assert proc.stdin and proc.stdout
+            proc.stdin.write(json.dumps(p).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError("a load client died")
+            res: dict[str, Any] = json.loads(line)
+            if "error" in res:
+                raise RuntimeError(f"load client {cmd}: {res['error']}")
+            return res
+
+        return list(await asyncio.gather(*(one(p, s) for p, s in zip(self.procs, shares,
+                                                                      strict=True))))
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    assert proc.stdin
+                    proc.stdin.write(b'{"cmd":"exit"}\n')
+                    await proc.stdin.drain()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()
+
+
+class Bench:
+    """One server kind: its nats-server, its process, its load clients, its figures."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, tmp: Path) -> None:
+        self.kind = kind
+        self.args = args
+        self.tmp = tmp / kind
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.res: dict[str, Any] = {"fanout": {}, "errors": []}
+        self.token = ""
+        self.clients = LoadClients(args.procs, args.client)
+
+    # ------------------------------------------------------------------ setup
+
+    async def setup(self) -> None:
+        extra = ""
+        if self.kind == "peer":
+            extra = f'websocket {{ listen: "127.0.0.1:{free_port()}", no_tls: true }}'
+        self.nats = NatsServer(self.tmp / "nats", extra_config=extra).start()
+        self.nc = await nats.connect(self.nats.url, pending_size=1 << 24)
+        js = self.nc.jetstream()
+        self.settings = load({}, nats_url=(self.nats.url,), var_dir=str(self.tmp / "var"))
+        await natsio.provision(js, self.settings)
+        self.env = {**os.environ, "NATS_URL": self.nats.url, "VAR_DIR": str(self.tmp / "var"),
+                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING",
+                    "SEND_QUEUE_SIZE": str(self.args.send_queue)}
+        if self.kind == "ours":
+            kv = await js.key_value(USERS_BUCKET)
+            caps = {"subjects": ["bench.>"], "buckets": {"articles": [">"]},
+                    "streams": {JS_STREAM: [JS_SUBJECT]},
+                    "commands": ["articles.create", "articles.update"]}
+            await kv.put("bench", encode_user(msgspec.convert(
+                {"id": "bench", "username": "bench", "capabilities": caps}, UserRecord)))
+            self.token, _ = TokenIssuer.from_settings(self.settings).issue("bench", ttl=3600)
+        if self.kind in ("ours", "peer") and self.args.js_clients:
+            for seq in range(self.args.js_messages):
+                await self.nc.publish(JS_SUBJECT, message(seq))
+            await self.nc.flush()
+            deadline = time.monotonic() + 30
+            while (await js.stream_info(JS_STREAM)).state.messages < self.args.js_messages:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("stream not populated")
+                await asyncio.sleep(0.1)
+        port = free_port()
+        if self.kind == "ours":
+            self.server = self.spawn("gateway", [sys.executable, "-m", "ws_gateway",
+                                                 "--host", "127.0.0.1", "--port", str(port)])
+            await wait_http(port, "/readyz", time.monotonic() + 30, self.server)
+            self.url = f"ws://127.0.0.1:{port}/ws"
+            self.server_pid = self.server.pid
+        elif self.kind == "ceiling":
+            self.server = self.spawn("ceiling", [sys.executable, "bench/ceiling.py", "--nats",
+                                                 self.nats.url, "--port", str(port)])
+            await wait_http_ws(port, time.monotonic() + 30, self.server)
+            self.url = f"ws://127.0.0.1:{port}/"
+            self.server_pid = self.server.pid
+        else:
+            assert self.nats.ws_port and self.nats.proc
+            self.url = f"ws://127.0.0.1:{self.nats.ws_port}/"
+            self.server_pid = self.nats.proc.pid
+        assert self.nats.proc
+        self.nats_pid = self.nats.proc.pid
+        await self.clients.start()
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        self.procs.append(proc)
+        return proc
+
+    async def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.clients.stop()
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+        self.nats.stop()
+
+    def conn_params(self, tag: str, sub: str | None) -> dict[str, Any]:
+        return {"tag": tag, "mode": self.kind, "url": self.url, "token": self.token,
+                "sub": sub, "concurrency": self.args.concurrency}
+
+    async def open(self, tag: str, n: int, sub: str | None) -> dict[str, Any]:
+        rs = await self.clients.call("open", n=n, **self.conn_params(tag, sub))
+        opened = sum(r["opened"] for r in rs)
+        failed = sum(r["failed"] for r in rs)
+        if failed:
+            errs = [e for r in rs for e in r["errors"]]
+            self.res["errors"].append(f"{tag}: {failed} connections failed: {errs[:2]}")
+            LOG(f"  ! {failed} connections failed: {errs[:2]}")
+        elapsed = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
+        return {"opened": opened, "failed": failed, "elapsed": elapsed,
+                "total": sum(r["total"] for r in rs),
+                "client_cpu": [r["cpu"] for r in rs]}
+
+    # ------------------------------------------------------------------ workloads
+
+    async def idle(self) -> None:
+        n = self.args.idle
+        gc_settle = 2.0
+        await asyncio.sleep(1.0)
+        base, nats_base = proc_rss_kb(self.server_pid), proc_rss_kb(self.nats_pid)
+        cpu0 = proc_cpu(self.server_pid)
+        o = await self.open("idle", n, None)
+        cpu1 = proc_cpu(self.server_pid)
+        await asyncio.sleep(gc_settle)
+        after, nats_after = proc_rss_kb(self.server_pid), proc_rss_kb(self.nats_pid)
+        opened = max(o["opened"], 1)
+        self.res["idle"] = {
+            "n": o["opened"], "failed": o["failed"],
+            "rss_kb_per_conn": (after - base) / opened,
+            "server_rss_mb": (base / 1024, after / 1024),
+            "nats_rss_mb": (nats_base / 1024, nats_after / 1024),
+        }
+        self.res["connect"] = {
+            "n": o["opened"], "elapsed": o["elapsed"], "rate": o["opened"] / o["elapsed"],
+            "server_cpu": (cpu1 - cpu0) / o["elapsed"],
+            "client_cpu": [c / o["elapsed"] for c in o["client_cpu"]],
+        }
+        LOG(f"  idle: {o['opened']} connections ({o['failed']} failed) in {o['elapsed']:.2f}s = "
+            f"{o['opened'] / o['elapsed']:,.0f} handshakes/s; RSS {base / 1024:.0f} -> "
+            f"{after / 1024:.0f} MiB = {(after - base) / opened:.1f} KiB/conn "
+            f"(nats-server {nats_base / 1024:.0f} -> {nats_after / 1024:.0f} MiB)")
+        await self.clients.call("close", tag="idle")
+        await asyncio.sleep(1.0)
+
+    async def window(self, tag: str, expect: int, publish: Any, timeout: float,
+                     latency: bool = False, marker: str = "seq") -> dict[str, Any]:
+        """Arm the clients, run `publish()`, collect: figures of one measured window."""
+        await self.clients.call("arm", tag=tag, expect=expect, latency=latency, marker=marker)
+        s0, n0 = proc_cpu(self.server_pid), proc_cpu(self.nats_pid)
+        t0 = time.time()
+        await publish()
+        t_pub = time.time() - t0
+        rs = await self.clients.call("collect", tag=tag, timeout=timeout)
+        t_end = time.time()
+        s1, n1 = proc_cpu(self.server_pid), proc_cpu(self.nats_pid)
+        t_done = max(r["t_done"] for r in rs) or t_end
+        elapsed = max(t_done - t0, 1e-6)
+        wall = t_end - t0
+        out: dict[str, Any] = {k: sum(r[k] for r in rs) for k in (
+            "conns", "closed", "complete", "delivered", "expected", "lost", "seq_holes",
+            "reordered", "frames")}
+        out.update(
+            elapsed=elapsed, publish_s=t_pub, rate=out["delivered"] / elapsed,
+            timed_out=any(r["timed_out"] for r in rs),
+            client_cpu=[r["cpu"] / elapsed for r in rs],
+            server_cpu=(s1 - s0) / wall, nats_cpu=(n1 - n0) / wall,
+        )
+        if latency:
+            samples = [s for r in rs for s in r["samples"]]
+            out.update(p50=pct(samples, 50), p99=pct(samples, 99), max=max(samples, default=0),
+                       samples=len(samples))
+        return out
+
+    async def fanout(self) -> None:
+        have = 0
+        a = self.args
+        for n in a.n:
+            o = await self.open("fan", n - have, SUBJECT)
+            have = o["total"]
+            LOG(f"  fan-out N={n}: {have} subscribers ready ({o['elapsed']:.1f}s)")
+            await asyncio.sleep(0.5)
+
+            async def burst(m: int) -> None:
+                for seq in range(m):
+                    await self.nc.publish(SUBJECT, message(seq))
+                await self.nc.flush()
+
+            await self.window("fan", 50, lambda: burst(50), 30)  # warm-up
+            m = a.messages if n < 5000 else a.messages_big
+            repeats = a.repeat if n < 5000 else 1
+            runs = []
+            for _ in range(repeats):
+                runs.append(await self.window("fan", m, lambda m=m: burst(m),
+                                              min(120.0, 20 + m * have / 100_000)))
+                await asyncio.sleep(0.2)
+            # the median run by rate; losses of every run count
+            tput = sorted(runs, key=lambda w: w["rate"])[len(runs) // 2]
+            tput["rates"] = [w["rate"] for w in runs]
+            for key in ("lost", "seq_holes", "reordered"):
+                tput[key] = sum(w[key] for w in runs)
+            LOG(f"    throughput M={m} (median of {repeats}: "
+                f"{', '.join(f'{r:,.0f}' for r in tput['rates'])}): "
+                f"{tput['delivered']:,}/{tput['expected']:,} in "
+                f"{tput['elapsed']:.2f}s = {tput['rate']:,.0f} msg/s, lost {tput['lost']} "
+                f"(seq holes {tput['seq_holes']}, closed {tput['closed']}); "
+                f"{tput['frames']:,} frames; CPU: server {tput['server_cpu']:.0%} "
+                f"nats {tput['nats_cpu']:.0%} clients "
+                f"{' '.join(f'{c:.0%}' for c in tput['client_cpu'])}")
+            await asyncio.sleep(0.5)
+
+            async def paced(k: int) -> None:
+                start = time.monotonic()
+                for seq in range(k):
+                    await self.nc.publish(SUBJECT, message(seq))
+                    await self.nc.flush()
+                    delay = start + (seq + 1) / a.rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # the fixed publish rate
+
+            lat = await self.window("fan", a.latency_messages, lambda: paced(a.latency_messages),
+                                    30 + a.latency_messages / a.rate, latency=True)
+            LOG(f"    latency at {a.rate:g} msg/s, {a.latency_messages} msgs: p50 "
+                f"{lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, lost "
+                f"{lat['lost']}; CPU: server {lat['server_cpu']:.0%} clients "
+                f"{' '.join(f'{c:.0%}' for c in lat['client_cpu'])}")
+            self.res["fanout"][n] = {"throughput": tput, "latency": lat, "messages": m}
+            await asyncio.sleep(0.5)
+        await self.clients.call("close", tag="fan")
+        await asyncio.sleep(1.0)
+
+    async def kv(self) -> None:
+        """PUT /api/articles/{id} through http_api to the last of N kv_sub clients."""
+        a = self.args
+        port = free_port()
+        api = self.spawn("http_api", [sys.executable, "-m", "http_api", "--host", "127.0.0.1",
+                                      "--port", str(port)])
+        await wait_http(port, "/api/readyz", time.monotonic() + 30, api)
+        base = f"http://127.0.0.1:{port}/api"
+        auth = {"Authorization": f"Bearer {self.token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/articles", headers=auth,
+                                 json={"title": "bench", "body": "0"}) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"create article: {r.status} {await r.text()}")
+                aid = (await r.json())["id"]
+            rs = await self.clients.call("kv_open", n=a.kv_clients, bucket="articles", key=aid,
+                                         **{k: v for k, v in self.conn_params("kv", None).items()
+                                            if k != "sub"}, timeout=60)
+            errs = [e for r in rs for e in r["errors"]]
+            if errs:
+                self.res["errors"].append(f"kv: {errs[:2]}")
+            n = sum(r["opened"] for r in rs)
+            await asyncio.sleep(1.0)  # let catch-up readers hand off to a shared one
+            consumers = [await self.consumers("KV_articles")]
+            last: list[float] = []
+            first: list[float] = []
+            http_rtt: list[float] = []
+            missing = 0
+            for u in range(1, a.kv_updates + 1):
+                t0 = time.time()
+                async with http.put(f"{base}/articles/{aid}", headers=auth,
+                                    json={"title": "bench", "body": str(u)}) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"PUT: {r.status} {await r.text()}")
+                    revision = (await r.json())["revision"]
+                http_rtt.append(time.time() - t0)
+                ws = await self.clients.call("kv_wait", tag="kv", revision=revision, timeout=10)
+                missing += sum(w["of"] - w["got"] for w in ws)
+                last.append(max(w["last"] for w in ws) - t0)
+                first.append(min(w["first"] for w in ws if w["got"]) - t0)
+                await asyncio.sleep(0.05)
+            consumers.append(await self.consumers("KV_articles"))
+        await self.clients.call("close", tag="kv")
+        ms = [x * 1000 for x in last]
+        self.res["kv"] = {
+            "n": n, "updates": a.kv_updates, "lost": missing, "consumers": consumers,
+            "p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms),
+            "first_p50": pct([x * 1000 for x in first], 50),
+            "http_p50": pct([x * 1000 for x in http_rtt], 50),
+        }
+        LOG(f"  kv fan-out to {n} kv_sub clients, {a.kv_updates} PUTs: to the last client "
+            f"p50 {pct(ms, 50):.1f} ms p99 {pct(ms, 99):.1f} ms (first client p50 "
+            f"{self.res['kv']['first_p50']:.1f} ms, HTTP response p50 "
+            f"{self.res['kv']['http_p50']:.1f} ms), missing {missing}; NATS consumers on "
+            f"KV_articles 1 s after all synced: {consumers[0]}, after the PUTs: {consumers[1]}")
+        api.terminate()
+
+    async def jetstream(self) -> None:
+        a = self.args
+        o = await self.open("js", a.js_clients, None)
+        await asyncio.sleep(0.5)
+
+        async def go() -> None:
+            await self.clients.call("js_go", tag="js", stream=JS_STREAM, filter=JS_SUBJECT,
+                                    start_seq=1, batch=a.js_batch)
+
+        w = await self.window("js", a.js_messages, go, 180,
+                              marker="js" if self.kind == "ours" else "seq")
+        self.res["js"] = {**w, "n": o["opened"], "consumers": await self.consumers(JS_STREAM)}
+        LOG(f"  jetstream catch-up: {o['opened']} clients x {a.js_messages} from start_seq 1: "
+            f"{w['delivered']:,}/{w['expected']:,} in {w['elapsed']:.2f}s = {w['rate']:,.0f} "
+            f"msg/s, lost {w['lost']}; CPU: server {w['server_cpu']:.0%} "
+            f"nats {w['nats_cpu']:.0%} clients {' '.join(f'{c:.0%}' for c in w['client_cpu'])}; "
+            f"{self.res['js']['consumers']} NATS consumers on stream {JS_STREAM}")
+        await self.clients.call("close", tag="js")
+
+    async def consumers(self, stream: str) -> int:
+        info = await self.nc.jetstream().stream_info(stream)
+        return int(info.state.consumer_count)
+
+    async def run(self) -> dict[str, Any]:
+        LOG(f"== {self.kind}")
+        phases: list[tuple[str, Any]] = [("idle", self.idle), ("fanout", self.fanout)]
+        if self.kind == "ours" and self.args.kv_clients:
+            phases.append(("kv", self.kv))
+        if self.kind in ("ours", "peer") and self.args.js_clients:
+            phases.append(("js", self.jetstream))
+        try:
+            await self.setup()
+            for name, phase in phases:
+                try:
+                    await phase()
+                except Exception as e:
+                    self.res["errors"].append(f"{name}: {type(e).__name__}: {e}")
+                    LOG(f"  ! {name} failed: {type(e).__name__}: {e}")
+        finally:
+            await self.teardown()
+        return self.res
+
+
+async def wait_http_ws(port: int, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)  # polling a starting process
+    raise RuntimeError(f"port {port} did not open")
+
+
+# ---------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.0f} GiB"
+    nats_v = subprocess.run([str(Path(sys.executable).parent / "nats-server"), "--version"],
+                            capture_output=True, text=True).stdout.strip()
+    import websockets
+    return {"nproc": str(os.cpu_count()), "cpu": model, "mem": mem,
+            "python": platform.python_version(), "nats": nats_v,
+            "websockets": websockets.__version__, "kernel": platform.release()}
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None or v != v:
+        return "n/a"
+    if unit == "msg/s" or unit == "/s":
+        return f"{v:,.0f}"
+    if unit == "KiB":
+        return f"{v:.1f}"
+    return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a != a or b != b or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def figures(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[tuple]:
+    """(figure, unit, better, {kind: value or None}, note for n/a)."""
+    def get(kind: str, *path: Any) -> float | None:
+        d: Any = results.get(kind, {})
+        for p in path:
+            if not isinstance(d, dict) or p not in d:
+                return None
+            d = d[p]
+        return float(d)
+
+    rows: list[tuple] = []
+    for n in args.n:
+        rows.append((f"fan-out N={n:,}: delivered", "msg/s", "higher",
+                     {k: get(k, "fanout", n, "throughput", "rate") for k in KINDS}, ""))
+    for n in args.n:
+        for q in ("p50", "p99"):
+            rows.append((f"fan-out N={n:,}: latency {q} at {args.rate:g} msg/s", "ms", "lower",
+                         {k: get(k, "fanout", n, "latency", q) for k in KINDS}, ""))
+    rows.append((f"idle: RSS per connection ({args.idle:,} conns)", "KiB", "lower",
+                 {k: get(k, "idle", "rss_kb_per_conn") for k in KINDS}, ""))
+    rows.append((f"connect rate ({args.idle:,} handshakes, {args.procs}x{args.concurrency} "
+                 "in flight)", "/s", "higher", {k: get(k, "connect", "rate") for k in KINDS},
+                 "peer and ceiling: no auth"))
+    rows.append((f"KV fan-out to {args.kv_clients:,} kv_sub: PUT → last client p50", "ms",
+                 "lower", {k: get(k, "kv", "p50") for k in KINDS},
+                 "peer/ceiling: n/a (no KV watch over their protocol here)"))
+    rows.append((f"KV fan-out to {args.kv_clients:,} kv_sub: PUT → last client p99", "ms",
+                 "lower", {k: get(k, "kv", "p99") for k in KINDS}, ""))
+    rows.append((f"JetStream catch-up: {args.js_clients} clients x {args.js_messages:,} msgs",
+                 "msg/s", "higher", {k: get(k, "js", "rate") for k in KINDS},
+                 "ceiling: n/a (core NATS only)"))
+    rows.append((f"JetStream catch-up: time until all {args.js_clients} are done", "s", "lower",
+                 {k: get(k, "js", "elapsed") for k in KINDS}, ""))
+    return rows
+
+
+def lost_total(res: dict[str, Any]) -> tuple[int, int]:
+    lost = holes = 0
+    for f in res.get("fanout", {}).values():
+        for w in (f["throughput"], f["latency"]):
+            lost += w["lost"]
+            holes += w["seq_holes"]
+    if "js" in res:
+        lost += res["js"]["lost"]
+        holes += res["js"]["seq_holes"]
+    if "kv" in res:
+        lost += res["kv"]["lost"]
+    return lost, holes
+
+
+def all_runs(res: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    runs = []
+    for n, f in res.get("fanout", {}).items():
+        rates = f["throughput"].get("rates", [])
+        spread = (f" (median of {', '.join(f'{r / 1e6:.2f}M' for r in rates)})"
+                  if len(rates) > 1 else "")
+        runs.append((f"fan-out N={n} max rate{spread}", f["throughput"]))
+        runs.append((f"fan-out N={n} {args.rate:g} msg/s", f["latency"]))
+    if "js" in res:
+        runs.append(("JetStream catch-up", res["js"]))
+    return runs
+
+
+def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
+                 started: dt.datetime, took: float, out: Path, png: Path,
+                 nofile: tuple[int, int]) -> None:
+    m = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`bench/run.py`); do not edit by hand. Ratios are ours ÷ the "
+        "other server for each figure; whether a ratio above 1 is good depends on the "
+        "*better* column (msg/s: higher; ms, KiB: lower).",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC, the whole run took {took:.0f} s",
+        f"- command: `{args.command}`",
+        f"- machine: {m['nproc']} cores ({m['cpu']}), {m['mem']} RAM, Linux {m['kernel']}, "
+        f"loopback only; Python {m['python']}, websockets {m['websockets']}, {m['nats']}",
+        f"- file descriptors: soft limit raised to {nofile[0]} (hard {nofile[1]}); N is "
+        f"capped at what it allows, none was needed here" if max(args.n) + 200 < nofile[0]
+        else f"- file descriptors: limit {nofile}: N capped to fit",
+        f"- load client: {args.procs} processes of "
+        + ("`bench/loadclient.js` (Node, `ws` from npm)" if args.client == "node" else
+           "`bench/loadclient.py` (`websockets` asyncio client on uvloop)")
+        + ", the connections split evenly between them; the same for every server",
+        f"- messages: ~200-byte JSON `{{\"seq\",\"ts\",\"pad\"}}` published over core NATS by "
+        f"the driver; throughput runs of {args.messages:,} messages "
+        f"({args.messages_big:,} at N ≥ 5,000) at max publish rate after 50 warm-up messages, "
+        f"the median of {args.repeat} runs (1 at N ≥ 5,000); "
+        f"latency runs of {args.latency_messages} messages at {args.rate:g} msg/s",
+        f"- ours: `python -m ws_gateway` (bearer JWT on every upgrade, capability checks, "
+        f"PROTOCOL.md envelopes), SEND_QUEUE_SIZE={args.send_queue}; peer: nats-server's "
+        "`websocket { no_tls: true }` listener with NATS protocol clients, no auth; ceiling: "
+        "`bench/ceiling.py`",
+        "- how to read it: server, nats-server and the load clients share the same 2 "
+        "cores, so a run's figure is bounded by all of them together (CPU per process is in "
+        "*Every run* below). For peer all the fan-out work is inside nats-server; for ours "
+        "and ceiling nats-server delivers each message once and the Python process fans it "
+        "out. Delivered msg/s at max publish rate rewards batching: ours and ceiling join "
+        "what queued in one event-loop tick into one frame (the *frames* column), nats-server "
+        "writes about one WebSocket frame per flush per connection",
+        "- **noisy**: other engineers were running test suites on this 2-core machine during "
+        "this run; the figures are indicative and are to be re-run on a quiet machine",
+        "",
+        "| figure | better | ours | peer | ceiling | ours/peer | ours/ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    notes: list[str] = []
+    for name, unit, better, vals, note in figures(results, args):
+        cells = [fmt(vals[k], unit) for k in KINDS]
+        lines.append(f"| {name} ({unit}) | {better} | {' | '.join(cells)} | "
+                     f"{ratio(vals['ours'], vals['peer'])} | "
+                     f"{ratio(vals['ours'], vals['ceiling'])} |")
+        if note:
+            notes.append(f"{name}: {note}")
+    loss = {k: lost_total(results[k]) for k in KINDS if k in results}
+    lines.append("| messages lost, all runs (seq holes) | lower | "
+                 + " | ".join(f"{loss[k][0]} ({loss[k][1]})" if k in loss else "n/a"
+                              for k in KINDS) + " | | |")
+    lines += ["", "n/a: " + "; ".join(notes), "", f"![fan-out]({png.name})", "",
+              "## Every run", "",
+              "CPU is the share of one core over the run (the load client: each process; "
+              "a process near 100% means the client may be the bottleneck). Lost = expected - "
+              "received; seq holes = sequence numbers skipped before the last one received.",
+              "",
+              "| server | run | conns | delivered / expected | lost | seq holes | closed | "
+              "time s | msg/s | frames | server CPU | nats CPU | client CPU |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for k in KINDS:
+        res = results.get(k)
+        if not res:
+            continue
+        for name, w in all_runs(res, args):
+            lines.append(
+                f"| {k} | {name} | {w['conns']:,} | {w['delivered']:,} / {w['expected']:,} | "
+                f"{w['lost']:,} | {w['seq_holes']:,} | {w['closed']} | {w['elapsed']:.2f} | "
+                f"{w['rate']:,.0f} | {w['frames']:,} | {w['server_cpu']:.0%} | "
+                f"{w['nats_cpu']:.0%} | {' + '.join(f'{c:.0%}' for c in w['client_cpu'])} |")
+    busy = [f"{k} {name} ({' + '.join(f'{c:.0%}' for c in w['client_cpu'])})"
+            for k in KINDS for name, w in all_runs(results.get(k, {}), args)
+            if max(w["client_cpu"], default=0) >= 0.8]
+    hot = [f"{k} {name} ({w['server_cpu']:.0%})"
+           for k in KINDS for name, w in all_runs(results.get(k, {}), args)
+           if w["server_cpu"] >= 0.9]
+    lines += ["", "Runs where a load-client process used ≥ 80% of a core (the client may limit "
+              "them): " + ("; ".join(busy) if busy else "none") + ".",
+              "", "Runs where the server process used ≥ 90% of a core (server-bound; peer's "
+              "server is nats-server, multi-threaded, so it can exceed 100%): "
+              + ("; ".join(hot) if hot else "none") + ".",
+              "", "## Other figures", ""]
+    for k in KINDS:
+        res = results.get(k, {})
+        if "idle" in res:
+            i, c = res["idle"], res["connect"]
+            lines.append(
+                f"- {k}: idle {i['n']:,} connections: server RSS {i['server_rss_mb'][0]:.0f} → "
+                f"{i['server_rss_mb'][1]:.0f} MiB, nats-server {i['nats_rss_mb'][0]:.0f} → "
+                f"{i['nats_rss_mb'][1]:.0f} MiB; opening them: server CPU "
+                f"{c['server_cpu']:.0%}, clients "
+                f"{' + '.join(f'{x:.0%}' for x in c['client_cpu'])}")
+        if "kv" in res:
+            v = res["kv"]
+            lines.append(
+                f"- {k}: KV fan-out, {v['updates']} sequential PUTs to {v['n']:,} kv_sub "
+                f"clients: PUT → last client p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms, max "
+                f"{v['max']:.1f} ms; → first client p50 {v['first_p50']:.1f} ms; HTTP "
+                f"response p50 {v['http_p50']:.1f} ms; missing {v['lost']}; NATS consumers "
+                f"on KV_articles with the {v['n']:,} clients subscribed to one key: "
+                f"{v['consumers'][0]} (1 s after all synced), {v['consumers'][1]} (after the "
+                "PUTs)")
+        if "js" in res:
+            lines.append(f"- {k}: JetStream catch-up: NATS consumers on stream {JS_STREAM} "
+                         f"during the run: {res['js']['consumers']}")
+        for e in res.get("errors", []):
+            lines.append(f"- {k}: error: {e}")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def chart(results: dict[str, dict[str, Any]], args: argparse.Namespace, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    style = {"ours": ("tab:blue", "o"), "peer": ("tab:orange", "s"),
+             "ceiling": ("tab:green", "^")}
+    names = {"ours": "ours (ws_gateway)", "peer": "peer (nats-server WebSocket)",
+             "ceiling": "ceiling (Python broadcast)"}
+    for k in KINDS:
+        fan = results.get(k, {}).get("fanout", {})
+        ns = sorted(fan)
+        if not ns:
+            continue
+        color, marker = style[k]
+        ax1.plot(ns, [fan[n]["throughput"]["rate"] for n in ns], marker=marker, color=color,
+                 label=names[k])
+        ax2.plot(ns, [fan[n]["latency"]["p99"] for n in ns], marker=marker, color=color,
+                 label=names[k])
+    ax1.set(xscale="log", xlabel="subscribers N", ylabel="delivered msg/s",
+            title=f"fan-out at max publish rate ({args.messages:,}-msg runs)")
+    ax2.set(xscale="log", yscale="log", xlabel="subscribers N", ylabel="p99 latency (ms)",
+            title=f"end-to-end p99 at {args.rate:g} msg/s")
+    ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(args.n, [f"{n:,}" for n in args.n])
+        ax.legend(fontsize=8)
+    ax1.set_ylim(bottom=0)
+    fig.suptitle(f"ws_gateway vs nats-server WebSocket vs Python ceiling — {os.cpu_count()} "
+                 f"cores, loopback, {dt.datetime.now(dt.UTC):%Y-%m-%d}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+async def main(args: argparse.Namespace) -> None:
+    started = dt.datetime.now(dt.UTC)
+    t_start = time.monotonic()
+    nofile = raise_nofile()
+    # each server process holds N sockets; each load client N/procs
+    cap = nofile[0] - 256
+    if max([*args.n, args.idle]) > cap:
+        LOG(f"file descriptor limit {nofile}: capping N at {cap}")
+        args.n = sorted({min(n, cap) for n in args.n})
+        args.idle = min(args.idle, cap)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-suite-"))
+    results: dict[str, dict[str, Any]] = {}
+    LOG(f"bench: {', '.join(args.servers)}; N={args.n}; idle {args.idle}; "
+        f"{args.procs} {args.client} load-client processes; nofile {nofile[0]}; logs in {tmp}")
+    try:
+        for kind in args.servers:
+            results[kind] = await Bench(kind, args, tmp).run()
+    finally:
+        took = time.monotonic() - t_start
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        (args.out.with_suffix(".json")).write_text(json.dumps(
+            {"started": started.isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
+             "results": results}, indent=1, default=str))
+        png = args.out.parent / args.png
+        chart(results, args, png)
+        write_report(results, args, started, took, args.out, png, nofile)
+        LOG(f"wrote {args.out} and {png} in {took:.0f}s")
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_client() -> str:
+    if shutil.which("node") and (ROOT / "bench" / "node_modules" / "ws").is_dir():
+        return "node"
+    return "python"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--servers", default=",".join(KINDS), type=lambda s: s.split(","))
+    p.add_argument("--n", default="100,1000,5000",
+                   type=lambda s: sorted(int(x) for x in s.split(",")))
+    p.add_argument("--messages", type=int, default=2000, help="throughput run length")
+    p.add_argument("--messages-big", type=int, default=1000, help="run length at N >= 5000")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="throughput runs per N < 5000 (the median is reported)")
+    p.add_argument("--rate", type=float, default=20.0, help="latency runs: msg/s")
+    p.add_argument("--latency-messages", type=int, default=100)
+    p.add_argument("--idle", type=int, default=5000)
+    p.add_argument("--kv-clients", type=int, default=1000)
+    p.add_argument("--kv-updates", type=int, default=100)
+    p.add_argument("--js-clients", type=int, default=100)
+    p.add_argument("--js-messages", type=int, default=10000)
+    p.add_argument("--js-batch", type=int, default=1000)
+    p.add_argument("--procs", type=int, default=2, help="load-client processes")
+    p.add_argument("--client", choices=("node", "python"), default=default_client(),
+                   help="load client: bench/loadclient.js (needs `npm install` in bench/) or "
+                   "bench/loadclient.py; default node when bench/node_modules/ws is there")
+    p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per proc")
+    p.add_argument("--send-queue", type=int, default=4096, help="ours: SEND_QUEUE_SIZE")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    p.add_argument("--png", default="fanout.png")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir with server logs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small N, short runs, output under /tmp")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.idle, args.messages, args.messages_big = [20, 100], 200, 300, 300
+        args.latency_messages, args.kv_clients, args.kv_updates = 20, 20, 5
+        args.js_clients, args.js_messages = 5, 1000
+        if args.out == ROOT / "bench" / "RESULTS.md":
+            args.out = Path(tempfile.gettempdir()) / "bench-quick" / "RESULTS.md"
+    args.command = shlex.join(["make", "bench"] if os.environ.get("MAKELEVEL")
+                              else [Path(sys.executable).name, *sys.argv])
+    return args
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse()))
