@@ -22,7 +22,8 @@ MAX_ARTICLE_BODY_BYTES = 100 * 1024
 # One NATS token that is also a valid KV key: ids, rooms, todo item ids.
 # `(?!\n)$`: a bare `$` also matches before a trailing newline (msgspec uses re.search).
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
-USERNAME_PATTERN = USERNAME_RE.pattern.removesuffix("$") + r"(?!\n)$"
+# The document's regex dialect is ECMA-262, which has no `\Z`: the same anchor as TOKEN_PATTERN.
+USERNAME_PATTERN = USERNAME_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="letters, digits, '_' or '-'")]
 Username = Annotated[str, Meta(pattern=USERNAME_PATTERN, min_length=1, max_length=32)]
 LoginName = Annotated[str, Meta(min_length=1, max_length=64)]
