@@ -1,0 +1,311 @@
+// Types of sync.js (hand-written; the module itself carries the same as JSDoc).
+
+export const PROTOCOL_VERSION: 1;
+
+export interface Envelope {
+  v?: number;
+  op: string;
+  target?: string;
+  inbox?: string;
+  data?: any;
+}
+
+export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed" | "unauthorized";
+export type StoreState = "connecting" | "loading" | "synced" | "error";
+export type StreamState = "connecting" | "loading" | "live" | "error";
+export type SubscriptionStatus =
+  | "idle"
+  | "pending"
+  | "active"
+  | "revoked"
+  | "denied"
+  | "failed"
+  | "closed";
+
+export interface ServerError {
+  code: string;
+  reason: string;
+}
+
+export interface Capabilities {
+  subjects?: string[];
+  buckets?: Record<string, string[]>;
+  streams?: Record<string, string[]>;
+  commands?: string[];
+}
+
+export interface BackoffOptions {
+  /** ms before the first retry (default 250) */
+  initial?: number;
+  /** cap in ms (default 10000) */
+  max?: number;
+  /** growth per attempt (default 2) */
+  factor?: number;
+  /** fraction of the delay that is random (default 0.5) */
+  jitter?: number;
+}
+
+// ---------------------------------------------------------------- pure parts
+
+export function splitFrame(frame: string, onBad?: (line: string, error: unknown) => void): Envelope[];
+export function validPattern(pattern: string): boolean;
+export function match(pattern: string, subject: string): boolean;
+export function isSubset(pattern: string, of: string): boolean;
+export function allows(
+  caps: Capabilities | null | undefined,
+  op: "sub" | "kv_sub" | "js_sub" | "cmd",
+  target: string,
+  pattern?: string,
+): boolean;
+
+export interface Routable {
+  op: string;
+  target: string;
+  pattern: string;
+  inbox: string | null;
+}
+export function recipients<S extends Routable>(env: Envelope, subs: Iterable<S>): S[];
+export function backoffDelay(attempt: number, opts?: BackoffOptions, random?: () => number): number;
+
+export interface KvChange<V = any> {
+  key: string;
+  op: "put" | "delete";
+  value?: V;
+  previous?: V;
+  revision: number;
+}
+
+export type Decode<V> = (value: any, meta: { key: string; revision: number }) => V;
+
+export class KvBook<V = any> {
+  constructor(decode?: Decode<V>);
+  values: Map<string, V>;
+  revs: Map<string, number>;
+  revision: number;
+  synced: boolean;
+  everSynced: boolean;
+  seen: Set<string> | null;
+  dropUnseen: boolean;
+  begin(useSince?: boolean): number | undefined;
+  ok(data: { position?: number; recovered?: boolean }, resumed: boolean): void;
+  apply(d: { key: string; op: string; revision: number; value?: any; value_b64?: string }): KvChange<V> | null;
+  markSynced(revision: number): KvChange<V>[];
+  clear(): KvChange<V>[];
+}
+
+export interface StreamOptions {
+  filter?: string;
+  startSeq?: number;
+  /** seconds back */
+  timeDelta?: number;
+  /** RFC 3339 */
+  startTime?: string;
+  batch?: number;
+  ack?: boolean;
+  durable?: string;
+}
+
+export class StreamBook {
+  constructor(opts?: StreamOptions);
+  opts: StreamOptions;
+  lastSeq: number;
+  next: number | null;
+  resumed: boolean;
+  request(): Record<string, any>;
+  ok(data: { position?: number; recovered?: boolean }): {
+    reset: boolean;
+    gap: boolean;
+    expected: number | null;
+    position: number;
+  };
+  accept(seq: number): boolean;
+}
+
+// ---------------------------------------------------------------- client
+
+export class SyncError extends Error {
+  constructor(code: string, reason: string);
+  code: string;
+  reason: string;
+}
+
+type Off = () => void;
+
+declare class Subscription {
+  readonly client: SyncClient;
+  readonly op: "sub" | "kv_sub" | "js_sub";
+  readonly target: string;
+  readonly pattern: string;
+  readonly inbox: string | null;
+  readonly status: SubscriptionStatus;
+  readonly error: ServerError | null;
+  readonly revoked: boolean;
+  on(event: "revoked", fn: (error: ServerError) => void): Off;
+  on(event: "error", fn: (error: ServerError) => void): Off;
+  on(event: "closed", fn: () => void): Off;
+  close(): void;
+}
+
+export class CoreSubscription extends Subscription {
+  on(event: "message", fn: (payload: any, msg: { subject: string; envelope: Envelope }) => void): Off;
+  on(event: "revoked" | "error", fn: (error: ServerError) => void): Off;
+  on(event: "closed", fn: () => void): Off;
+}
+
+export interface KvOptions<V> {
+  /** key pattern (default `>`) */
+  pattern?: string;
+  decode?: Decode<V>;
+  /** after a reconnect: `since` (default) passes since_revision; `resync` reloads and drops */
+  resume?: "since" | "resync";
+  onRevoked?: (error: ServerError) => void;
+}
+
+export class KvStore<V = any> extends Subscription {
+  readonly state: StoreState;
+  readonly revision: number;
+  readonly values: Map<string, V>;
+  readonly book: KvBook<V>;
+  get(key: string): V | undefined;
+  /** the KV revision of a key's current value (for If-Match) */
+  revisionOf(key: string): number | undefined;
+  /** resolves once the store is synced and has seen `revision` */
+  seen(revision: number, opts?: { timeout?: number }): Promise<number>;
+  on(event: "change", fn: (changes: KvChange<V>[]) => void): Off;
+  on(event: "state", fn: (state: StoreState) => void): Off;
+  on(event: "revoked" | "error", fn: (error: ServerError) => void): Off;
+  on(event: "closed", fn: () => void): Off;
+}
+
+export interface StreamMessage<P = any> {
+  seq: number;
+  subject: string;
+  payload: P;
+  time: string;
+}
+
+export interface StreamSubscriptionOptions<P> extends StreamOptions {
+  /** may return a promise: with `ack`, the message is acked once it resolves */
+  onMessage?: (m: StreamMessage<P>) => unknown;
+  onRevoked?: (error: ServerError) => void;
+}
+
+export interface ResumeReport {
+  reset: boolean;
+  gap: boolean;
+  expected: number | null;
+  position: number;
+}
+
+export class StreamSubscription<P = any> extends Subscription {
+  readonly state: StreamState;
+  readonly lastSeq: number;
+  readonly book: StreamBook;
+  /** resolves once the message with this seq (or a later one) was delivered */
+  seen(seq: number, opts?: { timeout?: number }): Promise<number>;
+  on(event: "message", fn: (m: StreamMessage<P>) => unknown): Off;
+  on(event: "state", fn: (state: StreamState) => void): Off;
+  on(event: "reset" | "gap", fn: (r: ResumeReport) => void): Off;
+  on(event: "revoked" | "error", fn: (error: ServerError) => void): Off;
+  on(event: "closed", fn: () => void): Off;
+}
+
+export interface ClientOptions {
+  /** default: ws(s)://<page host>/ws */
+  url?: string;
+  /** a WebSocket constructor (tests) */
+  WebSocket?: any;
+  backoff?: BackoffOptions;
+  /** ms between client pings (default 20000) */
+  pingInterval?: number;
+  /** ms of silence after a ping interval before the connection counts as dead (default 10000) */
+  pongTimeout?: number;
+  /** ms a connection must live before the backoff starts over (default 5000) */
+  stableAfter?: number;
+  /** e.g. `() => api.post("/auth/refresh")`: renews the cookie (and returns the token) */
+  refresh?: () => Promise<{ token: string; expires_at?: number }>;
+  /** the token's expiry (Unix seconds): refreshed `refreshBefore` seconds earlier */
+  expiresAt?: number;
+  refreshBefore?: number;
+  /** after this many failed upgrades in a row, ask `refresh` whether we are still logged in */
+  authCheckAfter?: number;
+  /** false: do not connect in the constructor */
+  connect?: boolean;
+  random?: () => number;
+}
+
+export interface StateDetails {
+  code?: number;
+  reason?: string;
+  error?: ServerError | null;
+  retryIn?: number;
+  connects?: number;
+}
+
+export class SyncClient {
+  constructor(options?: ClientOptions);
+  readonly url: string;
+  readonly state: ConnectionState;
+  readonly user: string | null;
+  readonly capabilities: Capabilities | null;
+  readonly attempt: number;
+  /** connections that got their first cap_update */
+  readonly connects: number;
+  readonly retryIn: number | null;
+  kv<V = any>(bucket: string, opts?: KvOptions<V>): KvStore<V>;
+  subscribe(
+    subject: string,
+    handler?: (payload: any, msg: { subject: string; envelope: Envelope }) => void,
+  ): CoreSubscription;
+  stream<P = any>(name: string, opts?: StreamSubscriptionOptions<P>): StreamSubscription<P>;
+  allows(op: "sub" | "kv_sub" | "js_sub" | "cmd", target: string, pattern?: string): boolean;
+  reconnect(): void;
+  close(): void;
+  on(event: "state", fn: (state: ConnectionState, details: StateDetails) => void): Off;
+  on(
+    event: "capabilities",
+    fn: (caps: Capabilities, revoked: Array<KvStore | StreamSubscription | CoreSubscription>) => void,
+  ): Off;
+  on(event: "error", fn: (error: ServerError) => void): Off;
+}
+
+export function createClient(options?: ClientOptions): SyncClient;
+
+// ---------------------------------------------------------------- HTTP
+
+export class ApiError extends Error {
+  constructor(status: number, problem: Record<string, any>);
+  /** 0 for a network failure */
+  status: number;
+  type: string;
+  title: string;
+  detail: string;
+  problem: Record<string, any>;
+}
+
+export interface RequestOptions {
+  json?: any;
+  /** a revision (sent as a strong ETag `"N"`) or an ETag */
+  ifMatch?: number | string;
+  headers?: Record<string, string>;
+  idempotencyKey?: string;
+  signal?: AbortSignal;
+}
+
+export interface ApiResponse {
+  status: number;
+  etag: string | null;
+  location: string | null;
+  headers: Headers;
+  body: any;
+}
+
+export interface Api {
+  request(method: string, path: string, opts?: RequestOptions): Promise<ApiResponse>;
+  get(path: string, opts?: RequestOptions): Promise<any>;
+  post(path: string, json?: any, opts?: RequestOptions): Promise<any>;
+  put(path: string, json?: any, opts?: RequestOptions): Promise<any>;
+  del(path: string, opts?: RequestOptions): Promise<any>;
+}
+
+export function createApi(opts?: { base?: string; fetch?: typeof fetch }): Api;
