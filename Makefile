@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx bench clean
+.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint ensure-nginx
+test: install lint ensure-nginx browser-deps
+	node --test web/test/
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The browser tests (tests/browser) drive Debian's chromium through Playwright, and web/'s
+# unit tests run on node: installs whichever is missing (apt-get, as root or with sudo).
+browser-deps:
+	@tests/browser/ensure-browser.sh
 
 # The stack (deploy/README.md). Settings come from the environment or the command line:
 # `make run NATS_CLUSTER=3`, `make start BASE_PORT=9080 VAR_DIR=/tmp/stack2`.

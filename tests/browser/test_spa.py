@@ -1,0 +1,303 @@
+"""The demo SPA as people use it: two (or three) users in separate browser contexts,
+everything through nginx, every list live over the one WebSocket of each page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Locator, expect
+
+from tests.browser.conftest import PHONE, Person, PersonFactory
+from tests.browser.shots import demo_screenshot
+from tests.deploy.stackrun import Stack
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix} {uuid.uuid4().hex[:8]}"
+
+
+def article(who: Person, text: str) -> Locator:
+    return who.page.locator("#articles li", has_text=text)
+
+
+def button(item: Locator, label: str) -> Locator:
+    """The item's button whose accessible name starts with `label` ("Edit “title”")."""
+    return item.get_by_role("button", name=re.compile("^" + re.escape(label) + " "))
+
+
+async def test_articles_appear_live_and_a_conflicting_edit_is_reported(
+    person: PersonFactory,
+) -> None:
+    """bob creates and edits an article: alice's list shows each within 2 s, no reload;
+    alice's edit from the old revision gets the conflict message and can load the latest."""
+    alice = await person("alice")
+    bob = await person("bob")
+    await alice.go("articles")
+    await bob.go("articles")
+    await expect(alice.page.locator("main")).to_have_attribute("data-synced", "true")
+    await expect(bob.page.locator("main")).to_have_attribute("data-synced", "true")
+
+    title = unique("Bob's news")
+    await bob.page.fill("#article-title", title)
+    await bob.page.fill("#article-body", "first version")
+    await bob.page.press("#article-title", "Enter")
+    item = alice.page.locator("#articles li", has_text=title)
+    await expect(item).to_be_visible(timeout=2000)
+    await expect(bob.page.locator("#article-status")).to_have_text(
+        "Saved: every open tab shows it now."
+    )
+
+    edited = title + " (edited)"
+    await button(article(bob, title), "Edit").click()
+    await expect(bob.page.locator("#article-title")).to_have_value(title)
+    await bob.page.fill("#article-title", edited)
+    await bob.page.get_by_role("button", name="Save changes").click()
+    await expect(alice.page.locator("#articles li", has_text=edited)).to_be_visible(timeout=2000)
+    await expect(alice.page.locator("#articles li", has_text=edited)).to_contain_text("revision")
+
+    # alice starts editing; bob saves another version first; alice's save is refused (412).
+    alice.allow(r"status of 412")
+    await button(article(alice, edited), "Edit").click()
+    await alice.page.fill("#article-body", "alice's text")
+    await button(article(bob, edited), "Edit").click()
+    await bob.page.fill("#article-body", "bob's third version")
+    await bob.page.get_by_role("button", name="Save changes").click()
+    await expect(alice.page.locator("#articles li", has_text="bob's third version")).to_be_visible()
+    await alice.page.get_by_role("button", name="Save changes").click()
+    conflict = alice.page.locator("#article-conflict")
+    await expect(conflict).to_be_visible()
+    await expect(conflict).to_contain_text("Conflict")
+    await expect(conflict).to_contain_text("someone else changed this article")
+    await expect(alice.page.locator("#article-body")).to_have_value("alice's text")
+    await alice.page.get_by_role("button", name="Load the latest version").click()
+    await expect(alice.page.locator("#article-body")).to_have_value("bob's third version")
+    await alice.page.fill("#article-body", "alice's merge")
+    await alice.page.get_by_role("button", name="Save changes").click()
+    await expect(bob.page.locator("#articles li", has_text="alice's merge")).to_be_visible(
+        timeout=2000
+    )
+
+    # Deleting (two clicks: the first one arms the button) removes it everywhere.
+    await button(article(bob, edited), "Delete").click()
+    await button(article(bob, edited), "Really delete").click()
+    await expect(alice.page.locator("#articles li", has_text=edited)).to_have_count(0, timeout=2000)
+
+
+async def test_chat_in_order_and_nothing_lost_or_doubled_across_a_gateway_restart(
+    person: PersonFactory, stack: Stack
+) -> None:
+    """bob's messages reach alice in order; while every gateway restarts, the messages bob
+    sends meanwhile reach alice once each after her page reconnects and resumes."""
+    room = "r" + uuid.uuid4().hex[:8]
+    alice = await person("alice")
+    bob = await person("bob")
+    await alice.go(f"chat/{room}")
+    await bob.go(f"chat/{room}")
+    await expect(alice.page.locator("#chat-h")).to_have_text(f"Chat: #{room}")
+    await expect(bob.page.locator("#chat-state")).to_be_hidden()
+    await expect(alice.page.locator("#chat-state")).to_be_hidden()
+
+    async def say(text: str) -> None:
+        await bob.page.fill("#chat-text", text)
+        await bob.page.press("#chat-text", "Enter")
+        await expect(bob.page.locator("#chat-text")).to_have_value("")
+
+    sent = [f"before {i}" for i in range(5)]
+    for text in sent:
+        await say(text)
+    messages = alice.page.locator("#messages li .text")
+    await expect(messages).to_have_text(sent)
+
+    # Every gateway restarts: both pages lose their WebSocket. bob keeps talking (HTTP).
+    for p in (alice, bob):
+        p.allow(r"WebSocket connection to .* failed", r"status of 50[234]")
+    connects = int(await alice.page.locator("#conn").get_attribute("data-connects") or "0")
+    restart = asyncio.ensure_future(asyncio.to_thread(stack.ctl, "restart", "ws_gateway:*"))
+    i = 0
+    while not restart.done() or i < 10:
+        text = f"during {i}"
+        await say(text)
+        sent.append(text)
+        i += 1
+        await asyncio.sleep(0.1)
+    res = await restart
+    assert res.returncode == 0, res.stdout + res.stderr
+    for i in range(3):
+        text = f"after {i}"
+        await say(text)
+        sent.append(text)
+
+    await expect(messages).to_have_text(sent, timeout=30_000)
+    await expect(alice.page.locator("#conn")).to_have_attribute("data-state", "open")
+    after = int(await alice.page.locator("#conn").get_attribute("data-connects") or "0")
+    assert after > connects, "the restart never cut alice's WebSocket"
+    seqs = await alice.page.locator("#messages li").evaluate_all(
+        "els => els.map(e => Number(e.dataset.seq))"
+    )
+    assert seqs == sorted(set(seqs)), f"seqs not strictly increasing: {seqs}"
+    await expect(bob.page.locator("#messages li .text")).to_have_text(sent)
+
+
+async def test_admin_revokes_articles_live_and_restoring_brings_them_back(
+    person: PersonFactory,
+) -> None:
+    """admin removes alice's `articles` bucket capability in the admin page: alice's page
+    says so at once and empties the list; restoring it reloads the list, without reload."""
+    alice = await person("alice")
+    bob = await person("bob")
+    admin = await person("admin")
+    title = unique("Visible to alice")
+    await bob.go("articles")
+    await bob.page.fill("#article-title", title)
+    await bob.page.press("#article-title", "Enter")
+    await alice.go("articles")
+    await expect(alice.page.locator("#articles li", has_text=title)).to_be_visible()
+
+    await admin.go("admin")
+    await admin.page.locator('tr[data-username="alice"]').get_by_role("button").click()
+    editor = admin.page.locator("#caps-json")
+    original = await editor.input_value()
+    caps = json.loads(original)
+    assert "articles" in caps["buckets"]
+
+    # Validation errors are shown, nothing is saved.
+    admin.allow(r"status of 422")
+    await editor.fill("{ not json")
+    await admin.page.get_by_role("button", name="Save capabilities").click()
+    await expect(admin.page.locator("#caps-error")).to_contain_text("Not valid JSON")
+    await editor.fill(json.dumps({**caps, "subjects": ["chat.>.x"]}))
+    await admin.page.get_by_role("button", name="Save capabilities").click()
+    await expect(admin.page.locator("#caps-error")).to_contain_text("not a valid pattern")
+    await editor.fill(json.dumps({**caps, "buckets": {"bad.name": [">"]}}))
+    await admin.page.get_by_role("button", name="Save capabilities").click()
+    await expect(admin.page.locator("#caps-error")).to_contain_text("Refused")
+    await expect(alice.page.locator("#articles li", has_text=title)).to_be_visible()
+
+    revoked = {**caps, "buckets": {k: v for k, v in caps["buckets"].items() if k != "articles"}}
+    await editor.fill(json.dumps(revoked, indent=2))
+    t0 = time.monotonic()
+    await admin.page.get_by_role("button", name="Save capabilities").click()
+    state = alice.page.locator("#articles-state")
+    await expect(state).to_have_attribute("data-state", "revoked", timeout=3000)
+    revoked_after = time.monotonic() - t0
+    await expect(state).to_contain_text("access to articles was revoked")
+    await expect(alice.page.locator("#articles li")).to_have_count(0)
+    await expect(alice.page.locator("#caps-changed")).to_be_visible()
+    await expect(alice.page.locator("#caps-list")).not_to_contain_text("articles: >")
+    await expect(admin.page.locator("#caps-status")).to_contain_text("Saved")
+
+    await editor.fill(original)
+    await admin.page.get_by_role("button", name="Save capabilities").click()
+    await expect(alice.page.locator("#articles li", has_text=title)).to_be_visible(timeout=3000)
+    await expect(state).to_be_hidden()
+    await expect(alice.page.locator("#caps-list")).to_contain_text("articles: >")
+    assert revoked_after < 3
+
+
+async def test_todos_are_private_and_a_forged_kv_sub_is_refused(person: PersonFactory) -> None:
+    """alice's todos never reach bob's page, and bob's own WebSocket asking for alice's
+    keys (opened from his page's console) is refused with `forbidden`."""
+    alice = await person("alice")
+    bob = await person("bob")
+    await alice.go("todos")
+    await bob.go("todos")
+    secret = unique("alice's secret")
+    await alice.page.fill("#todo-title", secret)
+    await alice.page.press("#todo-title", "Enter")
+    await expect(alice.page.locator("#todos li", has_text=secret)).to_be_visible()
+    mine = unique("bob's own")
+    await bob.page.fill("#todo-title", mine)
+    await bob.page.press("#todo-title", "Enter")
+    await expect(bob.page.locator("#todos li", has_text=mine)).to_be_visible()
+    await expect(alice.page.locator("#todos li", has_text=secret)).to_be_visible()
+    # Toggle and delete work by keyboard.
+    box = alice.page.locator("#todos li", has_text=secret).get_by_role("checkbox")
+    await box.focus()
+    await alice.page.keyboard.press("Space")
+    await expect(alice.page.locator("#todos li.done", has_text=secret)).to_be_visible()
+
+    bob_text = await bob.page.locator("body").inner_text()
+    assert secret not in bob_text
+    assert mine not in await alice.page.locator("body").inner_text()
+
+    alice_id = await alice.user_id()
+    forged = await bob.page.evaluate(
+        """async (uid) => {
+            const ws = new WebSocket(`ws://${location.host}/ws`);
+            const replies = {};
+            await new Promise((resolve, reject) => {
+                ws.onerror = () => reject(new Error("websocket failed"));
+                ws.onmessage = (ev) => {
+                    for (const line of ev.data.split("\\n")) {
+                        if (!line) continue;
+                        const env = JSON.parse(line);
+                        if (env.op === "cap_update" && !replies.cap) {
+                            replies.cap = env.data.user;
+                            ws.send(JSON.stringify({op: "kv_sub", target: "todos", inbox: "f1",
+                                                    data: {pattern: `user.${uid}.>`}}));
+                            ws.send(JSON.stringify({op: "kv_sub", target: "todos", inbox: "f2",
+                                                    data: {pattern: ">"}}));
+                            ws.send(JSON.stringify({op: "sub", target: `todos.${uid}.>`,
+                                                    inbox: "f3"}));
+                        } else if (env.inbox && env.inbox.startsWith("f")) {
+                            replies[env.inbox] = env.op === "error" ? env.data.code : env.op;
+                            if (env.op === "kv_msg") replies.leak = env.data.key;
+                        }
+                        if (replies.f1 && replies.f2 && replies.f3) { ws.close(); resolve(); }
+                    }
+                };
+                setTimeout(() => reject(new Error("no replies: " + JSON.stringify(replies))), 5000);
+            });
+            return replies;
+        }""",
+        alice_id,
+    )
+    bob_id = await bob.user_id()
+    assert forged == {"cap": bob_id, "f1": "forbidden", "f2": "forbidden", "f3": "forbidden"}
+
+
+async def test_login_logout_by_keyboard_at_phone_width(person: PersonFactory) -> None:
+    """A wrong password says so; logging in and out works with the keyboard alone on a
+    phone-sized screen, and the page never scrolls sideways."""
+    bob = await person("bob", login=False, viewport=PHONE)
+    bob.allow(r"status of 401")
+    page = bob.page
+    await page.goto(bob.base + "/")
+    await expect(page.locator("#username")).to_be_focused()
+    await page.keyboard.type("bob")
+    await page.keyboard.press("Tab")
+    await page.keyboard.type("wrong")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#login-error")).to_have_text("Wrong username or password.")
+    await page.fill("#password", "demo")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#articles-h")).to_be_focused()
+    for route in ("articles", "chat", "todos"):
+        await bob.go(route)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "open")
+        width = await page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"{route} scrolls sideways: {width}px"
+    await expect(page.locator('#nav a[data-route="admin"]')).to_be_hidden()
+    await page.locator("#logout").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#login-title")).to_be_visible()
+    await page.reload()
+    await expect(page.locator("#login-title")).to_be_visible()
+    await expect(page.locator("#nav")).to_be_hidden()
+
+
+async def test_the_readme_screenshot_helper_renders_the_spa(stack: Stack, tmp_path: Path) -> None:
+    """docs/screenshot.png is made by tests/browser/shots.py: keep it working."""
+    out = tmp_path / "screenshot.png"
+    await demo_screenshot(stack.url, out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
