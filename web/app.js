@@ -23,7 +23,7 @@ let unmount = null;
  * @param {string} tag
  * @param {Record<string, any> | null} [attrs]
  * @param {...any} children
- * @returns {HTMLElement}
+ * @returns {any} the element (typed loosely: inputs, buttons and lists alike)
  */
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -216,7 +216,7 @@ function start(login) {
     refresh: () => api.post("/auth/refresh"),
     expiresAt: login.expires_at,
   });
-  window.natsgate = { client, api }; // for the console (and the browser tests)
+  /** @type {any} */ (window).natsgate = { client, api }; // for the console (and the browser tests)
   client.on("state", renderConn);
   client.on("capabilities", (/** @type {any} */ caps, /** @type {any[]} */ revoked) => {
     renderCaps(caps, revoked);
@@ -330,7 +330,7 @@ function route() {
  * @param {import("./sync.js").SyncClient} c
  */
 function articlesView(main, c) {
-  /** @type {import("./sync.js").KvStore<any>} */
+  /** @type {import("./sync.js").KvStore} */
   const store = c.kv("articles", { decode: (v, meta) => ({ ...v, revision: meta.revision }) });
   const banner = h("p", { id: "articles-state", class: "notice", hidden: true });
   const list = h("ul", { id: "articles", class: "items", "aria-label": "Articles" });
@@ -552,7 +552,7 @@ function chatView(main, c, arg) {
   const status = h("p", { id: "chat-status", class: "status", role: "status" });
   const join = /** @type {HTMLInputElement} */ (h("input", { id: "chat-room", name: "room", placeholder: "room name", pattern: "[A-Za-z0-9_\\-]{1,64}", "aria-label": "Join a room" }));
 
-  /** @param {import("./sync.js").StreamMessage<any>} m */
+  /** @param {import("./sync.js").StreamMessage} m */
   function append(m) {
     const p = m.payload || {};
     const mine = me && p.author === me.id;
