@@ -17,6 +17,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from shared.auth import TokenVerifier
+from shared.capabilities import CompiledCapabilities
 from shared.errors import CloseCode, ErrorCode
 from shared.settings import Settings
 from shared.users import REVOKED_BUCKET, USERS_BUCKET, UserRecord, decode_user
@@ -24,7 +25,7 @@ from ws_gateway.core import CoreRouter
 from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, Start, StreamReader
-from ws_gateway.session import Session
+from ws_gateway.session import Session, compile_or_nothing
 
 log = logging.getLogger("ws_gateway.hub")
 
@@ -45,6 +46,10 @@ class Hub:
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
         self._watchers: list[StreamReader] = []
         self._loading: dict[str, asyncio.Future[UserRecord | None]] = {}
+        # The record and compiled capabilities of every user with a session here, kept
+        # current by the auth_users watch: one KV read and one compile per user, not per
+        # connection.
+        self.users: dict[str, tuple[UserRecord, CompiledCapabilities]] = {}
         self.nats_ready = nc.is_connected
 
     async def start(self) -> None:
@@ -95,7 +100,15 @@ class Hub:
 
     # ------------------------------------------------------------------ registry
 
+    def compiled(self, user: UserRecord) -> CompiledCapabilities:
+        cached = self.users.get(user.id)
+        if cached is not None and cached[0] is user:
+            return cached[1]
+        return compile_or_nothing(user)
+
     def register(self, session: Session) -> None:
+        if session.uid not in self.by_user or session.uid not in self.users:
+            self.users[session.uid] = (session.user, session.caps)
         self.sessions.add(session)
         self.by_user[session.uid].add(session)
         self.by_jti[session.claims.jti].add(session)
@@ -110,6 +123,8 @@ class Hub:
                 group.discard(session)
                 if not group:
                     del index[key]
+        if session.uid not in self.by_user:
+            self.users.pop(session.uid, None)
 
     def rekey(self, session: Session, old_jti: str) -> None:
         group = self.by_jti.get(old_jti)
@@ -126,6 +141,9 @@ class Hub:
 
     async def load_user(self, uid: str) -> UserRecord | None:
         """The user's record; concurrent loads of one user share one KV read."""
+        cached = self.users.get(uid)
+        if cached is not None:
+            return cached[0]
         pending = self._loading.get(uid)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -171,8 +189,14 @@ class Hub:
                 log.warning("undecodable user record", extra={"user": uid})
                 record = None
         changed_at = d.time.timestamp()
+        caps = None
+        if record is not None and not record.disabled:
+            caps = compile_or_nothing(record)
+            self.users[uid] = (record, caps)
+        else:
+            self.users.pop(uid, None)
         for s in list(sessions):
-            s.apply_user(record, changed_at)
+            s.apply_user(record, changed_at, caps)
         return True
 
     def _on_revoked(self, d: Delivery) -> bool:

@@ -12,7 +12,6 @@ gives up (backpressure) on a write that takes longer than the write timeout.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -58,15 +57,22 @@ class Flusher:
 
 
 class Outbox:
+    """Bounded queue of envelopes for one connection.
+
+    Waiting points (the writer's wake-up, room for pulled sources, the final drain) are
+    futures created only when someone waits: an idle connection holds no asyncio.Event
+    (each carries a deque) and no task.
+    """
+
     __slots__ = (
         "_can_send",
         "_closed",
         "_dirty",
-        "_drained",
+        "_drain_waiter",
         "_flusher",
-        "_has_room",
         "_on_slow",
         "_queue",
+        "_room_waiter",
         "_send",
         "_send_now",
         "_task",
@@ -96,20 +102,40 @@ class Outbox:
         self._on_slow = on_slow
         self.maxsize = maxsize
         self._write_timeout = write_timeout
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._wake = asyncio.Event()
-        self._has_room = asyncio.Event()
-        self._has_room.set()
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self._queue: list[bytes] = []  # drained whole: a list is smaller than a deque
+        self._wake: asyncio.Future[None] | None = None
+        self._room_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._writer())
+        if self._flusher is None:
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        # With a flusher the writer task exists only once a socket has been too full to
+        # write without waiting: most connections never need one.
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._writer())
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[None] | None) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _wake_writer(self) -> None:
+        self._start_writer()
+        self._resolve(self._wake)
+
+    def _after_write(self) -> None:
+        if self._room_waiter is not None and self.room() >= self.maxsize // 2:
+            self._resolve(self._room_waiter)
+        if not self._queue:
+            self._resolve(self._drain_waiter)
 
     def push(self, frame: bytes) -> bool:
         """Queue one envelope. False (and the connection is being closed) when full."""
@@ -120,29 +146,30 @@ class Outbox:
             self._on_slow("send queue full")
             return False
         self._queue.append(frame)
-        if len(self._queue) >= self.maxsize // 2:
-            self._has_room.clear()
         if self._flusher is not None and not self._writing:
             if not self._dirty:
                 self._dirty = True
-                self._drained.clear()
                 self._flusher.mark(self)
         else:
-            self._drained.clear()
-            self._wake.set()
+            self._wake_writer()
         return True
 
     def _take(self) -> bytes:
         queue = self._queue
         if len(queue) == 1:
-            return queue.popleft()
-        parts: list[bytes] = []
+            data = queue[0]
+            queue.clear()
+            return data
         size = 0
-        while queue and size < MAX_BATCH_BYTES:
-            frame = queue.popleft()
-            parts.append(frame)
+        for i, frame in enumerate(queue):
             size += len(frame) + 1
-        return b"\n".join(parts)
+            if size >= MAX_BATCH_BYTES:
+                data = b"\n".join(queue[: i + 1])
+                del queue[: i + 1]
+                return data
+        data = b"\n".join(queue)
+        queue.clear()
+        return data
 
     def flush_now(self) -> None:
         """Write what is queued without awaiting, while the socket buffer has room."""
@@ -153,7 +180,7 @@ class Outbox:
         queue = self._queue
         while queue:
             if not self._can_send():
-                self._wake.set()  # the writer task awaits the drain, with the timeout
+                self._wake_writer()  # the writer task awaits the drain, with the timeout
                 return
             try:
                 self._send_now(self._take())
@@ -164,8 +191,7 @@ class Outbox:
             except Exception:
                 return  # the connection is closing; its reader notices
             metrics.FRAMES_OUT.inc()
-        self._has_room.set()
-        self._drained.set()
+        self._after_write()
 
     def room(self) -> int:
         return self.maxsize - len(self._queue)
@@ -174,19 +200,21 @@ class Outbox:
         """Wait until at least `n` envelopes fit (used by pulled, slowable sources)."""
         n = min(n, self.maxsize // 2)
         while not self._closed and self.room() < n:
-            self._has_room.clear()
-            await self._has_room.wait()
+            if self._room_waiter is None or self._room_waiter.done():
+                self._room_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room_waiter)
 
     async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
         queue = self._queue
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not queue:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
             self._writing = True
             while queue:
                 data = self._take()
-                if len(queue) < self.maxsize // 2:
-                    self._has_room.set()
                 try:
                     async with asyncio.timeout(self._write_timeout):
                         await self._send(data)
@@ -195,26 +223,32 @@ class Outbox:
                     self._on_slow("write timed out" if isinstance(e, TimeoutError) else str(e))
                     return
                 metrics.FRAMES_OUT.inc()
+                self._after_write()
             self._writing = False
-            self._drained.set()
 
     def stop_accepting(self) -> None:
         self._closed = True
-        self._has_room.set()
+        self._resolve(self._room_waiter)
 
     async def flush(self, grace: float) -> None:
-        """Best effort: let the writer send what is queued, for a final error frame."""
-        if self._task is None or self._task.done():
+        """Best effort: let what is queued go out, for a final error frame."""
+        if not self._queue:
             return
+        if self._flusher is not None and not self._writing:
+            self.flush_now()
+        if not self._queue or self._task is None or self._task.done():
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(grace):
-                await self._drained.wait()
+                await self._drain_waiter
         except TimeoutError:
             pass
 
     async def close(self) -> None:
         self.stop_accepting()
         self._queue.clear()
+        self._resolve(self._drain_waiter)
         if self._task:
             self._task.cancel()
             try:

@@ -53,6 +53,15 @@ def _pattern(p: str, what: str) -> str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid {what}: {e}") from None
 
 
+def compile_or_nothing(user: UserRecord) -> CompiledCapabilities:
+    """The user's compiled capabilities; none at all (fail closed) if the record is invalid."""
+    try:
+        return CompiledCapabilities(user.capabilities, user.id)
+    except ValueError:
+        log.warning("invalid capabilities in auth_users; granting none", extra={"user": user.id})
+        return CompiledCapabilities(type(user.capabilities)(), user.id)
+
+
 class Subscription:
     """A live subscription of this session (core, KV or JetStream)."""
 
@@ -124,7 +133,7 @@ class Session:
         self.claims = claims
         self.uid = claims.sub
         self.user = user
-        self.caps = CompiledCapabilities(user.capabilities, self.uid)
+        self.caps = hub.compiled(user)
         self.remote = remote
         self.transport = transport
         self.subs: dict[str, Subscription] = {}
@@ -140,7 +149,9 @@ class Session:
             send_now=send_now,
         )
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: dict[str, asyncio.Task[None]] = {}
+        # Timers, not tasks: an idle connection should cost a few hundred bytes, not a
+        # coroutine frame per duty (issue: ≤ 16 KB per idle connection).
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closing: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self.close_code: int | None = None
@@ -160,7 +171,7 @@ class Session:
     def start(self) -> None:
         self.outbox.start()
         self.push(envelope.cap_update(self.uid, self.caps.document))
-        self._timers["heartbeat"] = self._spawn(self._heartbeat())
+        self._schedule_heartbeat()
         self._schedule_expiry()
         metrics.CONNECTIONS.inc()
         log.info(
@@ -213,11 +224,14 @@ class Session:
             await self._close_transport(code, reason)
         except Exception as e:
             log.info("transport close failed", extra={"session": self.id, "error": repr(e)})
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         current = asyncio.current_task()
-        for task in list(self._tasks) + list(self._timers.values()):
+        for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        for task in list(self._tasks) + list(self._timers.values()):
+        for task in list(self._tasks):
             if task is not current:
                 try:
                     await task
@@ -257,24 +271,29 @@ class Session:
         log.info("slow client", extra={"session": self.id, "why": why})
         self.close(CloseCode.TRY_AGAIN_LATER, f"backpressure: {why}", ErrorCode.BACKPRESSURE)
 
-    async def _heartbeat(self) -> None:
-        interval = self.settings.ping_interval
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - self._last_rx > 2 * interval:
-                self.close(CloseCode.POLICY, "heartbeat timeout")
-                return
-            self.push(envelope.ping())
+    def _schedule_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers["heartbeat"] = loop.call_later(self.settings.ping_interval, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        if self.closed:
+            return
+        if time.monotonic() - self._last_rx > 2 * self.settings.ping_interval:
+            self.close(CloseCode.POLICY, "heartbeat timeout")
+            return
+        self.push(envelope.ping())
+        self._schedule_heartbeat()
 
     def _schedule_expiry(self) -> None:
         old = self._timers.pop("expiry", None)
         if old:
             old.cancel()
-        self._timers["expiry"] = self._spawn(self._expire(self.claims.exp))
+        delay = max(0.0, self.claims.exp - time.time())
+        self._timers["expiry"] = asyncio.get_running_loop().call_later(delay, self._expire)
 
-    async def _expire(self, exp: int) -> None:
-        await asyncio.sleep(max(0.0, exp - time.time()))
-        self.close(CloseCode.TOKEN, "token expired", ErrorCode.TOKEN_EXPIRED)
+    def _expire(self) -> None:
+        if not self.closed:
+            self.close(CloseCode.TOKEN, "token expired", ErrorCode.TOKEN_EXPIRED)
 
     # ------------------------------------------------------------------ inbound
 
@@ -651,18 +670,18 @@ class Session:
 
     # ------------------------------------------------------------------ from the hub
 
-    def apply_user(self, user: UserRecord | None, changed_at: float | None = None) -> None:
+    def apply_user(
+        self,
+        user: UserRecord | None,
+        changed_at: float | None = None,
+        caps: CompiledCapabilities | None = None,
+    ) -> None:
         """The user's record changed: end what is no longer allowed, then tell the client."""
         if user is None or user.disabled:
             self.close(CloseCode.USER_DISABLED, "user disabled or deleted", ErrorCode.USER_DISABLED)
             return
-        try:
-            caps = CompiledCapabilities(user.capabilities, self.uid)
-        except ValueError:
-            log.warning(
-                "invalid capabilities in auth_users; keeping none", extra={"user": self.uid}
-            )
-            caps = CompiledCapabilities(type(user.capabilities)(), self.uid)
+        if caps is None:
+            caps = compile_or_nothing(user)
         self.user = user
         self.caps = caps
         ended: list[envelope.RevokedRef] = []
