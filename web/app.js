@@ -682,7 +682,7 @@ function todosView(main, c) {
   const banner = h("p", { id: "todos-state", class: "notice", hidden: true });
   const list = h("ul", { id: "todos", class: "items todos", "aria-label": "Your todos" });
   const empty = h("p", { class: "hint", hidden: true }, "Nothing to do.");
-  const title = /** @type {HTMLInputElement} */ (h("input", { id: "todo-title", name: "title", required: true, maxlength: "200", autocomplete: "off" }));
+  const title = /** @type {HTMLInputElement} */ (h("input", { id: "todo-title", name: "title", required: true, maxlength: "200", autocomplete: "off", placeholder: "What needs doing?" }));
   const status = h("p", { id: "todo-status", class: "status", role: "status" });
 
   /** @param {any} t */

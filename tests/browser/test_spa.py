@@ -146,6 +146,62 @@ async def test_chat_in_order_and_nothing_lost_or_doubled_across_a_gateway_restar
     await expect(bob.page.locator("#messages li .text")).to_have_text(sent)
 
 
+async def test_articles_resume_after_a_gateway_restart(person: PersonFactory, stack: Stack) -> None:
+    """Changes made while alice's page has no WebSocket (a create, an edit, a delete) are
+    all in her list once it reconnects (KV resume with since_revision): it equals what
+    GET /api/articles says."""
+    alice = await person("alice")
+    bob = await person("bob")
+    await alice.go("articles")
+    await bob.go("articles")
+    keep, edit, gone = unique("keep"), unique("edit me"), unique("delete me")
+    ids = {}
+    for title in (keep, edit, gone):
+        ids[title] = await bob.page.evaluate(
+            "t => window.natsgate.api.post('/articles', {title: t}).then(a => [a.id, a.revision])",
+            title,
+        )
+        await expect(article(alice, title)).to_be_visible()
+    for p in (alice, bob):
+        p.allow(r"WebSocket connection to .* failed", r"status of 50[234]")
+    connects = int(await alice.page.locator("#conn").get_attribute("data-connects") or "0")
+
+    res = await asyncio.to_thread(stack.ctl, "stop", "ws_gateway:*")
+    assert res.returncode == 0, res.stdout + res.stderr
+    await expect(alice.page.locator("#conn")).not_to_have_attribute("data-state", "open")
+    created = unique("created offline")
+    await bob.page.evaluate(
+        """async ([created, edit, gone]) => {
+            const api = window.natsgate.api;
+            await api.post('/articles', {title: created});
+            await api.put(`/articles/${edit[0]}`, {title: 'edited offline'}, {ifMatch: edit[1]});
+            await api.del(`/articles/${gone[0]}`, {ifMatch: gone[1]});
+        }""",
+        [created, ids[edit], ids[gone]],
+    )
+    await expect(article(alice, gone)).to_be_visible()  # nothing changes without a socket
+    res = await asyncio.to_thread(stack.ctl, "start", "ws_gateway:*")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    await expect(alice.page.locator("#conn")).to_have_attribute(
+        "data-state", "open", timeout=20_000
+    )
+    await expect(article(alice, created)).to_be_visible()
+    await expect(article(alice, "edited offline")).to_be_visible()
+    await expect(article(alice, gone)).to_have_count(0)
+    await expect(article(alice, keep)).to_be_visible()
+    after = int(await alice.page.locator("#conn").get_attribute("data-connects") or "0")
+    assert after > connects
+    shown = await alice.page.locator("#articles li").evaluate_all(
+        "els => els.map(e => [e.dataset.id, Number(e.dataset.revision)]).sort()"
+    )
+    stored = await alice.page.evaluate(
+        """() => window.natsgate.api.get('/articles')
+            .then(r => r.items.map(a => [a.id, a.revision]).sort())"""
+    )
+    assert shown == stored
+
+
 async def test_admin_revokes_articles_live_and_restoring_brings_them_back(
     person: PersonFactory,
 ) -> None:
