@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench clean
+.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
 
 install: $(STAMP)
 
@@ -61,6 +61,16 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml bench/package.json
 	else echo "npm not found: bench uses the Python load client"; fi
 	@rm -f $(VENV)/.bench-*
 	@touch $@
+
+# The hardening suite at full scale (tests/reliability, under 30 min on 2 cores), then
+# docs/reliability.md from its figures. Its fast part already runs in `make test`.
+RELIABILITY_FIGURES ?= var/reliability/figures.json
+
+reliability: install ensure-nginx browser-deps
+	@mkdir -p $(dir $(RELIABILITY_FIGURES))
+	RELIABILITY_FULL=1 RELIABILITY_FIGURES=$(RELIABILITY_FIGURES) \
+	  $(PY) -m pytest -q -p no:cacheprovider -p no:logging -rfEsxX tests/reliability; \
+	  rc=$$?; $(PY) tests/reliability/report.py $(RELIABILITY_FIGURES) docs/reliability.md; exit $$rc
 
 bench: install $(BENCH_STAMP)
 	$(PY) bench/run.py $(ARGS)

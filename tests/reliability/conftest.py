@@ -104,9 +104,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if _FIGURES is None or "tests/reliability" not in report.nodeid:
         return
     if report.when == "call" or report.outcome != "passed":
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xpassed" if report.outcome == "passed" else "xfailed"
         prev = _FIGURES.outcomes.get(report.nodeid)
         if prev in (None, "passed"):
-            _FIGURES.outcomes[report.nodeid] = report.outcome
+            _FIGURES.outcomes[report.nodeid] = outcome
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,16 @@ from tests.unit.test_auth import b64url, claims, ed_sign, hs_sign, seg
 from ws_gateway.server import Gateway
 
 ALLOWED = "http://127.0.0.1:8080"  # the first of the default ALLOWED_ORIGINS
+# Debian's chromium, as tests/browser drives it: headless, nothing reaching out.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 # ---------------------------------------------------------------------- 1. origin matrix
@@ -178,9 +188,7 @@ async def test_cross_site_page_in_a_real_browser_cannot_open_a_socket(
     s = msgspec.structs.replace(settings, allowed_origins=(f"http://127.0.0.1:{ours}",))
     token = await make_user()
     async with Gateway(s, host="127.0.0.1", port=0) as gw, async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path="/usr/bin/chromium", args=["--no-sandbox"]
-        )
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             ctx = await browser.new_context()
             await ctx.add_cookies(
