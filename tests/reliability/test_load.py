@@ -76,11 +76,11 @@ async def _open(url: str, token: str) -> ClientConnection:
 
 
 async def _subscribe(ws: ClientConnection, subject: str) -> None:
-    await ws.send(f'{{"op":"sub","target":"{subject}","inbox":"s"}}')
+    await ws.send(f'{{"op":"sub","target":"{subject}","inbox":"{subject}"}}')
     async with asyncio.timeout(30):
         while True:
             frame = await ws.recv()
-            if isinstance(frame, str) and '"op":"ok"' in frame:
+            if isinstance(frame, str) and f'"op":"ok","target":"{subject}"' in frame:
                 return
 
 
@@ -91,11 +91,11 @@ async def test_slow_consumer_among_readers(
     the gateway's memory are reported with and without them."""
     n_readers = scale(50, 500)
     n_slow = scale(2, 5)
-    rate = 50  # messages per second, each fanned out to every reader
+    rate = 20  # messages per second, each fanned out to every reader
     phase = scale(3, 6)  # seconds of the readers-only phase
-    pad = "x" * 4096
+    pad = "x" * 1024
     users = [await make_user(f"r{i}") for i in range(max(1, n_readers // 50))]
-    slow_token = await make_user("slow")
+    slow_token = await make_user("slow", {"subjects": ["chat.>"]})
     log_path = tmp_path / "gateway.log"
     gp = GatewayProcess(settings, log_path)
     await gp.start()
@@ -135,14 +135,21 @@ async def test_slow_consumer_among_readers(
             r.latencies.clear()
         rss_before = max(rss) if rss else 0
         before = await _metric(gp.port, "gateway_backpressure_closes_total")
-        for _ in range(n_slow):  # phase B: clients that subscribe and stop reading
+        for k in range(n_slow):  # phase B: clients that subscribe and stop reading
             ws = await _open(gp.url, slow_token)
             await _subscribe(ws, "chat.room.1")
+            await _subscribe(ws, f"chat.bulk.{k}")
             ws.transport.pause_reading()
             paused_at.append(time.time())
             slow.append(ws)
+        # Each also gets a stream of its own (64 KiB messages), so that its kernel socket
+        # buffers (~4 MiB on loopback) fill in about a second, not in minutes.
+        bulk = b'{"pad":"' + b"y" * 65536 + b'"}'
 
         async def all_closed() -> bool:
+            for k in range(n_slow):
+                for _ in range(8):  # ~10 MiB/s per slow client
+                    await nc.publish(f"chat.bulk.{k}", bulk)
             return await _metric(gp.port, "gateway_backpressure_closes_total") >= before + n_slow
 
         await until_async(all_closed, "the slow clients to be closed", 120)
@@ -170,12 +177,12 @@ async def test_slow_consumer_among_readers(
     figures.add(
         "R5",
         "test_slow_consumer_among_readers",
-        f"{n_readers} reading clients on chat.room.1 at {rate} msg/s of 4 KiB, then {n_slow} "
-        "clients that subscribe and stop reading; gateway in its own process "
-        "(WRITE_TIMEOUT 250 ms, SEND_QUEUE_SIZE 1024)",
+        f"{n_readers} reading clients on chat.room.1 at {rate} msg/s of 1 KiB, then {n_slow} "
+        "clients that subscribe to it and to a stream of their own (64 KiB messages) and stop "
+        "reading; gateway in its own process (WRITE_TIMEOUT 250 ms, SEND_QUEUE_SIZE 1024)",
         f"slow clients closed 1013: {len(closes)}/{n_slow} ({', '.join(why)}); stop-reading "
-        f"-> close {summary(closes)}, which is mostly the kernel socket buffers filling "
-        f"(~4 MiB send buffer per socket on loopback) before the 250 ms write timeout starts; "
+        f"-> close {summary(closes)}: the kernel socket buffers (~4 MiB per socket on "
+        f"loopback) fill first, then the 250 ms write timeout runs; "
         f"readers p50/p99 {ms(pct(base, 0.5))}/{ms(p99a)} without, {ms(pct(with_slow, 0.5))}/"
         f"{ms(p99b)} with ({change:+.0f}% p99); readers still open {alive}/{n_readers}; gateway "
         f"RSS max {rss_before // 1024} MiB before, {max(rss) // 1024} MiB with slow clients",
