@@ -97,6 +97,18 @@ async def connect(
             await asyncio.sleep(0.5)
 
 
+async def settle(nc: NATS, timeout: float = 5.0) -> None:
+    """Return once the server has processed everything this client sent so far.
+
+    nats-py's `flush()` writes its PING straight to the socket while earlier commands (a
+    SUB) may still sit in the client's pending buffer, so a PONG can come back before the
+    server has the SUB: under load, "subscribed" was then not true yet. Writing the
+    pending buffer out first restores the order.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout=timeout)
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Create every bucket and stream of ARCHITECTURE.md; safe to run any number of times."""
     replicas = settings.nats_replicas

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from shared import envelope
+from shared import envelope, natsio
 from shared.capabilities import is_internal_subject, overlaps_internal
 from shared.subjects import match_tokens, tokens
 from ws_gateway import metrics
@@ -55,6 +55,10 @@ class CoreRouter:
         self._nc = nc
         self._shared: dict[str, _Shared] = {}
         self._pending_limit = pending_msgs_limit
+        # Closed while capabilities are being re-read after a NATS outage: core traffic is
+        # at-most-once, so what arrives meanwhile is dropped rather than risk a revoked
+        # subscriber getting it.
+        self.open = True
 
     def __len__(self) -> int:
         return len(self._shared)
@@ -73,7 +77,7 @@ class CoreRouter:
                     pending_bytes_limit=self._pending_limit * 4096,
                 )
                 # `ok` must mean subscribed: wait until the server has the SUB.
-                await self._nc.flush(timeout=5)
+                await natsio.settle(self._nc)
             except BaseException as e:
                 self._shared.pop(pattern, None)
                 if not shared.ready.done():
@@ -91,20 +95,30 @@ class CoreRouter:
                 raise
         member.core_patterns[pattern] = tokens(pattern)
 
-    async def leave(self, member: Member, pattern: str) -> None:
+    def detach(self, member: Member, pattern: str) -> _Shared | None:
+        """Stop delivering to `member` now; the shared subscription to release, if last."""
         shared = self._shared.get(pattern)
         if shared is None or member not in shared.members:
-            return
+            return None
         count = shared.members[member] - 1
         if count > 0:
             shared.members[member] = count
-            return
+            return None
         del shared.members[member]
         member.core_patterns.pop(pattern, None)
         if shared.members:
-            return
+            return None
         del self._shared[pattern]
         metrics.NATS_SUBSCRIPTIONS.set(len(self._shared))
+        return shared
+
+    async def leave(self, member: Member, pattern: str) -> None:
+        await self.release(self.detach(member, pattern))
+
+    async def release(self, shared: _Shared | None) -> None:
+        if shared is None:
+            return
+        pattern = shared.pattern
         if shared.sub is not None and not self._nc.is_closed:
             try:
                 await shared.sub.unsubscribe()
@@ -116,6 +130,8 @@ class CoreRouter:
         members = shared.members
 
         async def on_msg(msg: Msg) -> None:
+            if not self.open:
+                return
             subject = msg.subject
             if shared.filter_internal and is_internal_subject(subject):
                 return
