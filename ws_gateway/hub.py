@@ -38,7 +38,7 @@ class Hub:
         self.verifier = verifier
         self.router = CoreRouter(nc)
         self.flusher = Flusher()
-        self.kv_feeds = KvFeeds(nc, self.js)
+        self.kv_feeds = KvFeeds(nc, self.js, self.delivering)
         self.kv_feeds.on_gone = self._feed_gone
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
@@ -51,6 +51,10 @@ class Hub:
         # connection.
         self.users: dict[str, tuple[UserRecord, CompiledCapabilities]] = {}
         self.nats_ready = nc.is_connected
+        # False from a NATS disconnect until every user's record has been re-read:
+        # nothing is delivered on capabilities that may have changed meanwhile.
+        self._delivering = True
+        self._revalidation: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         users = StreamReader(
@@ -76,6 +80,12 @@ class Hub:
             self._watchers.append(w)
 
     async def close(self) -> None:
+        if self._revalidation is not None:
+            self._revalidation.cancel()
+            try:
+                await self._revalidation
+            except (asyncio.CancelledError, Exception):
+                pass
         for w in self._watchers:
             await w.close()
         self._watchers.clear()
@@ -87,16 +97,54 @@ class Hub:
 
     # ------------------------------------------------------------------ NATS state
 
+    def delivering(self) -> bool:
+        return self._delivering
+
     async def on_disconnect(self) -> None:
         self.nats_ready = False
+        self._delivering = False
+        self.router.open = False
 
     async def on_reconnect(self) -> None:
         self.nats_ready = True
         for w in self._watchers:
             w.mark_lost()
+        # nats-py awaits this callback inside its reconnect; the re-read needs the
+        # connection, so it runs beside it, owned by the hub.
+        if self._revalidation is None or self._revalidation.done():
+            self._revalidation = asyncio.get_running_loop().create_task(self._revalidate())
+
+    async def _revalidate(self) -> None:
+        """Fail closed: re-read every connected user's record before delivering again."""
+        while True:
+            try:
+                kv = await self.js.key_value(USERS_BUCKET)
+                for uid in list(self.by_user):
+                    try:
+                        entry = await kv.get(uid)
+                        record = decode_user(entry.value) if entry.value else None
+                    except KeyNotFoundError:
+                        record = None
+                    cached = self.users.get(uid)
+                    if cached is not None and record == cached[0]:
+                        continue
+                    self._apply(uid, record, None)
+                for jti in list(self.by_jti):
+                    if await self.is_revoked(jti):
+                        for s in list(self.by_jti.get(jti, ())):
+                            s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+                break
+            except Exception as e:
+                if not self.nc.is_connected:
+                    return  # disconnected again: the next reconnect starts over
+                log.warning("revalidation retry", extra={"error": type(e).__name__})
+                await asyncio.sleep(0.5)
+        self._delivering = True
+        self.router.open = True
         self.kv_feeds.mark_lost()
         for s in list(self.sessions):
             s.on_nats_reconnect()
+        log.info("capabilities re-read after reconnect", extra={"users": len(self.by_user)})
 
     # ------------------------------------------------------------------ registry
 
@@ -188,16 +236,21 @@ class Hub:
             except Exception:
                 log.warning("undecodable user record", extra={"user": uid})
                 record = None
-        changed_at = d.time.timestamp()
+        self._apply(uid, record, d.time.timestamp())
+        return True
+
+    def _apply(self, uid: str, record: UserRecord | None, changed_at: float | None) -> None:
+        cached = self.users.get(uid)
+        if record is not None and cached is not None and record == cached[0]:
+            return  # already applied (the re-read after a reconnect, then the watch)
         caps = None
         if record is not None and not record.disabled:
             caps = compile_or_nothing(record)
             self.users[uid] = (record, caps)
         else:
             self.users.pop(uid, None)
-        for s in list(sessions):
+        for s in list(self.by_user.get(uid, ())):
             s.apply_user(record, changed_at, caps)
-        return True
 
     def _on_revoked(self, d: Delivery) -> bool:
         jti = d.subject[len(f"$KV.{REVOKED_BUCKET}.") :]

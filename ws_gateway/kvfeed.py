@@ -66,7 +66,14 @@ class Member:
 
 
 class KvFeed:
-    def __init__(self, nc: NATS, js: JetStreamContext, bucket: str, pattern: str) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        bucket: str,
+        pattern: str,
+        gate: Callable[[], bool] | None = None,
+    ) -> None:
         self.bucket, self.pattern = bucket, pattern
         self.members: set[Member] = set()
         self._prefix_len = len(f"$KV.{bucket}.")
@@ -103,8 +110,11 @@ class KvFeed:
 class KvFeeds:
     """The process's feeds, by (bucket, pattern), reference-counted by their members."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, gate: Callable[[], bool] | None = None
+    ) -> None:
         self._nc, self._js = nc, js
+        self._gate = gate
         self.feeds: dict[tuple[str, str], KvFeed] = {}
         self.on_gone: Callable[[KvFeed], None] | None = None
 
@@ -115,7 +125,7 @@ class KvFeeds:
         key = (bucket, pattern)
         feed = self.feeds.get(key)
         if feed is None:
-            feed = KvFeed(self._nc, self._js, bucket, pattern)
+            feed = KvFeed(self._nc, self._js, bucket, pattern, self._gate)
             feed.on_gone = self._gone
             self.feeds[key] = feed
             feed.members.add(member)

@@ -70,6 +70,7 @@ class StreamReader:
         durable: str | None = None,
         wait_room: WaitRoom | None = None,
         on_lost: Callable[[Exception], None] | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self._nc, self._js = nc, js
         self.stream, self.filter_subject = stream, filter_subject
@@ -80,6 +81,7 @@ class StreamReader:
         self.durable = durable
         self._wait_room = wait_room
         self._on_lost = on_lost
+        self._gate = gate  # False: hold deliveries (capabilities being re-read after an outage)
         self.consumer: str | None = None
         self.last_seq = 0  # last stream sequence handed to on_message
         self.initial_pending = 0
@@ -201,8 +203,14 @@ class StreamReader:
                 await self._js.delete_consumer(self.stream, self.consumer)
             except Exception:
                 pass
-        if self.last_seq:
-            start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=self.last_seq + 1)
+        # Resume after what was handed on; with nothing handed on yet, after where the
+        # consumer began (a NEW consumer recreated as NEW would skip the outage's changes).
+        # A LAST_PER_SUBJECT snapshot with nothing delivered is simply taken again.
+        floor = self.last_seq
+        if not floor and self._start.policy != api.DeliverPolicy.LAST_PER_SUBJECT:
+            floor = self._bound_at
+        if floor:
+            start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=floor + 1)
         else:
             start = self._start
         await self._ensure_consumer(start)
@@ -263,6 +271,12 @@ class StreamReader:
             if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
                 self._lost = True
             self._request_done.set()  # 404 no messages, 408 expired, 409 …
+            return
+        if self._gate is not None and not self._gate():
+            # Not delivered, so not counted: the reader is recreated from its last
+            # delivered message once the gate opens (fail closed after an outage).
+            self._lost = True
+            self._request_done.set()
             return
         meta = msg.metadata
         seq = meta.sequence.stream

@@ -67,6 +67,11 @@ class Subscription:
 
     def __init__(self, ref: SubscriptionRef) -> None:
         self.ref = ref
+        self.active = True
+
+    def detach(self) -> None:
+        """Stop delivering now (synchronously); `close()` then releases the resources."""
+        self.active = False
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -76,9 +81,17 @@ class CoreSubscription(Subscription):
     def __init__(self, ref: SubscriptionRef, session: Session) -> None:
         super().__init__(ref)
         self._session = session
+        self._release: object = None
+
+    def detach(self) -> None:
+        if self.active:
+            super().detach()
+            self._release = self._session.hub.router.detach(self._session, self.ref.pattern)
 
     async def close(self) -> None:
-        await self._session.hub.router.leave(self._session, self.ref.pattern)
+        self.detach()
+        release, self._release = self._release, None
+        await self._session.hub.router.release(release)  # type: ignore[arg-type]
 
 
 class ReaderSubscription(Subscription):
@@ -107,7 +120,13 @@ class KvSubscription(Subscription):
         if reader is not None:
             await reader.close()
 
+    def detach(self) -> None:
+        super().detach()
+        if self.feed is not None and self.member is not None:
+            self.feed.members.discard(self.member)
+
     async def close(self) -> None:
+        self.detach()
         await self.end_catchup()
         if self.feed is not None and self.member is not None:
             await self._session.hub.kv_feeds.leave(self.feed, self.member)
@@ -260,6 +279,7 @@ class Session:
         self._closed.set()
 
     async def _end(self, sub: Subscription) -> None:
+        sub.detach()
         metrics.SUBSCRIPTIONS.labels(sub.ref.op).dec()
         try:
             await sub.close()
@@ -492,8 +512,8 @@ class Session:
                 self._spawn(sub.end_catchup())
 
         def on_message(d: Delivery) -> bool:
-            if state["done"]:
-                return True  # the shared feed delivers from here on
+            if state["done"] or not sub.active:
+                return True  # the shared feed delivers from here on, or nobody does
             delivered = self.push(encode_change(bucket, d.subject[cut:], d))
             state["revision"] = max(state["revision"], d.stream_seq)
             if d.pending == 0:
@@ -509,6 +529,7 @@ class Session:
             on_message,
             batch=256,
             on_lost=lambda e: self._reader_lost(sub, e),
+            gate=self.hub.delivering,
         )
         await sub.catchup.start()
         self.push(envelope.ok(inbox, bucket, {"position": position, "recovered": recovered}))
@@ -598,6 +619,8 @@ class Session:
         ack = d.ack
 
         def on_message(m: Delivery) -> bool:
+            if not sub.active:
+                return False
             if ack:
                 sub.unacked[m.stream_seq] = m.reply
             return self.push(
@@ -617,6 +640,7 @@ class Session:
             durable=durable,
             wait_room=self.outbox.wait_room,
             on_lost=lambda e: self._reader_lost(sub, e),
+            gate=self.hub.delivering,
         )
         try:
             cinfo = await sub.reader.start()
@@ -688,6 +712,7 @@ class Session:
         for inbox, sub in list(self.subs.items()):
             if not caps.allows(sub.ref):
                 del self.subs[inbox]
+                sub.detach()  # nothing more is delivered on it, from this instant
                 ended.append(envelope.RevokedRef(inbox, sub.ref.op, sub.ref.target))
                 self._spawn(self._end(sub))
         if ended and changed_at is not None:
