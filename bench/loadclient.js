@@ -3,11 +3,12 @@
 //
 //   node bench/loadclient.js     # driven by bench/run.py: JSON commands on stdin, replies on stdout
 //
-// Every benchmark message carries `"seq":N` exactly once, so counting that marker counts
-// messages in every mode without splitting or parsing frames; peer frames may cut a NATS
-// message in two, so the 5 bytes either side of a frame boundary are searched too. The `seq`
-// of the last message of each frame is parsed to count sequence holes and reordering, and in
-// latency mode its send timestamp `ts`.
+// Every benchmark message carries `"run":R,"seq":N` exactly once (R numbers the measured
+// windows, so stragglers of an earlier window are never counted), so counting that marker
+// counts messages in every mode without splitting or parsing frames; peer frames may cut a NATS
+// message in two, so the bytes either side of a frame boundary are searched too. The `seq` of
+// the last message of each frame is parsed to count sequence holes and reordering, and in
+// latency mode that message's send timestamp `ts`.
 "use strict";
 
 const readline = require("node:readline");
@@ -21,6 +22,7 @@ const APP_PING = Buffer.from('"op":"ping"');
 const COMMA = 0x2c;
 const PEER_CONNECT = 'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n';
 
+let lastFrame = 0; // performance.now() of the last frame on any connection
 const now = () => (performance.timeOrigin + performance.now()) / 1000; // epoch seconds
 const cpuSeconds = () => {
   const u = process.cpuUsage();
@@ -37,8 +39,7 @@ function countOf(buf, marker) {
   return n;
 }
 
-function numberAfter(buf, marker, maxLen) {
-  const i = buf.lastIndexOf(marker);
+function numberAt(buf, i, marker, maxLen) {
   if (i < 0) return null;
   const start = i + marker.length;
   const end = buf.indexOf(COMMA, start);
@@ -51,6 +52,7 @@ class Run {
     this.expect = expect;
     this.latency = latency;
     this.marker = marker;
+    this.seqMarker = marker === JS_MARK ? SEQ : marker;
     this.samples = [];
     this.remaining = conns.filter((c) => !c.closed).length;
     this.cpu0 = cpuSeconds();
@@ -111,6 +113,7 @@ class Conn {
     if (this.ws.readyState === WebSocket.OPEN) this.ws.send(data, { binary: this.mode !== "ours" });
   }
   onFrame(buf) {
+    lastFrame = performance.now();
     const run = this.run;
     let n = 0;
     if (this.mode === "peer") {
@@ -119,11 +122,20 @@ class Conn {
         this.peerCreated(buf);
       }
       if (run && !this.done) {
-        // a marker cut by the frame boundary
-        const edge = Buffer.concat([this.tail, buf.subarray(0, 5)]);
-        n = countOf(edge, run.marker);
+        // a marker cut by the frame boundary: starts in the tail (one byte shorter than
+        // the marker) and ends in this frame
+        const keep = run.marker.length - 1;
+        if (this.tail.length) {
+          const edge = Buffer.concat([this.tail, buf.subarray(0, keep)]);
+          let i = edge.indexOf(run.marker);
+          while (i !== -1 && i < this.tail.length) {
+            n++;
+            i = edge.indexOf(run.marker, i + 1);
+          }
+        }
+        this.tail = Buffer.from(buf.length >= keep ? buf.subarray(buf.length - keep)
+          : Buffer.concat([this.tail, buf]).subarray(-keep));
       }
-      this.tail = Buffer.from(buf.length >= 5 ? buf.subarray(buf.length - 5) : Buffer.concat([this.tail, buf]).subarray(-5));
     } else if (this.mode === "ours" && buf.includes(APP_PING)) {
       this.send('{"op":"pong"}');
     }
@@ -138,7 +150,8 @@ class Conn {
     this.count += n;
     this.frames++;
     this.tLast = t;
-    const seq = numberAfter(buf, SEQ, 24);
+    const i = buf.lastIndexOf(run.seqMarker);
+    const seq = numberAt(buf, i, run.seqMarker, 24);
     if (seq !== null) {
       if (seq <= this.lastSeq) this.reordered++;
       else {
@@ -147,8 +160,8 @@ class Conn {
       }
       if (seq > this.maxSeq) this.maxSeq = seq;
     }
-    if (run.latency) {
-      const ts = numberAfter(buf, TS, 32);
+    if (run.latency && i >= 0) {
+      const ts = numberAt(buf, buf.indexOf(TS, i), TS, 32); // the send time of that message
       if (ts !== null) run.samples.push(t - ts);
     }
     if (this.batch && this.count >= this.requested && this.count < run.expect) {
@@ -307,8 +320,9 @@ class Client {
     for (const c of conns) {
       c.reset();
       c.run = null;
+      c.tail = Buffer.alloc(0);
     }
-    const run = new Run(conns, p.expect, !!p.latency, p.marker === "js" ? JS_MARK : SEQ);
+    const run = new Run(conns, p.expect, !!p.latency, p.marker === "js" ? JS_MARK : Buffer.from(p.marker));
     for (const c of conns) c.run = run;
     this.runs.set(p.tag, run);
     return { armed: conns.length };
@@ -338,6 +352,14 @@ class Client {
     };
     if (run.latency) out.samples = run.samples.map((s) => Math.round(s * 1e6) / 1e3);
     return out;
+  }
+
+  async quiet(p) {
+    const t0 = performance.now();
+    while (performance.now() - lastFrame < p.idle * 1000 && performance.now() - t0 < p.timeout * 1000) {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    return { waited: (performance.now() - t0) / 1000 };
   }
 
   js_go(p) {
@@ -415,7 +437,7 @@ async function main() {
     try {
       if (cmd === "exit") break;
       else if (cmd === "cpu") res = { cpu: cpuSeconds() };
-      else if (["open", "close", "arm", "collect", "js_go", "kv_open", "kv_wait"].includes(cmd)) {
+      else if (["open", "close", "arm", "collect", "js_go", "kv_open", "kv_wait", "quiet"].includes(cmd)) {
         res = await client[cmd](p);
       } else throw new Error(`unknown command ${cmd}`);
     } catch (e) {

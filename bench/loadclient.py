@@ -14,10 +14,12 @@ differ by `mode`:
 
 Cheap per message, so that the client is not what is measured: a frame is never split into
 messages or JSON-parsed (except `kv_msg`s, a few per run). Every benchmark message carries
-`"seq":N` exactly once (the payload is our own compact JSON), so counting that marker with
-`bytes.count` counts messages in every mode (for peer frames, which may cut a NATS message in
-two, with a 5-byte carry-over). The `seq` of the last message of each frame is parsed to count
-sequence holes and reordering; in latency mode its send timestamp `ts` too. The process's own
+`"run":R,"seq":N` exactly once (the payload is our own compact JSON; R numbers the measured
+windows, so a straggler of an earlier window is never counted), so counting that marker with
+`bytes.count` counts messages in every mode (peer frames may cut a NATS message in two: a
+carry-over of the marker's length less one byte covers that). The `seq` of the last message
+of each frame is parsed to count sequence holes and reordering; in latency mode that message's
+send timestamp `ts` too. The process's own
 CPU time over each measured window is reported so that a client bottleneck is visible.
 """
 
@@ -43,6 +45,7 @@ PEER_CONNECT = b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n'
 
 
 _tasks: set[asyncio.Task[None]] = set()
+last_frame = 0.0  # monotonic time of the last frame on any connection
 
 
 def background(coro: Any) -> None:
@@ -63,6 +66,7 @@ class Run:
         self.expect = expect
         self.latency = latency
         self.marker = marker
+        self.seq_marker = SEQ if marker == JS_MARK else marker
         self.samples: list[float] = []
         self.remaining = sum(1 for c in conns if not c.closed)
         self.done = asyncio.Event()
@@ -153,10 +157,14 @@ class Conn:
                 run.conn_done()
 
     def on_frame(self, frame: bytes) -> None:
+        global last_frame
+        last_frame = time.monotonic()
         mode = self.mode
+        run = self.run
         if mode == "peer":
             buf = self.tail + frame
-            self.tail = buf[-5:]
+            # a marker cut by the frame boundary: keep one byte less than the marker
+            self.tail = buf[-(len(run.marker) - 1) :] if run is not None else b""
             if b"PING\r\n" in frame:
                 background(self._send(b"PONG\r\n"))
             if self.pull_name == "" and self.pull_inbox and b"consumer_create_response" in frame:
@@ -168,7 +176,6 @@ class Conn:
         if self.kv is not None:
             self.kv.on_frame(self, frame)
             return
-        run = self.run
         if run is None or self.done:
             return
         n = buf.count(run.marker)
@@ -178,10 +185,11 @@ class Conn:
         self.count += n
         self.frames += 1
         self.t_last = now
-        i = buf.rfind(SEQ)
-        j = buf.find(b",", i + 6, i + 32)
-        if j > 0:
-            seq = int(buf[i + 6 : j])
+        i = buf.rfind(run.seq_marker)
+        start = i + len(run.seq_marker)
+        j = buf.find(b",", start, start + 24)
+        if i >= 0 and j > 0:
+            seq = int(buf[start:j])
             if seq <= self.last_seq:
                 self.reordered += 1
             else:
@@ -190,8 +198,8 @@ class Conn:
                 self.last_seq = seq
             if seq > self.max_seq:
                 self.max_seq = seq
-        if run.latency:
-            k = buf.rfind(TS)
+        if run.latency and i >= 0:
+            k = buf.find(TS, i)  # the send time of that same message
             e = buf.find(b",", k + 5, k + 40)
             if k >= 0 and e > 0:
                 run.samples.append(now - float(buf[k + 5 : e]))
@@ -331,6 +339,13 @@ class Client:
         return {"opened": len(opened), "failed": len(failed), "errors": failed[:3],
                 "t0": t0, "t1": t1, "cpu": cpu_seconds() - cpu0, "total": len(group)}
 
+    async def quiet(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Wait until no frame came for `idle` seconds (at most `timeout`)."""
+        t0 = time.monotonic()
+        while time.monotonic() - last_frame < p["idle"] and time.monotonic() - t0 < p["timeout"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # polling a timestamp, bounded
+        return {"waited": time.monotonic() - t0}
+
     async def close(self, p: dict[str, Any]) -> dict[str, Any]:
         group = self.groups.pop(p["tag"], [])
         sem = asyncio.Semaphore(256)
@@ -353,7 +368,7 @@ class Client:
         for c in conns:
             c.reset()
             c.run = None
-        marker = JS_MARK if p.get("marker") == "js" else SEQ
+        marker = JS_MARK if p["marker"] == "js" else p["marker"].encode()
         run = Run(conns, p["expect"], p.get("latency", False), marker)
         for c in conns:
             c.run = run
@@ -458,7 +473,8 @@ async def main() -> None:
     client = Client()
     handlers = {
         "open": client.open, "close": client.close, "collect": client.collect,
-        "js_go": client.js_go, "kv_open": client.kv_open, "kv_wait": client.kv_wait,
+        "js_go": client.js_go, "quiet": client.quiet, "kv_open": client.kv_open,
+        "kv_wait": client.kv_wait,
     }
     while line := await reader.readline():
         p = json.loads(line)

@@ -57,14 +57,16 @@ from tests.natsd import NatsServer, free_port  # noqa: E402
 
 SUBJECT = "bench.fan"
 JS_STREAM, JS_SUBJECT = "chat", "chat.bench"
-PAD = "x" * 156  # 200 bytes with a 4-digit seq
+PAD = "x" * 148  # 200 bytes with a 4-digit seq
 KINDS = ("ours", "peer", "ceiling")
 CLK = os.sysconf("SC_CLK_TCK")
 LOG = print
 
 
-def message(seq: int) -> bytes:
-    return json.dumps({"seq": seq, "ts": time.time(), "pad": PAD}, separators=(",", ":")).encode()
+def message(run: int, seq: int) -> bytes:
+    """`"run":R,"seq":N` first: the load client counts that marker (R: the measured window)."""
+    return json.dumps({"run": run, "seq": seq, "ts": time.time(), "pad": PAD},
+                      separators=(",", ":")).encode()
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -177,6 +179,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.res: dict[str, Any] = {"fanout": {}, "errors": []}
         self.token = ""
+        self.run_id = 0  # 0: the JetStream messages
         self.clients = LoadClients(args.procs, args.client)
 
     # ------------------------------------------------------------------ setup
@@ -203,7 +206,7 @@ class Bench:
             self.token, _ = TokenIssuer.from_settings(self.settings).issue("bench", ttl=3600)
         if self.kind in ("ours", "peer") and self.args.js_clients:
             for seq in range(self.args.js_messages):
-                await self.nc.publish(JS_SUBJECT, message(seq))
+                await self.nc.publish(JS_SUBJECT, message(0, seq))
             await self.nc.flush()
             deadline = time.monotonic() + 30
             while (await js.stream_info(JS_STREAM)).state.messages < self.args.js_messages:
@@ -300,15 +303,29 @@ class Bench:
         await asyncio.sleep(1.0)
 
     async def window(self, tag: str, expect: int, publish: Any, timeout: float,
-                     latency: bool = False, marker: str = "seq") -> dict[str, Any]:
-        """Arm the clients, run `publish()`, collect: figures of one measured window."""
+                     latency: bool = False, js: bool = False,
+                     run_id: int | None = None) -> dict[str, Any]:
+        """Arm the clients, run `publish(run_id)`, collect: figures of one measured window.
+
+        Messages carry the window's run id, so stragglers of a window that timed out are
+        not counted in the next one. `js`: count `js_msg` envelopes (ours' JetStream).
+        """
+        if run_id is None:
+            self.run_id += 1
+            run_id = self.run_id
+        marker = "js" if js else f'"run":{run_id},"seq":'
         await self.clients.call("arm", tag=tag, expect=expect, latency=latency, marker=marker)
         s0, n0 = proc_cpu(self.server_pid), proc_cpu(self.nats_pid)
         t0 = time.time()
-        await publish()
+        await publish(run_id)
         t_pub = time.time() - t0
         rs = await self.clients.call("collect", tag=tag, timeout=timeout)
         t_end = time.time()
+        if any(r["timed_out"] for r in rs):
+            # what is still in flight must not delay the next window: wait for quiet
+            q = await self.clients.call("quiet", idle=1.0, timeout=120)
+            LOG(f"    (window timed out after {timeout:.0f}s; then "
+                f"{max(x['waited'] for x in q):.0f}s until no more frames)")
         s1, n1 = proc_cpu(self.server_pid), proc_cpu(self.nats_pid)
         t_done = max(r["t_done"] for r in rs) or t_end
         elapsed = max(t_done - t0, 1e-6)
@@ -344,18 +361,18 @@ class Bench:
             LOG(f"  fan-out N={n}: {have} subscribers ready ({o['elapsed']:.1f}s)")
             await asyncio.sleep(0.5)
 
-            async def burst(m: int) -> None:
+            async def burst(rid: int, m: int) -> None:
                 for seq in range(m):
-                    await self.nc.publish(SUBJECT, message(seq))
+                    await self.nc.publish(SUBJECT, message(rid, seq))
                 await self.nc.flush()
 
-            await self.window("fan", 50, lambda: burst(50), 30)  # warm-up
+            await self.window("fan", 50, lambda rid: burst(rid, 50), 30)  # warm-up
             m = a.messages if n < 5000 else a.messages_big
             repeats = a.repeat if n < 5000 else 1
             runs = []
             for _ in range(repeats):
-                runs.append(await self.window("fan", m, lambda m=m: burst(m),
-                                              min(120.0, 20 + m * have / 100_000)))
+                runs.append(await self.window("fan", m, lambda rid, m=m: burst(rid, m),
+                                              min(150.0, 30 + m * have / 50_000)))
                 await asyncio.sleep(0.2)
             # the median run by rate; losses of every run count
             tput = sorted(runs, key=lambda w: w["rate"])[len(runs) // 2]
@@ -374,17 +391,18 @@ class Bench:
                 f"{' '.join(f'{c:.0%}' for c in tput['client_cpu'])}")
             await asyncio.sleep(0.5)
 
-            async def paced(k: int) -> None:
+            async def paced(rid: int, k: int) -> None:
                 start = time.monotonic()
                 for seq in range(k):
-                    await self.nc.publish(SUBJECT, message(seq))
+                    await self.nc.publish(SUBJECT, message(rid, seq))
                     await self.nc.flush()
                     delay = start + (seq + 1) / a.rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)  # the fixed publish rate
 
-            lat = await self.window("fan", a.latency_messages, lambda: paced(a.latency_messages),
-                                    30 + a.latency_messages / a.rate, latency=True)
+            k = a.latency_messages
+            lat = await self.window("fan", k, lambda rid, k=k: paced(rid, k), 30 + k / a.rate,
+                                    latency=True)
             LOG(f"    latency at {a.rate:g} msg/s, {a.latency_messages} msgs: p50 "
                 f"{lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, lost "
                 f"{lat['lost']}; CPU: server {lat['server_cpu']:.0%} clients "
@@ -458,12 +476,12 @@ class Bench:
             raise RuntimeError("no client could connect")
         await asyncio.sleep(0.5)
 
-        async def go() -> None:
+        async def go(rid: int) -> None:
             await self.clients.call("js_go", tag="js", stream=JS_STREAM, filter=JS_SUBJECT,
                                     start_seq=1, batch=a.js_batch)
 
         w = await self.window("js", a.js_messages, go, 180,
-                              marker="js" if self.kind == "ours" else "seq")
+                              js=self.kind == "ours", run_id=0)
         self.res["js"] = {**w, "n": o["opened"], "consumers": await self.consumers(JS_STREAM)}
         LOG(f"  jetstream catch-up: {o['opened']} clients x {a.js_messages} from start_seq 1: "
             f"{w['delivered']:,}/{w['expected']:,} in {w['elapsed']:.2f}s = {w['rate']:,.0f} "
@@ -690,7 +708,9 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
               "## Every run", "",
               "CPU is the share of one core over the run (the load client: each process; "
               "a process near 100% means the client may be the bottleneck). Lost = expected - "
-              "received; seq holes = sequence numbers skipped before the last one received.",
+              "received when the window ended (all received, or its timeout: a timed-out run's "
+              "lost messages may have been late rather than dropped); seq holes = sequence "
+              "numbers skipped before the last one received.",
               "",
               "| server | run | conns | delivered / expected | lost | seq holes | closed | "
               "time s | msg/s | frames | server CPU | nats CPU | client CPU | msg per "
@@ -701,6 +721,8 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
         if not res:
             continue
         for name, w in all_runs(res, args):
+            if w.get("timed_out"):
+                name += " **timed out**"
             lines.append(
                 f"| {k} | {name} | {w['conns']:,} | {w['delivered']:,} / {w['expected']:,} | "
                 f"{w['lost']:,} | {w['seq_holes']:,} | {w['closed']} | {w['elapsed']:.2f} | "
