@@ -343,6 +343,10 @@ async def test_login_logout_by_keyboard_at_phone_width(person: PersonFactory) ->
         width = await page.evaluate("() => document.documentElement.scrollWidth")
         assert width <= PHONE["width"], f"{route} scrolls sideways: {width}px"
     await expect(page.locator('#nav a[data-route="admin"]')).to_be_hidden()
+    # A reload keeps the session: the page renews its cookie (POST /api/auth/refresh).
+    await page.reload()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#todos-h")).to_be_visible()
     await page.locator("#logout").focus()
     await page.keyboard.press("Enter")
     await expect(page.locator("#login-title")).to_be_visible()
