@@ -22,7 +22,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint ensure-nginx browser-deps
+test: install lint typecheck ensure-nginx browser-deps
 	node --test web/test/
 	$(PY) -m pytest -q -p no:cacheprovider
 

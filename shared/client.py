@@ -319,7 +319,8 @@ class GatewayClient:
             self._pending.pop(inbox, None)
         if reply["op"] == "error":
             raise RequestError(reply["data"]["code"], reply["data"]["reason"])
-        return reply
+        result: dict[str, Any] = reply
+        return result
 
     async def _subscribe(self, op: str, target: str, pattern: str, data: Any) -> ClientSubscription:
         inbox = self.new_inbox()

@@ -110,7 +110,7 @@ class _Head(Struct):
 
 
 _head_decoder = msgspec.json.Decoder(_Head)
-_op_decoder = msgspec.json.Decoder(ClientOp)  # type: ignore[arg-type]
+_op_decoder = msgspec.json.Decoder(ClientOp)
 
 
 def decode_client_frame(frame: bytes | str) -> ClientOp:

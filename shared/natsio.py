@@ -106,7 +106,7 @@ async def settle(nc: NATS, timeout: float = 5.0) -> None:
     pending buffer out first restores the order.
     """
     await nc._flush_pending(force_flush=True)
-    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=int(max(1, timeout)))
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> None:

@@ -144,7 +144,7 @@ class StreamReader:
         cfg = api.ConsumerConfig(
             deliver_policy=start.policy,
             opt_start_seq=start.seq,
-            opt_start_time=start.time.isoformat() if start.time else None,
+            opt_start_time=start.time,
             ack_policy=api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE,
             filter_subject=self.filter_subject,
             max_ack_pending=max(self._batch * 4, 1000) if self._ack else None,
@@ -161,7 +161,7 @@ class StreamReader:
     async def _ensure_consumer(self, start: Start) -> api.ConsumerInfo:
         if self.durable:
             try:
-                info = await self._js.consumer_info(self.stream, self.durable)
+                info: api.ConsumerInfo = await self._js.consumer_info(self.stream, self.durable)
                 if info.config.filter_subject != self.filter_subject:
                     raise ValueError("durable exists with another filter")
                 self.consumer = self.durable
@@ -169,9 +169,9 @@ class StreamReader:
             except NotFoundError as e:
                 if "stream" in str(e).lower() and "consumer" not in str(e).lower():
                     raise
-        info = await self._js.add_consumer(self.stream, self._config(start))
-        self.consumer = info.name
-        return info
+        created: api.ConsumerInfo = await self._js.add_consumer(self.stream, self._config(start))
+        self.consumer = created.name
+        return created
 
     async def _park_durable(self) -> None:
         """Recreate the durable at its position, dropping our outstanding pull request.

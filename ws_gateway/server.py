@@ -142,7 +142,8 @@ class Gateway:
         )
         self.hub.register(session)
         session.start()
-        code, reason = CloseCode.NORMAL, "client closed"
+        code: int = CloseCode.NORMAL
+        reason = "client closed"
         try:
             async for frame in ws:
                 await session.handle_frame(frame)
