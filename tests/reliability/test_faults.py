@@ -143,6 +143,8 @@ async def test_nats_restart_mid_stream(
         last_kv = feed.kv_acked[-1]
         await until(lambda: any(r == last_kv for _, r in kv_got), "the last KV revision", 60)
     finally:
+        if nats_server.proc is None:  # failed mid-outage: leave the module a server
+            nats_server.start()
         feed.stop.set()
         await asyncio.gather(task, return_exceptions=True)
         drainer.cancel()

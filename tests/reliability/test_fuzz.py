@@ -345,3 +345,93 @@ async def test_fuzzed_frames_get_documented_answers(
     assert unexpected == []
     assert errors.records == []
     assert fuzz_gateway.hub is not None and fuzz_gateway.hub.nc.is_connected
+
+
+async def test_fuzzed_frames_over_long_polling(
+    fuzz_gateway: Gateway, make_user: UserFactory, figures: Figures
+) -> None:
+    """The same frames through POST /poll/send: documented codes only, the session survives
+    every frame but another `v` (then 410 with close code 1002)."""
+    import secrets as _secrets
+
+    import aiohttp
+
+    target = scale(200, 3_000)
+    lines: list[str] = []
+    for f in generate(target):
+        text = f.decode("utf-8", "replace") if isinstance(f, bytes) else f
+        lines += [line for line in text.split("\n") if line.strip() and not closes(line)]
+    token = await make_user("fuzz", FUZZ_CAPS)
+    headers = {"Authorization": f"Bearer {token}"}
+    base = fuzz_gateway.poll_url
+    codes: dict[str, int] = {}
+    statuses: dict[int, int] = {}
+    unexpected: list[str] = []
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        sid = _secrets.token_urlsafe(18)
+        async with http.post(f"{base}/open", params={"sid": sid}, headers=headers) as r:
+            assert r.status == 200
+        after = 0
+
+        async def fetch_until(marker: str) -> None:
+            nonlocal after
+            async with asyncio.timeout(30):
+                while True:
+                    async with http.get(
+                        base,
+                        params={"sid": sid, "after": str(after), "wait": "5"},
+                        headers=headers,
+                    ) as r:
+                        assert r.status == 200, await r.text()
+                        after = int(r.headers["Poll-Last-Frame"])
+                        envs = split(await r.read())
+                    for e in envs:
+                        if e.get("op") not in SERVER_OPS:
+                            unexpected.append(f"op {e.get('op')!r}")
+                        if e.get("op") == "error":
+                            code = e["data"]["code"]
+                            codes[code] = codes.get(code, 0) + 1
+                            if code not in DOCUMENTED or code == "internal":
+                                unexpected.append(code)
+                    if any(e.get("op") == "pong" and e.get("inbox") == marker for e in envs):
+                        return
+
+        for b, i in enumerate(range(0, len(lines), 40)):
+            body = "\n".join(lines[i : i + 40]) + f'\n{{"op":"ping","inbox":"m{b}"}}'
+            async with http.post(
+                f"{base}/send", params={"sid": sid}, data=body.encode(), headers=headers
+            ) as r:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+            await fetch_until(f"m{b}")
+        # another version closes the session: 410 with close code 1002 from then on
+        async with http.post(
+            f"{base}/send", params={"sid": sid}, data=b'{"v":2,"op":"ping"}', headers=headers
+        ) as r:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(
+                    base, params={"sid": sid, "after": str(after), "wait": "2"}, headers=headers
+                ) as r:
+                    if r.status == 410:
+                        gone = await r.json(content_type=None)
+                        break
+                    after = int(r.headers["Poll-Last-Frame"])
+                    for e in split(await r.read()):
+                        if e.get("op") == "error":
+                            codes[e["data"]["code"]] = codes.get(e["data"]["code"], 0) + 1
+    elapsed = time.monotonic() - t0
+    figures.add(
+        "S7",
+        "test_fuzzed_frames_over_long_polling",
+        f"{len(lines)} hypothesis-drawn frames (those that do not end a session) posted to "
+        "/poll/send 40 at a time, then one with another `v`",
+        f"{len(lines)} frames in {elapsed:.1f} s: /poll/send {statuses}; error codes "
+        f"{dict(sorted(codes.items()))}; after `v`:2 -> 410 close_code {gone.get('close_code')}; "
+        f"{len(unexpected)} unexpected",
+        unexpected=unexpected[:20],
+    )
+    assert unexpected == []
+    assert set(statuses) == {204}
+    assert gone.get("close_code") == 1002
