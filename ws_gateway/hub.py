@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from shared.auth import TokenVerifier
 from shared.capabilities import CompiledCapabilities
@@ -45,6 +46,7 @@ class Hub:
         self.by_user: dict[str, set[Session]] = defaultdict(set)
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
         self._watchers: list[StreamReader] = []
+        self._revoked_kv: KeyValue | None = None
         self._loading: dict[str, asyncio.Future[UserRecord | None]] = {}
         # The record and compiled capabilities of every user with a session here, kept
         # current by the auth_users watch: one KV read and one compile per user, not per
@@ -214,7 +216,11 @@ class Hub:
             del self._loading[uid]
 
     async def is_revoked(self, jti: str) -> bool:
-        kv = await self.js.key_value(REVOKED_BUCKET)
+        # The bucket handle is kept: `js.key_value()` is a stream-info request of its own,
+        # which doubled the JetStream requests of every handshake (reconnect storms).
+        if self._revoked_kv is None:
+            self._revoked_kv = await self.js.key_value(REVOKED_BUCKET)
+        kv = self._revoked_kv
         try:
             entry = await kv.get(jti)
         except KeyNotFoundError:
