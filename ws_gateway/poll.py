@@ -150,7 +150,18 @@ class PollServer:
 
     def _auth_token(self, request: web.Request) -> str:
         # Cookie-authenticated requests must carry an allowed Origin, as on the upgrade.
-        return token_from(_headers(request), self.hub.settings.allowed_origins)
+        # Browsers send no Origin on a same-origin GET (the poll itself); there the
+        # fetch metadata header, which no page can set, says the page is of this origin.
+        headers = _headers(request)
+        if (
+            "Origin" not in headers
+            and "Authorization" not in headers
+            and headers.get("Sec-Fetch-Site") == "same-origin"
+        ):
+            token = request.cookies.get("session")
+            if token:
+                return token
+        return token_from(headers, self.hub.settings.allowed_origins)
 
     def _transport(self, request: web.Request) -> PollTransport | web.Response:
         sid = request.query.get("sid", "")

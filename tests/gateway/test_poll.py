@@ -76,3 +76,24 @@ async def test_open_with_cookie_needs_allowed_origin(gateway: Gateway, make_user
             headers={**cookie, "Origin": "http://127.0.0.1:8080"},
         ) as r:
             assert r.status == 400
+
+
+async def test_browser_same_origin_get_needs_no_origin_header(
+    gateway: Gateway, make_user: UserFactory
+):
+    """Browsers send no Origin on a same-origin GET: `Sec-Fetch-Site: same-origin` (which no
+    page can set) stands in for it; without either, or cross-site, the poll is refused."""
+    cookie = {"Cookie": f"session={await make_user()}"}
+    origin = {"Origin": "http://127.0.0.1:8080"}
+    async with aiohttp.ClientSession() as http:
+        assert await _open(http, gateway, {**cookie, **origin}) == 200
+        params = {"sid": SID, "after": "0", "wait": "0"}
+        for headers, status in [
+            ({**cookie, "Sec-Fetch-Site": "same-origin"}, 200),
+            (cookie, 403),
+            ({**cookie, "Sec-Fetch-Site": "cross-site"}, 403),
+            ({**cookie, "Sec-Fetch-Site": "same-site"}, 403),
+            ({**cookie, "Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 403),
+        ]:
+            async with http.get(gateway.poll_url, params=params, headers=headers) as r:
+                assert r.status == status, (headers, await r.text())
