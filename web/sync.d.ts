@@ -121,6 +121,102 @@ export class StreamBook {
   accept(seq: number): boolean;
 }
 
+// ---------------------------------------------------------------- transports (pure parts)
+
+export type TransportKind = "websocket" | "polling";
+
+export interface FallbackOptions {
+  /** WebSocket attempts in a row that never became a session before polling (default 3) */
+  fallbackAfter?: number;
+  /** ms between WebSocket tries while on polling (default 60000; 0: never) */
+  probeInterval?: number;
+  /** false: WebSocket only, never poll (default true) */
+  polling?: boolean;
+}
+
+/** The fallback decision: which transport the next attempt uses. */
+export class TransportPolicy {
+  constructor(opts?: FallbackOptions);
+  fallbackAfter: number;
+  probeInterval: number;
+  enabled: boolean;
+  /** the transport of the next attempt */
+  mode: TransportKind;
+  wsFailures: number;
+  pollFailures: number;
+  preferPolling(): void;
+  /** an attempt that never became a session (not for 4401/4403) */
+  failed(kind: TransportKind): void;
+  connected(kind: TransportKind): void;
+  /** should a WebSocket be tried beside a session over `kind`? */
+  probes(kind: TransportKind): boolean;
+}
+
+/** Long-poll bookkeeping: `after` moves only once a whole answer was read. */
+export class PollCursor {
+  after: number;
+  query(sid: string, wait: number): string;
+  /** the text to hand over ("" when nothing new), or null for an answer to fetch again */
+  accept(lastFrame: string | null, body: string): string | null;
+}
+
+/** What a long-polling HTTP answer means, as a WebSocket close would. */
+export function pollOutcome(
+  status: number,
+  problem?: any,
+): { retry: true; code?: undefined; reason: string } | { retry: false; code: number; reason: string };
+export function newSid(): string;
+/** `ws://h/ws` → `http://h/poll` */
+export function pollUrlFor(wsUrl: string): string;
+
+/** What carries one session. */
+export interface Transport {
+  readonly kind: TransportKind;
+  send(text: string): boolean;
+  close(code?: number, reason?: string): void;
+  detach(): void;
+  onopen: (() => void) | null;
+  onmessage: ((text: string) => void) | null;
+  onclose: ((code: number, reason: string) => void) | null;
+}
+
+export class WebSocketTransport implements Transport {
+  constructor(WS: any, url: string);
+  readonly kind: "websocket";
+  send(text: string): boolean;
+  close(code?: number, reason?: string): void;
+  detach(): void;
+  onopen: (() => void) | null;
+  onmessage: ((text: string) => void) | null;
+  onclose: ((code: number, reason: string) => void) | null;
+}
+
+export interface PollingOptions {
+  fetch?: typeof fetch;
+  /** seconds the server may hold a GET (default 25) */
+  wait?: number;
+  /** failed GETs in a row (network, 5xx) retried before the session counts as lost (default 3) */
+  retries?: number;
+  /** ms before the first retry, doubling (default 250) */
+  retryDelay?: number;
+  sid?: string;
+}
+
+export class PollingTransport implements Transport {
+  constructor(url: string, opts?: PollingOptions);
+  readonly kind: "polling";
+  readonly url: string;
+  readonly sid: string;
+  readonly cursor: PollCursor;
+  readonly state: "opening" | "open" | "closed";
+  send(text: string): boolean;
+  close(code?: number, reason?: string): void;
+  detach(): void;
+  onopen: (() => void) | null;
+  onmessage: ((text: string) => void) | null;
+  onclose: ((code: number, reason: string) => void) | null;
+}
+
 // ---------------------------------------------------------------- client
 
 export class SyncError extends Error {
@@ -232,6 +328,22 @@ export interface ClientOptions {
   /** false: do not connect in the constructor */
   connect?: boolean;
   random?: () => number;
+  /** false: never fall back to long polling (default true) */
+  polling?: boolean;
+  /** failed WebSocket opens in a row before falling back (default 3) */
+  fallbackAfter?: number;
+  /** ms between WebSocket tries while on polling (default 60000; 0: never) */
+  probeInterval?: number;
+  /** ms a WebSocket try may take to get its cap_update (default 10000) */
+  probeTimeout?: number;
+  /** the transport of the first attempt (default "websocket") */
+  transport?: TransportKind;
+  /** default: the `url` with http(s) and `/poll` */
+  pollUrl?: string;
+  /** seconds the server may hold a poll (default 25) */
+  pollWait?: number;
+  /** for the polling transport (tests) */
+  fetch?: typeof fetch;
 }
 
 export interface StateDetails {
@@ -240,12 +352,19 @@ export interface StateDetails {
   error?: ServerError | null;
   retryIn?: number;
   connects?: number;
+  /** with "open": the transport the session runs over */
+  transport?: TransportKind;
 }
 
 export class SyncClient {
   constructor(options?: ClientOptions);
   readonly url: string;
+  readonly pollUrl: string;
   readonly state: ConnectionState;
+  /** the transport of the session in use (or of the first attempt, before any) */
+  readonly transport: TransportKind;
+  /** the fallback decision, live: e.g. `policy.mode` is the next attempt's transport */
+  readonly policy: TransportPolicy;
   readonly user: string | null;
   readonly capabilities: Capabilities | null;
   readonly attempt: number;
@@ -260,8 +379,12 @@ export class SyncClient {
   stream<P = any>(name: string, opts?: StreamSubscriptionOptions<P>): StreamSubscription<P>;
   allows(op: "sub" | "kv_sub" | "js_sub" | "cmd", target: string, pattern?: string): boolean;
   reconnect(): void;
+  /** on polling: try a WebSocket now (as the periodic try does); false if nothing to try */
+  retryWebSocket(): boolean;
   close(): void;
   on(event: "state", fn: (state: ConnectionState, details: StateDetails) => void): Off;
+  /** the session moved to another transport (fallback, or back to WebSocket) */
+  on(event: "transport", fn: (transport: TransportKind, details: { previous: TransportKind }) => void): Off;
   on(
     event: "capabilities",
     fn: (caps: Capabilities, revoked: Array<KvStore | StreamSubscription | CoreSubscription>) => void,

@@ -1,8 +1,11 @@
 // sync.js: the browser client of natsgate's wire protocol (PROTOCOL.md v1).
 //
-// One WebSocket per app, authenticated by the `session` cookie (same origin, `/ws`).
-// Client state changes only from WebSocket messages; HTTP writes (the `api` helper at the
-// end) acknowledge and return a position that `store.seen()` / `stream.seen()` wait for.
+// One session per app, authenticated by the `session` cookie (same origin), carried by a
+// WebSocket (`/ws`) or, where WebSocket keeps failing (3 failed opens in a row), by HTTP long
+// polling (`/poll`): the same envelopes, the same resume rules, one connection state for the
+// app plus `client.transport`; while polling, WebSocket is tried again every minute.
+// Client state changes only from server messages; HTTP writes (the `api` helper at the end)
+// acknowledge and return a position that `store.seen()` / `stream.seen()` wait for.
 //
 //   const client = createClient();
 //   const todos = client.kv("todos", { pattern: `user.${uid}.>` });
@@ -11,8 +14,9 @@
 //   chat.on("message", (m) => append(m.payload));
 //
 // Layout: pure parts first (frame splitting, wildcard matching, routing, backoff, resume
-// bookkeeping — exported and unit-tested with node:test), then the connection, then the
-// three subscription kinds, then the HTTP helper. No dependencies, no build step.
+// bookkeeping, the fallback decision, long-poll bookkeeping — exported and unit-tested with
+// node:test), then events and the three subscription kinds, then the two transports and
+// the connection, then the HTTP helper. No dependencies, no build step.
 
 // ---------------------------------------------------------------- types
 
@@ -406,6 +410,169 @@ export class StreamBook {
     this.next = seq + 1;
     return true;
   }
+}
+
+// ---------------------------------------------------------------- pure: which transport
+
+/**
+ * @typedef {"websocket" | "polling"} TransportKind
+ * @typedef {{fallbackAfter?: number, probeInterval?: number, polling?: boolean}} FallbackOptions
+ */
+
+/**
+ * The fallback decision (PROTOCOL.md, "Fallback transport"), with no timers and no sockets:
+ * which transport the next connection attempt uses. WebSocket first; after `fallbackAfter`
+ * WebSocket attempts in a row that never became a session, long polling. A polling attempt
+ * that fails too says the server is away rather than WebSocket blocked: the next attempt is
+ * WebSocket again, and one more WebSocket failure goes back to polling, so during an outage
+ * the two alternate and whichever works first wins. While a session runs over polling, a
+ * WebSocket is tried every `probeInterval` ms (the client does that) and taken when it works.
+ */
+export class TransportPolicy {
+  /** @param {FallbackOptions} [opts] */
+  constructor(opts = {}) {
+    this.fallbackAfter = Math.max(1, opts.fallbackAfter ?? 3);
+    this.probeInterval = opts.probeInterval ?? 60000;
+    this.enabled = opts.polling !== false;
+    /** @type {TransportKind} the transport of the next attempt */
+    this.mode = "websocket";
+    /** WebSocket attempts in a row that never became a session */
+    this.wsFailures = 0;
+    /** polling attempts in a row that never became a session */
+    this.pollFailures = 0;
+  }
+
+  /** Start with polling (a network known to refuse WebSocket). */
+  preferPolling() {
+    if (!this.enabled) return;
+    this.mode = "polling";
+    this.wsFailures = this.fallbackAfter;
+  }
+
+  /**
+   * An attempt over `kind` ended before its session started (no `cap_update`). Not for
+   * auth refusals (4401, 4403): those say nothing about the transport.
+   * @param {TransportKind} kind
+   */
+  failed(kind) {
+    if (kind === "websocket") {
+      this.wsFailures++;
+      if (this.enabled && this.wsFailures >= this.fallbackAfter) this.mode = "polling";
+    } else {
+      this.pollFailures++;
+      this.mode = "websocket";
+      this.wsFailures = this.fallbackAfter - 1;
+    }
+  }
+
+  /**
+   * A session started over `kind`: the next attempt (after it ends) uses the same.
+   * @param {TransportKind} kind
+   */
+  connected(kind) {
+    this.mode = kind;
+    this.pollFailures = 0;
+    if (kind === "websocket") this.wsFailures = 0;
+  }
+
+  /**
+   * Should a WebSocket be tried beside a session that runs over `kind`?
+   * @param {TransportKind} kind
+   */
+  probes(kind) {
+    return kind === "polling" && this.probeInterval > 0 && Number.isFinite(this.probeInterval);
+  }
+}
+
+// ---------------------------------------------------------------- pure: long-poll bookkeeping
+
+/**
+ * Where a long-polling session is: `after` is the number of the last server frame handed to
+ * the session. Every GET sends it, which acknowledges every frame up to it (the server
+ * forgets them) and asks for the ones after it. `after` moves only once a whole response has
+ * been read, so a response lost on the way is fetched again, never skipped, and frames are
+ * never handed over twice.
+ */
+export class PollCursor {
+  constructor() {
+    this.after = 0;
+  }
+
+  /**
+   * The query of the next GET.
+   * @param {string} sid
+   * @param {number} wait seconds the server may hold the request
+   */
+  query(sid, wait) {
+    return `sid=${encodeURIComponent(sid)}&after=${this.after}&wait=${wait}`;
+  }
+
+  /**
+   * A 200 answer, read in full: returns the text to hand to the session (the frames after
+   * `after`, newline-separated; "" when there were none) and moves `after` to the answer's
+   * last frame. Returns null, moving nothing, when the answer cannot be trusted (no or bad
+   * `Poll-Last-Frame`, or one behind what we have): fetch again.
+   * @param {string | null} lastFrame the `Poll-Last-Frame` header
+   * @param {string} body
+   * @returns {string | null}
+   */
+  accept(lastFrame, body) {
+    if (lastFrame === null || !/^\s*\d+\s*$/.test(lastFrame)) return null;
+    const last = Number(lastFrame);
+    if (!Number.isSafeInteger(last) || last < this.after) return null;
+    if (last === this.after) return "";
+    this.after = last;
+    return body;
+  }
+}
+
+/**
+ * What a long-polling HTTP answer means for the session, as a WebSocket close would:
+ * `retry` (the same request again: a network error, 429 or 5xx), or the close `code`.
+ * 410 carries the session's own close code (4401 → refresh, 4403 → stop, like a WebSocket
+ * close); 404 `unknown_session` (another gateway process got the request) is an abnormal end
+ * whose reconnect opens a new session and resumes; 401 is 4401.
+ * @param {number} status HTTP status, 0 for no answer at all
+ * @param {any} [problem] the problem+json body, when there is one
+ * @returns {{retry: true, code?: undefined, reason: string} | {retry: false, code: number, reason: string}}
+ */
+export function pollOutcome(status, problem) {
+  const p = problem && typeof problem === "object" ? problem : {};
+  const detail = typeof p.detail === "string" ? p.detail : "";
+  if (status === 0 || status === 429 || status >= 500) {
+    return { retry: true, reason: status ? `HTTP ${status}` : "no answer" };
+  }
+  if (status === 410) {
+    const code = Number(p.close_code);
+    return { retry: false, code: Number.isInteger(code) && code > 0 ? code : 1006, reason: detail || "session closed" };
+  }
+  if (status === 404) return { retry: false, code: 1006, reason: `${p.code || "not found"}: ${detail || "reopen"}` };
+  if (status === 401) return { retry: false, code: 4401, reason: detail || "unauthorized" };
+  if (status === 403) return { retry: false, code: 1008, reason: detail || "forbidden" };
+  return { retry: false, code: 1006, reason: `HTTP ${status}${detail ? `: ${detail}` : ""}` };
+}
+
+/** A session id for `/poll/open`: 24 characters of [A-Za-z0-9_-], from a CSPRNG when there is one. */
+export function newSid() {
+  const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  const bytes = new Uint8Array(24);
+  const c = globalThis.crypto;
+  if (c && typeof c.getRandomValues === "function") c.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return Array.from(bytes, (b) => abc[b & 63]).join("");
+}
+
+/**
+ * The long-polling endpoint that goes with a WebSocket URL: `ws://h/ws` → `http://h/poll`.
+ * @param {string} wsUrl
+ */
+export function pollUrlFor(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === "wss:" || u.protocol === "https:" ? "https:" : "http:";
+  u.pathname = u.pathname.replace(/\/(ws)?$/, "") + "/poll";
+  u.search = "";
+  u.hash = "";
+  return u.toString();
 }
 
 // ---------------------------------------------------------------- events
@@ -873,6 +1040,286 @@ export class StreamSubscription extends Subscription {
   }
 }
 
+// ---------------------------------------------------------------- transports
+
+/**
+ * What carries one session: a WebSocket, or long polling. The client only sees this:
+ * `send(text)` one envelope (false when not open), `close(code, reason)`, and the handlers
+ * it sets: `onopen()` once the carrier is up, `onmessage(text)` per frame (envelopes
+ * separated by "\n"; "" is a sign of life with nothing in it), `onclose(code, reason)` once,
+ * with the code a WebSocket close would carry. `detach()` drops the handlers (nothing more
+ * reaches the client from it).
+ * @typedef {{kind: TransportKind, send(text: string): boolean, close(code?: number, reason?: string): void,
+ *            detach(): void, onopen: (() => void) | null, onmessage: ((text: string) => void) | null,
+ *            onclose: ((code: number, reason: string) => void) | null}} Transport
+ */
+
+/** A WebSocket as a Transport. The constructor throws when the WebSocket cannot be made. */
+export class WebSocketTransport {
+  /** @param {any} WS a WebSocket constructor @param {string} url */
+  constructor(WS, url) {
+    /** @type {TransportKind} */
+    this.kind = "websocket";
+    /** @type {(() => void) | null} */ this.onopen = null;
+    /** @type {((text: string) => void) | null} */ this.onmessage = null;
+    /** @type {((code: number, reason: string) => void) | null} */ this.onclose = null;
+    const ws = new WS(url);
+    this.ws = ws;
+    ws.onopen = () => this.onopen?.();
+    ws.onmessage = (/** @type {{data: any}} */ ev) => {
+      if (typeof ev.data === "string") this.onmessage?.(ev.data);
+      else this.onmessage?.(""); // binary: not ours, but the connection is alive
+    };
+    ws.onerror = () => {}; // the close event follows and says what to do
+    ws.onclose = (/** @type {{code: number, reason: string}} */ ev) => {
+      const f = this.onclose;
+      this.onclose = null;
+      f?.(ev.code, ev.reason);
+    };
+  }
+
+  /** @param {string} text */
+  send(text) {
+    if (this.ws.readyState !== 1) return false;
+    this.ws.send(text);
+    return true;
+  }
+
+  /** @param {number} [code] @param {string} [reason] */
+  close(code = 1000, reason = "") {
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      // already closed
+    }
+  }
+
+  detach() {
+    this.onopen = this.onmessage = this.onclose = null;
+  }
+}
+
+/**
+ * @typedef {{fetch?: typeof fetch, wait?: number, retries?: number, retryDelay?: number,
+ *            sid?: string}} PollingOptions
+ */
+
+/** Client envelopes per POST /poll/send, at most (and at most ~32 KB; the server takes 64). */
+const SEND_BATCH = 100;
+const SEND_BYTES = 32 * 1024;
+
+/**
+ * One long-polling session as a Transport (PROTOCOL.md, "Fallback transport"; the HTTP
+ * contract is in ws_gateway/poll.py): POST `/open?sid=S`, a loop of `GET ?sid=S&after=N`
+ * (each answer holds the frames after N; N only moves once an answer was read, so a lost one
+ * is fetched again), client envelopes in POST `/send` (one request at a time, queued ones
+ * batched), POST `/close`. Auth is the page's cookie, as for the WebSocket.
+ */
+export class PollingTransport {
+  /** @param {string} url the endpoint, e.g. `http://host/poll` @param {PollingOptions} [opts] */
+  constructor(url, opts = {}) {
+    /** @type {TransportKind} */
+    this.kind = "polling";
+    this.url = url;
+    this.sid = opts.sid || newSid();
+    this.cursor = new PollCursor();
+    this.wait = opts.wait ?? 25;
+    this.retries = opts.retries ?? 3;
+    this.retryDelay = opts.retryDelay ?? 250;
+    this._fetch = opts.fetch || ((/** @type {any} */ u, /** @type {any} */ i) => globalThis.fetch(u, i));
+    /** @type {"opening" | "open" | "closed"} */
+    this.state = "opening";
+    /** @type {(() => void) | null} */ this.onopen = null;
+    /** @type {((text: string) => void) | null} */ this.onmessage = null;
+    /** @type {((code: number, reason: string) => void) | null} */ this.onclose = null;
+    /** @type {string[]} */ this._out = [];
+    this._sending = false;
+    /** @type {AbortController | null} */ this._get = null;
+    /** @type {any} */ this._timer = null;
+    queueMicrotask(() => this._start());
+  }
+
+  /** @param {string} path @param {string} [query] */
+  _href(path, query) {
+    return `${this.url}${path}?${query || `sid=${encodeURIComponent(this.sid)}`}`;
+  }
+
+  /** @param {string} path */
+  _post(path, init = {}) {
+    return this._fetch(this._href(path), {
+      method: "POST",
+      credentials: "same-origin",
+      cache: "no-store",
+      ...init,
+    });
+  }
+
+  async _start() {
+    if (this.state !== "opening") return;
+    let resp;
+    try {
+      resp = await this._post("/open");
+    } catch (e) {
+      this._end(1006, `poll open failed (${e})`, false);
+      return;
+    }
+    if (this.state !== "opening") {
+      // closed while opening: the server has a session nobody will poll
+      if (resp.ok) this._post("/close", { keepalive: true }).catch(() => {});
+      return;
+    }
+    if (resp.status !== 200) {
+      const r = pollOutcome(resp.status, await readProblem(resp));
+      this._end(r.retry ? 1006 : r.code, `poll open: ${r.reason}`, false);
+      return;
+    }
+    this.state = "open";
+    this.onopen?.();
+    this._loop();
+  }
+
+  async _loop() {
+    let errors = 0;
+    while (this.state === "open") {
+      const ctl = new AbortController();
+      this._get = ctl;
+      // A request the network silently dropped: give up on it a while after the server's wait.
+      const timer = setTimeout(() => ctl.abort(), (this.wait + 15) * 1000);
+      /** @type {{retry: boolean, code?: number, reason: string}} */
+      let outcome;
+      try {
+        const resp = await this._fetch(this._href("", this.cursor.query(this.sid, this.wait)), {
+          credentials: "same-origin",
+          cache: "no-store",
+          signal: ctl.signal,
+        });
+        if (resp.status === 200) {
+          const body = await resp.text(); // all of it, or nothing counts
+          if (this.state !== "open") return;
+          const text = this.cursor.accept(resp.headers.get("Poll-Last-Frame"), body);
+          if (text !== null) {
+            errors = 0;
+            this.onmessage?.(text);
+            continue;
+          }
+          outcome = { retry: true, reason: "answer without Poll-Last-Frame" };
+        } else {
+          outcome = pollOutcome(resp.status, await readProblem(resp));
+        }
+      } catch (e) {
+        if (this.state !== "open") return;
+        outcome = pollOutcome(0);
+      } finally {
+        clearTimeout(timer);
+        if (this._get === ctl) this._get = null;
+      }
+      if (this.state !== "open") return;
+      if (!outcome.retry) {
+        // The server said what happened to the session (410, 404, 401…): nothing to free there.
+        this._end(/** @type {number} */ (outcome.code), outcome.reason, false);
+        return;
+      }
+      if (++errors > this.retries) {
+        this._end(1006, `poll failed ${errors} times (${outcome.reason})`, true);
+        return;
+      }
+      // The same `after` again: what the lost answer held comes again.
+      await new Promise((r) => (this._timer = setTimeout(r, this.retryDelay * 2 ** (errors - 1))));
+    }
+  }
+
+  /** @param {string} text one client envelope */
+  send(text) {
+    if (this.state !== "open") return false;
+    this._out.push(text);
+    if (!this._sending) this._flush();
+    return true;
+  }
+
+  async _flush() {
+    this._sending = true;
+    try {
+      while (this._out.length && this.state === "open") {
+        let n = 0;
+        let bytes = 0;
+        while (n < this._out.length && n < SEND_BATCH && (n === 0 || bytes + this._out[n].length < SEND_BYTES)) {
+          bytes += this._out[n++].length + 1;
+        }
+        const body = this._out.splice(0, n).join("\n");
+        let resp;
+        try {
+          resp = await this._post("/send", { body, headers: { "Content-Type": "application/x-ndjson" } });
+        } catch (e) {
+          // Did it arrive? Sending it again could do it twice: start a new session instead.
+          this._end(1006, `poll send failed (${e})`, true);
+          return;
+        }
+        if (resp.status !== 204) {
+          const r = pollOutcome(resp.status, await readProblem(resp));
+          this._end(r.retry ? 1006 : /** @type {number} */ (r.code), `poll send: ${r.reason}`, r.retry);
+          return;
+        }
+      }
+    } finally {
+      this._sending = false;
+    }
+  }
+
+  /**
+   * Close from our side: the server ends the session (1000), `onclose` follows.
+   * @param {number} [code] @param {string} [reason]
+   */
+  close(code = 1000, reason = "") {
+    if (this.state === "closed") return;
+    const wasOpen = this.state === "open";
+    this._stop();
+    if (wasOpen) this._post("/close", { keepalive: true }).catch(() => {});
+    queueMicrotask(() => this._fire(code, reason));
+  }
+
+  detach() {
+    this.onopen = this.onmessage = this.onclose = null;
+  }
+
+  _stop() {
+    this.state = "closed";
+    this._out = [];
+    clearTimeout(this._timer);
+    this._get?.abort();
+    this._get = null;
+  }
+
+  /**
+   * The session ended on its own (the server closed it, or it cannot be reached).
+   * @param {number} code @param {string} reason @param {boolean} tellServer
+   */
+  _end(code, reason, tellServer) {
+    if (this.state === "closed") return;
+    const wasOpen = this.state === "open";
+    this._stop();
+    // Free what the server may still hold for us (it would after 60 s without polls).
+    if (wasOpen && tellServer) this._post("/close", { keepalive: true }).catch(() => {});
+    this._fire(code, reason);
+  }
+
+  /** @param {number} code @param {string} reason */
+  _fire(code, reason) {
+    const f = this.onclose;
+    this.onclose = null;
+    f?.(code, reason);
+  }
+}
+
+/** The problem+json body of a refused request, or null. @param {Response} resp */
+async function readProblem(resp) {
+  try {
+    const text = await resp.text();
+    return text ? JSON.parse(text) : null;
+  } catch {
+    return null;
+  }
+}
+
 // ---------------------------------------------------------------- the connection
 
 /**
@@ -889,11 +1336,21 @@ export class StreamSubscription extends Subscription {
  *   authCheckAfter?: number,
  *   connect?: boolean,
  *   random?: () => number,
+ *   polling?: boolean,
+ *   fallbackAfter?: number,
+ *   probeInterval?: number,
+ *   probeTimeout?: number,
+ *   transport?: TransportKind,
+ *   pollUrl?: string,
+ *   pollWait?: number,
+ *   fetch?: typeof fetch,
  * }} ClientOptions
  */
 
 /** Close codes after which reconnecting cannot help. */
 const FINAL_CLOSES = new Set([1002, 4403]);
+/** Closes that are about who we are, not about the transport (no fallback on those). */
+const AUTH_CLOSES = new Set([1002, 4401, 4403]);
 
 /** The default `/ws` URL of the page's own origin. */
 function defaultUrl() {
@@ -903,9 +1360,10 @@ function defaultUrl() {
 }
 
 /**
- * One connection per app, shared by every store and stream. Events: `state`
- * (ConnectionState, details), `capabilities` (caps, revoked refs), `error` (a server error
- * that names no subscription).
+ * One connection per app, shared by every store and stream: one session, carried by a
+ * WebSocket or, where WebSocket fails, by long polling (`transport`). Events: `state`
+ * (ConnectionState, details), `transport` (the transport of the session in use changed),
+ * `capabilities` (caps, revoked refs), `error` (a server error that names no subscription).
  */
 export class SyncClient extends Emitter {
   /** @param {ClientOptions} [options] */
@@ -913,7 +1371,12 @@ export class SyncClient extends Emitter {
     super();
     this.options = options;
     this.url = options.url || defaultUrl();
+    this.pollUrl = options.pollUrl || pollUrlFor(this.url);
     this._WS = options.WebSocket || globalThis.WebSocket;
+    this.policy = new TransportPolicy(options);
+    if (options.transport === "polling") this.policy.preferPolling();
+    /** @type {TransportKind} the transport of the session in use (or of the first attempt) */
+    this.transport = this.policy.mode;
     /** @type {ConnectionState} */
     this.state = "connecting";
     /** @type {string | null} */
@@ -929,8 +1392,12 @@ export class SyncClient extends Emitter {
     this.connects = 0; // connections that got their first cap_update
     /** @type {number | null} ms until the next reconnect, while waiting */
     this.retryIn = null;
-    /** @type {any} */
-    this.ws = null;
+    /** @type {Transport | null} the connection: current session or attempt */
+    this._conn = null;
+    /** @type {Transport | null} a WebSocket tried beside a polling session */
+    this._probing = null;
+    /** @type {any} */ this._probeTimer = null;
+    /** @type {any} */ this._probeGiveUp = null;
     this._openedAt = 0;
     this._lastRx = 0;
     this._ready = false;
@@ -1001,19 +1468,16 @@ export class SyncClient extends Emitter {
     this._closed = true;
     for (const s of [...this.subs]) s.close();
     this._stopTimers();
+    this._endProbe();
     clearTimeout(this._refreshTimer);
     if (typeof globalThis.removeEventListener === "function") {
       globalThis.removeEventListener("online", this._onOnline);
     }
-    const ws = this.ws;
-    this.ws = null;
-    if (ws) {
-      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
-      try {
-        ws.close(1000, "client closed");
-      } catch {
-        // already closed
-      }
+    const conn = this._conn;
+    this._conn = null;
+    if (conn) {
+      conn.detach();
+      conn.close(1000, "client closed");
     }
     this._setState("closed", { code: 1000, reason: "client closed" });
   }
@@ -1021,17 +1485,26 @@ export class SyncClient extends Emitter {
   /** Reconnect now (e.g. from a "retry" button), skipping the backoff wait. */
   reconnect() {
     if (this._closed) return;
-    if (this.ws) {
-      try {
-        this.ws.close(4000, "reconnect");
-      } catch {
-        // ignore
-      }
+    if (this._conn) {
+      this._conn.close(4000, "reconnect");
       return;
     }
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
     this._open();
+  }
+
+  /**
+   * While the session runs over long polling: try a WebSocket now instead of at the next
+   * periodic probe; the session moves to it if it works. Returns false when there is
+   * nothing to try (not polling, not connected, or a try already running).
+   */
+  retryWebSocket() {
+    if (this._closed || !this._ready || !this._conn || this._conn.kind !== "polling" || this._probing) return false;
+    clearTimeout(this._probeTimer);
+    this._probeTimer = null;
+    this._probe();
+    return true;
   }
 
   // ---------------------------------------------------------------- internals: subscriptions
@@ -1110,10 +1583,8 @@ export class SyncClient extends Emitter {
 
   /** @param {Envelope} env */
   _send(env) {
-    const ws = this.ws;
-    if (!ws || ws.readyState !== 1) return false;
-    ws.send(JSON.stringify(env));
-    return true;
+    const conn = this._conn;
+    return conn ? conn.send(JSON.stringify(env)) : false;
   }
 
   /** @param {ConnectionState} state @param {Record<string, any>} [details] */
@@ -1127,47 +1598,69 @@ export class SyncClient extends Emitter {
     if (this._closed) return;
     this.retryIn = null;
     if (this.state !== "connecting") this._setState("reconnecting", { retryIn: 0 });
-    let ws;
+    const kind = this.policy.mode;
+    let conn;
     try {
-      ws = new this._WS(this.url);
+      conn = this._makeTransport(kind);
     } catch (e) {
-      this._scheduleReconnect(1006, String(e));
+      // e.g. a page or extension that forbids WebSocket: a failed attempt like any other
+      this._conn = null;
+      this._onClose(1006, String(e), kind);
       return;
     }
-    this.ws = ws;
+    this._attach(conn);
+  }
+
+  /** @param {TransportKind} kind @returns {Transport} */
+  _makeTransport(kind) {
+    if (kind === "polling") {
+      return new PollingTransport(this.pollUrl, { fetch: this.options.fetch, wait: this.options.pollWait });
+    }
+    return new WebSocketTransport(this._WS, this.url);
+  }
+
+  /** Make `conn` the connection: its frames go to the session, its close to `_onClose`. @param {Transport} conn */
+  _attach(conn) {
+    this._conn = conn;
     this._ready = false;
     this._lastError = null;
-    ws.onopen = () => {
+    conn.onopen = () => {
       this._openedAt = Date.now();
       this._lastRx = Date.now();
       this._startHeartbeat();
     };
-    ws.onmessage = (/** @type {{data: any}} */ ev) => {
+    conn.onmessage = (text) => {
       this._lastRx = Date.now();
-      if (typeof ev.data !== "string") return;
-      for (const env of splitFrame(ev.data)) this._dispatch(env);
+      for (const env of splitFrame(text)) {
+        if (this._conn !== conn) return;
+        this._dispatch(env);
+      }
     };
-    ws.onerror = () => {}; // the close event follows and says what to do
-    ws.onclose = (/** @type {{code: number, reason: string}} */ ev) => {
-      if (this.ws !== ws) return;
-      this._onClose(ev.code, ev.reason);
+    conn.onclose = (code, reason) => {
+      if (this._conn !== conn) return;
+      this._onClose(code, reason, conn.kind);
     };
   }
 
-  /** @param {number} code @param {string} reason */
-  _onClose(code, reason) {
+  /**
+   * The connection ended (or an attempt failed), whatever carried it: the same rules for both.
+   * @param {number} code @param {string} reason @param {TransportKind} kind
+   */
+  _onClose(code, reason, kind) {
     const wasReady = this._ready;
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
-    this.ws = null;
+    this._conn = null;
     this._ready = false;
     this._openedAt = 0;
     this._stopTimers();
+    this._endProbe();
     this._inboxes.clear();
     for (const sub of this.subs) sub.onConnectionLost();
     if (this._closed) return;
     const error = this._lastError;
     if (!wasReady) this._failures++;
     else this._failures = 0;
+    if (!wasReady && !AUTH_CLOSES.has(code)) this.policy.failed(kind);
     if (wasReady && lived >= (this.options.stableAfter ?? 5000)) this.attempt = 0;
     if (FINAL_CLOSES.has(code)) {
       this._setState(code === 4403 ? "unauthorized" : "closed", { code, reason, error });
@@ -1230,16 +1723,13 @@ export class SyncClient extends Emitter {
     const timeout = this.options.pongTimeout ?? 10000;
     clearInterval(this._heartbeat);
     this._heartbeat = setInterval(() => {
-      const ws = this.ws;
-      if (!ws) return;
+      const conn = this._conn;
+      if (!conn) return;
       if (Date.now() - this._lastRx > interval + timeout) {
         // Nothing heard, not even our pong: the connection is dead without a close.
-        try {
-          ws.close(4000, "heartbeat timeout");
-        } catch {
-          // ignore
-        }
-        if (this.ws === ws) this._onClose(1006, "heartbeat timeout");
+        conn.detach();
+        conn.close(4000, "heartbeat timeout");
+        this._onClose(1006, "heartbeat timeout", conn.kind);
         return;
       }
       this._send({ op: "ping", inbox: `p${++this._ids}` });
@@ -1325,14 +1815,103 @@ export class SyncClient extends Emitter {
       }
     }
     const first = !this._ready;
-    if (first) {
+    if (first && this._conn) {
+      const kind = this._conn.kind;
+      const previous = this.transport;
       this._ready = true;
       this._failures = 0;
       this.connects++;
-      this._setState("open", { connects: this.connects });
+      this.policy.connected(kind);
+      this.transport = kind;
+      this._setState("open", { connects: this.connects, transport: kind });
+      if (kind !== previous) this.emit("transport", kind, { previous });
+      this._scheduleProbe();
     }
     this.emit("capabilities", this.capabilities, revoked);
     this._syncSubs();
+  }
+
+  // ---------------------------------------------------------------- internals: back to WebSocket
+
+  /** While on polling: try a WebSocket again in `probeInterval` ms. */
+  _scheduleProbe() {
+    clearTimeout(this._probeTimer);
+    this._probeTimer = null;
+    if (this._closed || !this._conn || !this.policy.probes(this._conn.kind)) return;
+    this._probeTimer = setTimeout(() => {
+      this._probeTimer = null;
+      this._probe();
+    }, Math.min(this.policy.probeInterval, 2 ** 31 - 1));
+  }
+
+  /**
+   * Open a WebSocket beside the polling session. It is a session of its own: once its
+   * `cap_update` comes, it replaces the polling one and every subscription resumes on it
+   * (the resume rules of a reconnect). If it fails, the polling session goes on untouched.
+   */
+  _probe() {
+    if (this._closed || !this._ready || !this._conn || this._conn.kind !== "polling" || this._probing) return;
+    let probe;
+    try {
+      probe = new WebSocketTransport(this._WS, this.url);
+    } catch {
+      this._scheduleProbe();
+      return;
+    }
+    this._probing = probe;
+    const failed = () => {
+      if (this._probing !== probe) return;
+      this._endProbe();
+      this._scheduleProbe();
+    };
+    this._probeGiveUp = setTimeout(failed, this.options.probeTimeout ?? 10000);
+    probe.onclose = failed;
+    probe.onmessage = (text) => {
+      const envs = splitFrame(text);
+      if (this._probing === probe && envs.some((e) => e.op === "cap_update")) this._adopt(probe, envs);
+    };
+  }
+
+  /** Stop a probe (if any) and its timers. */
+  _endProbe() {
+    clearTimeout(this._probeTimer);
+    clearTimeout(this._probeGiveUp);
+    this._probeTimer = this._probeGiveUp = null;
+    const probe = this._probing;
+    this._probing = null;
+    if (probe) {
+      probe.detach();
+      probe.close(1000, "not needed");
+    }
+  }
+
+  /**
+   * The probe works: move the session to it. The polling session is closed (the server
+   * frees its subscriptions); every subscription is sent again on the new one, resuming
+   * where the app is, exactly as after a reconnect.
+   * @param {Transport} conn @param {Envelope[]} envs its first frame
+   */
+  _adopt(conn, envs) {
+    clearTimeout(this._probeGiveUp);
+    this._probeGiveUp = null;
+    this._probing = null;
+    const old = this._conn;
+    if (old) {
+      old.detach();
+      old.close(1000, "moving to WebSocket");
+    }
+    this._stopTimers();
+    this._ready = false;
+    this._inboxes.clear();
+    for (const sub of this.subs) sub.onConnectionLost();
+    this._attach(conn);
+    this._openedAt = Date.now();
+    this._lastRx = Date.now();
+    this._startHeartbeat();
+    for (const env of envs) {
+      if (this._conn !== conn) return;
+      this._dispatch(env);
+    }
   }
 }
 
