@@ -1,5 +1,6 @@
-// The demo SPA: articles, chat, todos, admin — every list is live from the one WebSocket
-// (sync.js); every write goes over HTTP and the UI waits for the WebSocket to show it.
+// The demo SPA: articles, chat, todos, admin — every list is live from the one connection
+// (sync.js: a WebSocket, or long polling where WebSocket fails); every write goes over HTTP
+// and the UI waits for the connection to show it.
 // No framework, no inline script or style (the CSP forbids them).
 import { ApiError, allows, createApi, createClient, validPattern } from "./sync.js";
 
@@ -218,6 +219,11 @@ function start(login) {
   });
   /** @type {any} */ (window).natsgate = { client, api }; // for the console (and the browser tests)
   client.on("state", renderConn);
+  client.on("transport", (/** @type {string} */ transport) => {
+    if (!client) return;
+    renderConn(client.state, {});
+    announce(transport === "polling" ? "WebSocket unavailable: live updates by long polling" : "Live updates by WebSocket again");
+  });
   client.on("capabilities", (/** @type {any} */ caps, /** @type {any[]} */ revoked) => {
     renderCaps(caps, revoked);
   });
@@ -253,17 +259,24 @@ async function logout() {
 function renderConn(state, details) {
   const conn = $("conn");
   conn.dataset.state = state;
-  if (client) conn.dataset.connects = String(client.connects);
+  const polling = !!client && client.transport === "polling";
+  if (client) {
+    conn.dataset.connects = String(client.connects);
+    conn.dataset.transport = client.transport;
+  }
   const text = {
     connecting: "Connecting…",
-    open: "Live",
+    open: polling ? "Live (polling)" : "Live",
     reconnecting:
       details && details.retryIn ? `Reconnecting in ${(details.retryIn / 1000).toFixed(1)} s…` : "Reconnecting…",
     closed: "Disconnected",
     unauthorized: "Signed out",
   }[state];
   $("conn-text").textContent = text || state;
-  conn.title = details && details.code ? `last close code ${details.code}` : "";
+  const titles = [];
+  if (polling) titles.push("WebSocket is unavailable: updates come by HTTP long polling; WebSocket is tried again every minute");
+  if (details && details.code) titles.push(`last close code ${details.code}`);
+  conn.title = titles.join(" · ");
   if (state === "unauthorized") {
     localStorage.removeItem(SESSION_FLAG);
     const reason = details && details.error ? details.error.reason : "";
