@@ -130,6 +130,8 @@ export interface FallbackOptions {
   fallbackAfter?: number;
   /** ms between WebSocket tries while on polling (default 60000; 0: never) */
   probeInterval?: number;
+  /** ms before the first of them (default 5000, at most probeInterval) */
+  firstProbe?: number;
   /** false: WebSocket only, never poll (default true) */
   polling?: boolean;
 }
@@ -139,6 +141,7 @@ export class TransportPolicy {
   constructor(opts?: FallbackOptions);
   fallbackAfter: number;
   probeInterval: number;
+  firstProbe: number;
   enabled: boolean;
   /** the transport of the next attempt */
   mode: TransportKind;
@@ -150,6 +153,8 @@ export class TransportPolicy {
   connected(kind: TransportKind): void;
   /** should a WebSocket be tried beside a session over `kind`? */
   probes(kind: TransportKind): boolean;
+  /** ms before WebSocket try `n` (0 = the first) of a polling session, jittered */
+  probeDelay(n: number, random?: () => number): number;
 }
 
 /** Long-poll bookkeeping: `after` moves only once a whole answer was read. */
@@ -334,6 +339,8 @@ export interface ClientOptions {
   fallbackAfter?: number;
   /** ms between WebSocket tries while on polling (default 60000; 0: never) */
   probeInterval?: number;
+  /** ms before the first of them (default 5000) */
+  firstProbe?: number;
   /** ms a WebSocket try may take to get its cap_update (default 10000) */
   probeTimeout?: number;
   /** the transport of the first attempt (default "websocket") */

@@ -416,7 +416,8 @@ export class StreamBook {
 
 /**
  * @typedef {"websocket" | "polling"} TransportKind
- * @typedef {{fallbackAfter?: number, probeInterval?: number, polling?: boolean}} FallbackOptions
+ * @typedef {{fallbackAfter?: number, probeInterval?: number, firstProbe?: number,
+ *            polling?: boolean}} FallbackOptions
  */
 
 /**
@@ -426,13 +427,16 @@ export class StreamBook {
  * that fails too says the server is away rather than WebSocket blocked: the next attempt is
  * WebSocket again, and one more WebSocket failure goes back to polling, so during an outage
  * the two alternate and whichever works first wins. While a session runs over polling, a
- * WebSocket is tried every `probeInterval` ms (the client does that) and taken when it works.
+ * WebSocket is tried (the client does that) and taken when it works: first after
+ * `firstProbe` ms — a gateway restart also fails a few WebSockets in a row, and should not
+ * cost a minute of polling — then every `probeInterval` ms.
  */
 export class TransportPolicy {
   /** @param {FallbackOptions} [opts] */
   constructor(opts = {}) {
     this.fallbackAfter = Math.max(1, opts.fallbackAfter ?? 3);
     this.probeInterval = opts.probeInterval ?? 60000;
+    this.firstProbe = Math.min(opts.firstProbe ?? 5000, this.probeInterval);
     this.enabled = opts.polling !== false;
     /** @type {TransportKind} the transport of the next attempt */
     this.mode = "websocket";
@@ -481,6 +485,17 @@ export class TransportPolicy {
    */
   probes(kind) {
     return kind === "polling" && this.probeInterval > 0 && Number.isFinite(this.probeInterval);
+  }
+
+  /**
+   * ms before WebSocket try `n` (0 = the first) of a polling session, with up to 20 %
+   * jitter so that clients that fell back together do not all try at once.
+   * @param {number} n
+   * @param {() => number} [random]
+   */
+  probeDelay(n, random = Math.random) {
+    const base = n <= 0 ? this.firstProbe : this.probeInterval;
+    return Math.round(base * (1 - 0.2 * random()));
   }
 }
 
@@ -1398,6 +1413,7 @@ export class SyncClient extends Emitter {
     this._probing = null;
     /** @type {any} */ this._probeTimer = null;
     /** @type {any} */ this._probeGiveUp = null;
+    this._probes = 0; // WebSocket tries during the current polling session
     this._openedAt = 0;
     this._lastRx = 0;
     this._ready = false;
@@ -1825,6 +1841,7 @@ export class SyncClient extends Emitter {
       this.transport = kind;
       this._setState("open", { connects: this.connects, transport: kind });
       if (kind !== previous) this.emit("transport", kind, { previous });
+      this._probes = 0;
       this._scheduleProbe();
     }
     this.emit("capabilities", this.capabilities, revoked);
@@ -1833,15 +1850,16 @@ export class SyncClient extends Emitter {
 
   // ---------------------------------------------------------------- internals: back to WebSocket
 
-  /** While on polling: try a WebSocket again in `probeInterval` ms. */
+  /** While on polling: try a WebSocket again in a while (TransportPolicy.probeDelay). */
   _scheduleProbe() {
     clearTimeout(this._probeTimer);
     this._probeTimer = null;
     if (this._closed || !this._conn || !this.policy.probes(this._conn.kind)) return;
+    const delay = this.policy.probeDelay(this._probes, this.options.random);
     this._probeTimer = setTimeout(() => {
       this._probeTimer = null;
       this._probe();
-    }, Math.min(this.policy.probeInterval, 2 ** 31 - 1));
+    }, Math.min(delay, 2 ** 31 - 1));
   }
 
   /**
@@ -1852,6 +1870,7 @@ export class SyncClient extends Emitter {
   _probe() {
     if (this._closed || !this._ready || !this._conn || this._conn.kind !== "polling" || this._probing) return;
     let probe;
+    this._probes++;
     try {
       probe = new WebSocketTransport(this._WS, this.url);
     } catch {

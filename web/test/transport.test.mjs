@@ -61,6 +61,15 @@ test("polling: false never falls back; probeInterval 0 never probes; preferPolli
   assert.equal(pre.mode, "polling", "one more WebSocket failure goes back to polling");
 });
 
+test("the first WebSocket try of a polling session comes soon, then every probeInterval", () => {
+  const p = new TransportPolicy();
+  assert.equal(p.probeDelay(0, () => 0), 5000);
+  assert.equal(p.probeDelay(1, () => 0), 60000);
+  assert.equal(p.probeDelay(7, () => 1), 48000, "at most 20 % earlier");
+  const fast = new TransportPolicy({ probeInterval: 1000 });
+  assert.equal(fast.probeDelay(0, () => 0), 1000, "never later than the interval");
+});
+
 test("PollCursor: `after` moves only with an answer that was read; a lost one is asked again", () => {
   const c = new PollCursor();
   assert.equal(c.query("S", 25), "sid=S&after=0&wait=25");
