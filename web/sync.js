@@ -1432,8 +1432,15 @@ export class SyncClient extends Emitter {
         this._open();
       }
     };
+    // A page that goes away closes its WebSocket by itself, not its polling session, which
+    // the server would keep (subscriptions, a connection of the user's) for another minute.
+    // Back from the back/forward cache, the close leads to a reconnect like any other.
+    this._onPageHide = () => {
+      if (this._conn && this._conn.kind === "polling") this._conn.close(1001, "page hidden");
+    };
     if (typeof globalThis.addEventListener === "function") {
       globalThis.addEventListener("online", this._onOnline);
+      globalThis.addEventListener("pagehide", this._onPageHide);
     }
     this._scheduleRefresh();
     if (options.connect !== false) this._open();
@@ -1488,6 +1495,7 @@ export class SyncClient extends Emitter {
     clearTimeout(this._refreshTimer);
     if (typeof globalThis.removeEventListener === "function") {
       globalThis.removeEventListener("online", this._onOnline);
+      globalThis.removeEventListener("pagehide", this._onPageHide);
     }
     const conn = this._conn;
     this._conn = null;

@@ -15,6 +15,7 @@ import pytest
 from playwright.async_api import Locator, Route, expect
 
 from tests.browser.conftest import Person, PersonFactory
+from tests.deploy.stackrun import Stack
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -238,3 +239,26 @@ async def test_back_to_websocket_once_it_works_again(person: PersonFactory) -> N
             break
         await asyncio.sleep(0.1)
     assert closes, "the poll session was never closed"
+
+
+async def test_a_reload_closes_the_polling_session_on_the_server(
+    person: PersonFactory, stack: Stack
+) -> None:
+    """A page that goes away ends its polling session at once (a keepalive POST /poll/close
+    on pagehide), instead of leaving it to the server's 60 s idle reaper."""
+    alice = await blocked(person, "alice")
+    sid = await alice.page.evaluate("() => window.natsgate.client._conn.sid")
+    await alice.page.reload()
+    await expect(alice.page.locator("#conn")).to_have_attribute("data-transport", "polling")
+    await expect(alice.page.locator("#conn")).to_have_attribute("data-state", "open")
+    log = stack.layout.log_dir / "nginx-access.log"
+    closed = False
+    for _ in range(50):  # nginx writes the line once the request is done
+        closed = any(
+            e["uri"] == f"/poll/close?sid={sid}" and e["status"] == 204
+            for e in map(json.loads, log.read_text().splitlines())
+        )
+        if closed:
+            break
+        await asyncio.sleep(0.1)
+    assert closed, f"no POST /poll/close for {sid} in {log}"

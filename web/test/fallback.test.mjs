@@ -417,6 +417,13 @@ test("retryWebSocket() tries at once; a probe that never says cap_update is give
   await until(() => got.length === 2, "polling still delivers");
 });
 
+test("leaving the page closes the polling session on the server, and comes back if shown again", async () => {
+  const { server, c, s } = await onPolling();
+  c._onPageHide(); // what the pagehide event calls
+  await until(() => s.closedByClient, "POST /poll/close");
+  await until(() => server.opened.length === 2 && c.state === "open", "back from the bfcache: a new session");
+});
+
 test("client envelopes keep their order; those queued during a send go in one POST", async () => {
   const { server, c, s } = await onPolling();
   const before = server.requests.filter((r) => r === "POST /poll/send").length;
