@@ -259,16 +259,69 @@ def kv_synced(bucket: str, inbox: str, revision: int) -> bytes:
     )
 
 
+_second_cache: list[tuple[int, str]] = [(-1, "")]
+
+
+def rfc3339_ns(ns: int) -> str:
+    """`2024-05-01T12:30:00.123000Z` from nanoseconds since the epoch (UTC, microseconds)."""
+    sec, rem = divmod(ns, 1_000_000_000)
+    cached_sec, prefix = _second_cache[0]
+    if sec != cached_sec:  # messages of one second share the formatted date and time
+        prefix = dt.datetime.fromtimestamp(sec, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache[0] = (sec, prefix)
+    return f"{prefix}.{rem // 1000:06d}Z"
+
+
+class JsEncoder:
+    """Encodes the js_msg envelopes of one subscription.
+
+    Unlike fan-out data, a js_msg carries its subscription's inbox, so it is encoded per
+    subscription; the constant part (op, target, inbox) is encoded once here and the
+    per-message fields appended, which keeps JetStream catch-up cheap.
+    """
+
+    __slots__ = ("_prefix", "_subjects")
+
+    def __init__(self, stream: str, inbox: str) -> None:
+        self._prefix = (
+            b'{"op":"js_msg","target":'
+            + _encoder.encode(stream)
+            + b',"inbox":'
+            + _encoder.encode(inbox)
+            + b',"data":{"seq":'
+        )
+        self._subjects: dict[str, bytes] = {}
+
+    def encode(self, seq: int, subject: str, payload: bytes, time_ns: int) -> bytes:
+        subj = self._subjects.get(subject)
+        if subj is None:
+            if len(self._subjects) > 1024:
+                self._subjects.clear()
+            subj = self._subjects[subject] = b',"subject":' + _encoder.encode(subject)
+        raw = embed_json(payload)
+        if raw is not None:
+            body = b',"payload":' + bytes(raw)
+        else:
+            body = b',"payload_b64":"' + _b64(payload).encode() + b'"'
+        return b"".join(
+            (
+                self._prefix,
+                str(seq).encode(),
+                subj,
+                b',"time":"',
+                rfc3339_ns(time_ns).encode(),
+                b'"',
+                body,
+                b"}}",
+            )
+        )
+
+
 def js_msg(
     stream: str, inbox: str, seq: int, subject: str, payload: bytes, time: dt.datetime
 ) -> bytes:
-    data = JsData(seq=seq, subject=subject, time=time.isoformat().replace("+00:00", "Z"))
-    raw = embed_json(payload)
-    if raw is not None:
-        data.payload = raw
-    else:
-        data.payload_b64 = _b64(payload)
-    return encode(ServerMessage("js_msg", target=stream, inbox=inbox, data=data))
+    ns = int(time.timestamp()) * 1_000_000_000 + time.microsecond * 1000
+    return JsEncoder(stream, inbox).encode(seq, subject, payload, ns)
 
 
 def ping(inbox: str | None = None) -> bytes:

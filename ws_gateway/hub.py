@@ -242,7 +242,7 @@ class Hub:
             except Exception:
                 log.warning("undecodable user record", extra={"user": uid})
                 record = None
-        self._apply(uid, record, d.time.timestamp())
+        self._apply(uid, record, d.time_ns / 1e9)
         return True
 
     def _apply(self, uid: str, record: UserRecord | None, changed_at: float | None) -> None:

@@ -37,9 +37,23 @@ class Delivery:
     subject: str
     data: bytes
     headers: dict[str, str] | None
-    time: dt.datetime
+    time_ns: int  # when the stream stored it
     reply: str
     redelivered: bool
+
+
+def parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
+    """(delivered count, stream seq, timestamp ns, pending) from a JetStream ack subject.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or the newer
+    form with domain and account hash before the stream (and a trailing token). nats-py's
+    `msg.metadata` does the same with dataclasses and datetimes: a quarter of the
+    gateway's CPU in a JetStream catch-up, by profile.
+    """
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[4]), int(t[5]), int(t[7]), int(t[8])
+    return int(t[6]), int(t[7]), int(t[9]), int(t[10])
 
 
 OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
@@ -278,9 +292,8 @@ class StreamReader:
             self._lost = True
             self._request_done.set()
             return
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        redelivered = meta.num_delivered > 1
+        num_delivered, seq, ts, pending = parse_ack_reply(msg.reply)
+        redelivered = num_delivered > 1
         if seq <= self.last_seq and not (self._ack and redelivered):
             return  # a duplicate after a consumer was recreated
         self._remaining -= 1
@@ -291,11 +304,11 @@ class StreamReader:
         delivered = self._on_message(
             Delivery(
                 stream_seq=seq,
-                pending=meta.num_pending,
+                pending=pending,
                 subject=msg.subject,
                 data=msg.data,
                 headers=headers,
-                time=meta.timestamp,
+                time_ns=ts,
                 reply=msg.reply,
                 redelivered=redelivered,
             )

@@ -618,14 +618,14 @@ class Session:
         inbox = sub.ref.inbox
         ack = d.ack
 
+        encoder = envelope.JsEncoder(stream, inbox)
+
         def on_message(m: Delivery) -> bool:
             if not sub.active:
                 return False
             if ack:
                 sub.unacked[m.stream_seq] = m.reply
-            return self.push(
-                envelope.js_msg(stream, inbox, m.stream_seq, m.subject, m.data, m.time)
-            )
+            return self.push(encoder.encode(m.stream_seq, m.subject, m.data, m.time_ns))
 
         durable = f"u_{self.uid}_{d.durable}" if d.durable else None
         sub.reader = StreamReader(
