@@ -57,6 +57,7 @@ class Hub:
         # nothing is delivered on capabilities that may have changed meanwhile.
         self._delivering = True
         self._revalidation: asyncio.Task[None] | None = None
+        self._users_kv_handle: KeyValue | None = None
 
     async def start(self) -> None:
         users = StreamReader(
@@ -120,7 +121,7 @@ class Hub:
         """Fail closed: re-read every connected user's record before delivering again."""
         while True:
             try:
-                kv = await self.js.key_value(USERS_BUCKET)
+                kv = await self._users_kv()
                 for uid in list(self.by_user):
                     try:
                         entry = await kv.get(uid)
@@ -200,7 +201,7 @@ class Hub:
         fut: asyncio.Future[UserRecord | None] = asyncio.get_running_loop().create_future()
         self._loading[uid] = fut
         try:
-            kv = await self.js.key_value(USERS_BUCKET)
+            kv = await self._users_kv()
             try:
                 entry = await kv.get(uid)
                 record = decode_user(entry.value) if entry.value else None
@@ -214,6 +215,11 @@ class Hub:
             raise
         finally:
             del self._loading[uid]
+
+    async def _users_kv(self) -> KeyValue:
+        if self._users_kv_handle is None:
+            self._users_kv_handle = await self.js.key_value(USERS_BUCKET)
+        return self._users_kv_handle
 
     async def is_revoked(self, jti: str) -> bool:
         # The bucket handle is kept: `js.key_value()` is a stream-info request of its own,
