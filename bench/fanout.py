@@ -29,38 +29,12 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import proc_cpu, proc_rss_kb, wait_http  # noqa: E402
 from shared import natsio  # noqa: E402
 from shared.auth import TokenIssuer  # noqa: E402
 from shared.settings import load  # noqa: E402
 from shared.users import USERS_BUCKET, UserRecord, encode_user  # noqa: E402
 from tests.natsd import NatsServer, free_port  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-async def wait_http(port: int, path: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            line = await r.readline()
-            w.close()
-            if b" 200 " in line:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("gateway did not become ready")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -87,14 +61,14 @@ async def main(args: argparse.Namespace) -> None:
         url = f"ws://127.0.0.1:{port}/ws"
         hdrs = {"Authorization": f"Bearer {token}"}
         if args.idle:
-            base = rss_kb(gw.pid)
+            base = proc_rss_kb(gw.pid)
             conns = []
             for _ in range(args.idle):
                 ws = await connect(url, additional_headers=hdrs, compression=None,
                                    ping_interval=None)
                 await ws.recv()
                 conns.append(ws)
-            after = rss_kb(gw.pid)
+            after = proc_rss_kb(gw.pid)
             print(f"idle: {args.idle} connections, gateway RSS {base} -> {after} KiB = "
                   f"{(after - base) / args.idle:.1f} KiB per connection")
             for ws in conns:
@@ -129,7 +103,7 @@ async def main(args: argparse.Namespace) -> None:
             await r.wait()
         payload_pad = "x" * 150
         t0 = time.perf_counter()
-        gw_cpu0 = cpu_seconds(gw.pid)
+        gw_cpu0 = proc_cpu(gw.pid)
         for seq in range(expected):
             await nc.publish("bench.fan", json.dumps(
                 {"seq": seq, "ts": time.time(), "pad": payload_pad}).encode())
@@ -140,7 +114,7 @@ async def main(args: argparse.Namespace) -> None:
         except TimeoutError:
             pass
         elapsed = time.perf_counter() - t0
-        gw_cpu = cpu_seconds(gw.pid) - gw_cpu0
+        gw_cpu = proc_cpu(gw.pid) - gw_cpu0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         delivered = sum(counts)
         total = expected * args.clients

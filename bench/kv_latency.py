@@ -36,25 +36,9 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import pct, wait_http  # noqa: E402
 from shared.settings import DEFAULT_DEMO_PASSWORD  # noqa: E402
 from tests.natsd import NatsServer, free_port  # noqa: E402
-
-
-async def wait_http(port: int, path: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            line = await r.readline()
-            w.close()
-            if b" 200 " in line:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)  # polling a starting process, not synchronising a test
-    raise RuntimeError(f"{path} on port {port} did not become ready")
 
 
 def listen(port: int) -> tuple[str, ...]:
@@ -69,11 +53,6 @@ def run_module(env: dict[str, str], *args: str) -> None:
 
 def spawn_module(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def line(name: str, seconds: list[float]) -> str:

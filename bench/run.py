@@ -49,6 +49,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import pct, proc_cpu, proc_rss_kb, wait_http  # noqa: E402
 from shared import natsio  # noqa: E402
 from shared.auth import TokenIssuer  # noqa: E402
 from shared.settings import load  # noqa: E402
@@ -59,7 +60,6 @@ SUBJECT = "bench.fan"
 JS_STREAM, JS_SUBJECT = "chat", "chat.bench"
 PAD = "x" * 148  # 200 bytes with a 4-digit seq
 KINDS = ("ours", "peer", "ceiling")
-CLK = os.sysconf("SC_CLK_TCK")
 LOG = print
 
 
@@ -69,25 +69,6 @@ def message(run: int, seq: int) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def proc_rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def raise_nofile() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -95,23 +76,6 @@ def raise_nofile() -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-async def wait_http(port: int, path: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            line = await r.readline()
-            w.close()
-            if b" 200 " in line:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)  # polling a starting process
-    raise RuntimeError(f"{path} on port {port} did not become ready")
 
 
 class LoadClients:
