@@ -6,6 +6,7 @@ import { ApiError, allows, createApi, createClient, validPattern } from "./sync.
 
 const api = createApi();
 const SESSION_FLAG = "natsgate.session"; // "probably logged in": skip a 401 probe otherwise
+const TRANSPORT_KEY = "natsgate.transport"; // this tab fell back to polling: start there
 const ROOMS = ["general", "random", "help"];
 const TOKEN_RE = /^[A-Za-z0-9_-]{1,64}$/;
 
@@ -216,10 +217,14 @@ function start(login) {
   client = createClient({
     refresh: () => api.post("/auth/refresh"),
     expiresAt: login.expires_at,
+    // A reload on a network that refuses WebSocket need not fail three times again; the
+    // client tries WebSocket a few seconds later anyway and moves back if it works.
+    transport: sessionStorage.getItem(TRANSPORT_KEY) === "polling" ? "polling" : "websocket",
   });
   /** @type {any} */ (window).natsgate = { client, api }; // for the console (and the browser tests)
   client.on("state", renderConn);
   client.on("transport", (/** @type {string} */ transport) => {
+    sessionStorage.setItem(TRANSPORT_KEY, transport);
     if (!client) return;
     renderConn(client.state, {});
     announce(transport === "polling" ? "WebSocket unavailable: live updates by long polling" : "Live updates by WebSocket again");

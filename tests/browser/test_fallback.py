@@ -245,12 +245,16 @@ async def test_a_reload_closes_the_polling_session_on_the_server(
     person: PersonFactory, stack: Stack
 ) -> None:
     """A page that goes away ends its polling session at once (a keepalive POST /poll/close
-    on pagehide), instead of leaving it to the server's 60 s idle reaper."""
+    on pagehide), instead of leaving it to the server's 60 s idle reaper; the reloaded page
+    starts on polling (the tab remembers) instead of failing three WebSockets again."""
     alice = await blocked(person, "alice")
     sid = await alice.page.evaluate("() => window.natsgate.client._conn.sid")
+    failed_before = sum("/ws-blocked" in e for e in alice.console_errors)
     await alice.page.reload()
     await expect(alice.page.locator("#conn")).to_have_attribute("data-transport", "polling")
     await expect(alice.page.locator("#conn")).to_have_attribute("data-state", "open")
+    assert sum("/ws-blocked" in e for e in alice.console_errors) == failed_before
+    assert await alice.page.evaluate("() => window.natsgate.client.connects") == 1
     log = stack.layout.log_dir / "nginx-access.log"
     closed = False
     for _ in range(50):  # nginx writes the line once the request is done
