@@ -534,7 +534,12 @@ async def _codes(c: GatewayClient, requests: list[tuple[str, str, Any]]) -> dict
 
 
 async def test_authorization_by_subset_everywhere(
-    make_user: UserFactory, connect: ClientFactory, nc: NATS, api: Api, figures: Figures
+    make_user: UserFactory,
+    connect: ClientFactory,
+    nc: NATS,
+    api: Api,
+    figures: Figures,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Wider, sideways and look-alike requests are refused; canaries never arrive."""
     c = await connect(await make_user("alice", NARROW_CAPS), record=True)
@@ -615,7 +620,7 @@ async def test_authorization_by_subset_everywhere(
     allowed = {k: v for k, v in {**narrow, **wide}.items() if v == "ok"}
     figures.add(
         "S3",
-        "test_authorization_by_subset_everywhere",
+        request.node.name,
         f"{len(narrow)} wider/sideways/look-alike requests (sub, kv_sub, js_sub) under narrow "
         f"caps, {len(wide)} internal subjects/buckets/streams under `>` caps, "
         f"{canaries} canaries published on refused subjects, {len(http_codes)} HTTP requests "
