@@ -133,6 +133,8 @@ async def test_nats_restart_mid_stream(
             await asyncio.sleep(remaining)  # the outage itself, not synchronisation
         nats_server.start()
         up_at = time.monotonic()
+        acked_before = list(feed.kv_acked)
+        lost_by_server = await _not_stored(nats_server.url, acked_before)
         ready_s = await until(lambda: hub.nats_ready, "the gateway to reconnect", 60)
         await until(lambda: any(t > up_at for t, _ in core_got), "core after restart", 60)
         await until(lambda: any(t > up_at for t, _ in js_got), "JetStream after restart", 60)
@@ -170,9 +172,14 @@ async def test_nats_restart_mid_stream(
         f"during outage: {unavailable}; after restart: gateway ready in {ms(ready_s)}, first "
         + ", ".join(f"{k} msg {ms(v)}" for k, v in first.items())
         + f"; JetStream {len(feed.js_acked)} acked, gaps {len(gap)}, duplicates {dup}; KV "
-        f"{len(feed.kv_acked)} acked, missing {len(kv_missing)}",
+        f"{len(feed.kv_acked)} acked, missing {len(kv_missing)}"
+        + (f" (revisions {kv_missing[:10]})" if kv_missing else "")
+        + "; acknowledged KV writes the restarted server no longer had: "
+        + str(lost_by_server),
         gap=gap[:20],
         kv_missing=kv_missing[:20],
+        kv_received=kv_revs,  # in arrival order: where a gap sits says what skipped it
+        kv_acked_before_restart=acked_before,
     )
     assert unavailable == {"sub": "unavailable", "kv_sub": "unavailable", "js_sub": "unavailable"}
     assert gap == [] and dup == 0
@@ -180,6 +187,28 @@ async def test_nats_restart_mid_stream(
     assert kv_missing == []
     assert c.close_code in (None, 1000)
     assert core and kv and jsub  # the subscriptions the client kept throughout
+
+
+async def _not_stored(url: str, seqs: list[int]) -> list[int]:
+    """The KV_todos sequences (acknowledged before a restart) the server no longer has."""
+    probe = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=30)
+    try:
+        js = probe.jetstream(timeout=2)
+        for _ in range(100):  # JetStream takes a moment to recover its streams
+            try:
+                await js.stream_info("KV_todos")
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        gone = []
+        for seq in seqs:
+            try:
+                await js.get_msg("KV_todos", seq)
+            except Exception:
+                gone.append(seq)
+        return gone
+    finally:
+        await probe.close()
 
 
 @pytest.fixture
