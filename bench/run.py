@@ -650,8 +650,9 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
         "server side used in the max-rate run (peer: nats-server; ours and ceiling: the "
         "Python process + nats-server), over all the repeats; less sensitive to a busy "
         "machine than msg/s (CPU time is counted in 10 ms ticks: coarse at N = 100)",
-        "- **noisy**: other engineers were running test suites on this 2-core machine during "
-        "this run; the figures are indicative and are to be re-run on a quiet machine",
+        f"- machine load before the run (1-minute load average of 2 cores): {LOAD_BEFORE:.2f}; "
+        f"after: {os.getloadavg()[0]:.2f} (the run itself keeps about 2 busy). Above ~0.5 "
+        "before, something else was running and the figures are noisier",
         "",
         "| figure | better | ours | peer | ceiling | ours/peer | ours/ceiling |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -771,7 +772,12 @@ def chart(results: dict[str, dict[str, Any]], args: argparse.Namespace, png: Pat
     plt.close(fig)
 
 
+LOAD_BEFORE = 0.0
+
+
 async def main(args: argparse.Namespace) -> None:
+    global LOAD_BEFORE
+    LOAD_BEFORE = os.getloadavg()[0]
     started = dt.datetime.now(dt.UTC)
     t_start = time.monotonic()
     nofile = raise_nofile()
