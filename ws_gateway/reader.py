@@ -42,8 +42,8 @@ class Delivery:
     redelivered: bool
 
 
-def parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
-    """(delivered count, stream seq, timestamp ns, pending) from a JetStream ack subject.
+def parse_ack_reply(reply: str) -> tuple[str, int, int, int, int]:
+    """(consumer, delivered count, stream seq, timestamp ns, pending) from an ack subject.
 
     `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or the newer
     form with domain and account hash before the stream (and a trailing token). nats-py's
@@ -52,8 +52,8 @@ def parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
     """
     t = reply.split(".")
     if len(t) == 9:
-        return int(t[4]), int(t[5]), int(t[7]), int(t[8])
-    return int(t[6]), int(t[7]), int(t[9]), int(t[10])
+        return t[3], int(t[4]), int(t[5]), int(t[7]), int(t[8])
+    return t[5], int(t[6]), int(t[7]), int(t[9]), int(t[10])
 
 
 OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
@@ -210,7 +210,14 @@ class StreamReader:
     async def _recreate(self) -> None:
         """After a loss: resume right after the last delivered message."""
         if self.durable:
-            await self._ensure_consumer(self._start)
+            if self._ack:
+                await self._ensure_consumer(self._start)  # unacked ones come back anyway
+            else:
+                try:
+                    await self._park_durable()  # its position, not the server's delivered
+                except NotFoundError:
+                    await self._ensure_consumer(self._start)
+                self.consumer = self.durable
             return
         if self.consumer:
             try:
@@ -292,7 +299,13 @@ class StreamReader:
             self._lost = True
             self._request_done.set()
             return
-        num_delivered, seq, ts, pending = parse_ack_reply(msg.reply)
+        if self._lost:
+            # From a request being abandoned (the consumer is recreated from the last
+            # delivered message): taking one now could skip one dropped before it.
+            return
+        consumer, num_delivered, seq, ts, pending = parse_ack_reply(msg.reply)
+        if consumer != self.consumer:
+            return  # in flight from a consumer this reader already replaced
         redelivered = num_delivered > 1
         if seq <= self.last_seq and not (self._ack and redelivered):
             return  # a duplicate after a consumer was recreated
