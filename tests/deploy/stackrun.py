@@ -11,7 +11,9 @@ import random
 import socket
 import subprocess
 import time
+import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -169,3 +171,25 @@ async def chat_send(
             return int((await resp.json())["seq"])
     except (aiohttp.ClientError, TimeoutError):
         return None
+
+
+def keep_down(server: Any, name: str) -> None:
+    """Stop a killed program for good: supervisord may already be restarting it."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if server.supervisor.getProcessInfo(name)["statename"] in ("STOPPED", "EXITED", "FATAL"):
+            return
+        try:
+            server.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault:
+            time.sleep(0.1)  # not stoppable in this state (BACKOFF): ask again
+    raise AssertionError(f"{name} would not stay down")
+
+
+def bring_back(server: Any, name: str) -> None:
+    """Start a program kept down; already started (supervisord was quicker) is fine."""
+    try:
+        server.supervisor.startProcess(name, True)
+    except xmlrpc.client.Fault as e:
+        if e.faultCode != 60:  # ALREADY_STARTED
+            raise

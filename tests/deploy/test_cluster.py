@@ -9,29 +9,14 @@ import itertools
 import os
 import signal
 import time
-import xmlrpc.client
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import nats
 
 from deploy import stack as ops
 from shared.client import GatewayClient
-from tests.deploy.stackrun import Stack, chat_send, login
-
-
-def _keep_down(server: Any, name: str) -> None:
-    """Stop a killed program for good: supervisord may be restarting it (STARTING, BACKOFF)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.supervisor.getProcessInfo(name)["statename"] in ("STOPPED", "EXITED", "FATAL"):
-            return
-        try:
-            server.supervisor.stopProcess(name, True)
-        except xmlrpc.client.Fault:
-            time.sleep(0.1)  # not stoppable in this state (BACKOFF): ask again
-    raise AssertionError(f"{name} would not stay down")
+from tests.deploy.stackrun import Stack, bring_back, chat_send, keep_down, login
 
 
 async def test_killing_a_nats_node_loses_no_acknowledged_write(tmp_path: Path) -> None:
@@ -103,14 +88,10 @@ async def test_killing_a_nats_node_loses_no_acknowledged_write(tmp_path: Path) -
                 await write(20)
                 os.kill(victim["pid"], signal.SIGKILL)
                 with ops.rpc(layout) as server:  # keep it down while we write
-                    _keep_down(server, f"nats:{victim['name']}")
+                    keep_down(server, f"nats:{victim['name']}")
                 await write(20)
                 with ops.rpc(layout) as server:
-                    try:
-                        server.supervisor.startProcess(f"nats:{victim['name']}", True)
-                    except xmlrpc.client.Fault as e:
-                        if e.faultCode != 60:  # ALREADY_STARTED is what we want anyway
-                            raise
+                    bring_back(server, f"nats:{victim['name']}")
                 monitor = f"http://127.0.0.1:{s.nats_monitor_port + int(leader[1:])}/healthz"
                 await asyncio.to_thread(
                     ops._poll,

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import time
-import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from deploy import stack
 from deploy.render import Layout, nats_server_binary, nginx_binary, render, script_hashes
 from deploy.render import stack_env as make_stack_env
 from shared.settings import Settings, load
-from tests.deploy.stackrun import ROOT, clean_env, free_base_port
+from tests.deploy.stackrun import ROOT, bring_back, clean_env, free_base_port, keep_down
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
@@ -177,15 +176,12 @@ async def test_nats_cluster_keeps_acknowledged_writes_when_a_node_is_killed(
         await write(50)
         os.kill(victim["pid"], signal.SIGKILL)
         with stack.rpc(layout) as server:
-            try:
-                server.supervisor.stopProcess("nats:nats_1", True)
-            except xmlrpc.client.Fault:
-                pass  # already not running (killed, not yet restarted)
+            keep_down(server, "nats:nats_1")
         acked_while_down = await write(100)
         assert acked_while_down == 100, "the cluster stopped taking writes with one node down"
 
         with stack.rpc(layout) as server:
-            server.supervisor.startProcess("nats:nats_1", True)
+            bring_back(server, "nats:nats_1")
         monitor = f"http://127.0.0.1:{s.nats_monitor_port + 1}/healthz"
         await asyncio.to_thread(
             stack._poll,

@@ -8,7 +8,6 @@ import itertools
 import os
 import signal
 import time
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import nats
 import pytest
 
 from deploy import stack as ops
-from tests.deploy.stackrun import Stack, chat_send, login
+from tests.deploy.stackrun import Stack, bring_back, chat_send, keep_down, login
 from tests.deploy.test_restart import ResumingReader
 from tests.reliability.conftest import Figures, Secrets
 from tests.reliability.helpers import ms, summary, until
@@ -231,16 +230,10 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
                 )
                 os.kill(victim["pid"], signal.SIGKILL)
                 with ops.rpc(layout) as server:  # keep it down while we write
-                    try:
-                        server.supervisor.stopProcess(f"nats:{victim['name']}", True)
-                    except xmlrpc.client.Fault:
-                        pass
+                    keep_down(server, f"nats:{victim['name']}")
                 outages.append(await write(10))
                 with ops.rpc(layout) as server:
-                    try:
-                        server.supervisor.startProcess(f"nats:{victim['name']}", True)
-                    except xmlrpc.client.Fault:
-                        pass  # supervisord's autorestart was quicker than our stopProcess
+                    bring_back(server, f"nats:{victim['name']}")
                 monitor = f"http://127.0.0.1:{s.nats_monitor_port + int(leader[1:])}/healthz"
                 await asyncio.to_thread(
                     ops._poll,
