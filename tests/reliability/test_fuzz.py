@@ -435,3 +435,44 @@ async def test_fuzzed_frames_over_long_polling(
     assert unexpected == []
     assert set(statuses) == {204}
     assert gone.get("close_code") == 1002
+
+
+DURABLE_RACE = (
+    "gateway bug (reported, in ws_gateway/reader.py): a js_sub resuming a durable while the "
+    "connection that just closed is still parking it (delete + re-create) can call "
+    "add_consumer against the re-created consumer; JetStream's 10012 'deliver policy can "
+    "not be updated' escapes the handler as `internal`"
+)
+
+
+@pytest.mark.xfail(reason=DURABLE_RACE, strict=False)
+async def test_durable_resumed_while_its_last_connection_parks_it(
+    gateway: Gateway, make_user: UserFactory, figures: Figures
+) -> None:
+    """Found by the fuzzer: resume a durable from a new connection right as the old one
+    closes. Every attempt must get `ok` (or a documented refusal), never `internal`."""
+    from shared.client import GatewayClient, RequestError
+
+    token = await make_user("alice", FUZZ_CAPS)
+    codes: dict[str, int] = {}
+    rounds = scale(60, 200)
+    for _ in range(rounds):
+        a = await GatewayClient.connect(gateway.url, token=token)
+        await a.js_sub("chat", "chat.room.123", start_seq=1, durable="d")
+        closing = asyncio.ensure_future(a.close())
+        b = await GatewayClient.connect(gateway.url, token=token)
+        try:
+            await b.js_sub("chat", "chat.room.123", durable="d")
+            codes["ok"] = codes.get("ok", 0) + 1
+        except RequestError as e:
+            codes[e.code] = codes.get(e.code, 0) + 1
+        await closing
+        await b.close()
+    figures.add(
+        "S7",
+        "test_durable_resumed_while_its_last_connection_parks_it",
+        f"{rounds} times: a connection js_subs durable 'd' and closes; a second connection of "
+        "the same user resumes 'd' at once (the race the fuzzer found)",
+        f"answers {codes}",
+    )
+    assert set(codes) <= {"ok"}, codes
