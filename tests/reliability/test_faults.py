@@ -133,9 +133,10 @@ async def test_nats_restart_mid_stream(
             await asyncio.sleep(remaining)  # the outage itself, not synchronisation
         nats_server.start()
         up_at = time.monotonic()
+        ready = asyncio.create_task(until(lambda: hub.nats_ready, "the gateway to reconnect", 60))
         acked_before = list(feed.kv_acked)
         lost_by_server = await _not_stored(nats_server.url, acked_before)
-        ready_s = await until(lambda: hub.nats_ready, "the gateway to reconnect", 60)
+        ready_s = await ready
         await until(lambda: any(t > up_at for t, _ in core_got), "core after restart", 60)
         await until(lambda: any(t > up_at for t, _ in js_got), "JetStream after restart", 60)
         await until(lambda: any(t > up_at for t, _ in kv_got), "KV after restart", 60)
