@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 log = logging.getLogger("ws_gateway.reader")
 
@@ -173,7 +173,16 @@ class StreamReader:
         return cfg
 
     async def _ensure_consumer(self, start: Start) -> api.ConsumerInfo:
-        if self.durable:
+        if not self.durable:
+            created: api.ConsumerInfo = await self._js.add_consumer(
+                self.stream, self._config(start)
+            )
+            self.consumer = created.name
+            return created
+        # Bind to the durable, or create it. Another connection of the user may be parking
+        # the same durable (delete + re-create at its position) right now: a create that
+        # loses that race is answered "exists with another config", so look again.
+        for attempt in range(5):
             try:
                 info: api.ConsumerInfo = await self._js.consumer_info(self.stream, self.durable)
                 if info.config.filter_subject != self.filter_subject:
@@ -183,9 +192,17 @@ class StreamReader:
             except NotFoundError as e:
                 if "stream" in str(e).lower() and "consumer" not in str(e).lower():
                     raise
-        created: api.ConsumerInfo = await self._js.add_consumer(self.stream, self._config(start))
-        self.consumer = created.name
-        return created
+            try:
+                made: api.ConsumerInfo = await self._js.add_consumer(
+                    self.stream, self._config(start)
+                )
+                self.consumer = made.name
+                return made
+            except (BadRequestError, ServerError):  # 10012: exists with another config
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.02 * (attempt + 1))  # let the parking finish
+        raise AssertionError("unreachable")
 
     async def _park_durable(self) -> None:
         """Recreate the durable at its position, dropping our outstanding pull request.

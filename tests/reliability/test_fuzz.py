@@ -437,15 +437,6 @@ async def test_fuzzed_frames_over_long_polling(
     assert gone.get("close_code") == 1002
 
 
-DURABLE_RACE = (
-    "gateway bug (reported, in ws_gateway/reader.py): a js_sub resuming a durable while the "
-    "connection that just closed is still parking it (delete + re-create) can call "
-    "add_consumer against the re-created consumer; JetStream's 10012 'deliver policy can "
-    "not be updated' escapes the handler as `internal`"
-)
-
-
-@pytest.mark.xfail(reason=DURABLE_RACE, strict=False)
 async def test_durable_resumed_while_its_last_connection_parks_it(
     gateway: Gateway, make_user: UserFactory, figures: Figures
 ) -> None:
