@@ -39,9 +39,12 @@ FINDINGS = [
     "R2 (fixed, 0cb1be3): after a NATS outage the gateway delivered before re-reading "
     "capabilities; a revocation made during the outage leaked canaries (3,940 in one run) or "
     "was never applied when the auth_users watch had seen no change since start.",
-    "R1 (fixed, ce1347e): after a 125 s outage, KV revisions acknowledged just before the "
-    "stop were skipped (the restarted server still had them): the reader delivered past a "
-    "message it had dropped.",
+    "R1 (open, in the gateway's KV feed/reader): after a 125 s outage the first KV writes "
+    "after the restart can be skipped: one run received revisions 1-10, then 13 onward; the "
+    "restarted server still had 11 and 12. 4 of 7 full runs (also after ce1347e, which fixed "
+    "a related hole); never with outages of 2-45 s. Related: KvFeed takes a `gate` but does "
+    "not pass it to its StreamReader, so shared KV feeds are not held while capabilities are "
+    "re-read after an outage.",
     "R6 (fixed, eee3b7c): every handshake asked for the auth_revoked bucket (a STREAM.INFO) "
     "before reading it: 2.0 JetStream requests per reconnect, now 1.0.",
     "S7 (fixed, 25b30e3): the OpenAPI document's username pattern ended in `\\Z(?!\\n)$`, "
@@ -120,9 +123,8 @@ def render(doc: dict[str, Any]) -> str:
     if xfail:
         out.append(
             "- `FAILED (known bug, xfail)`: a real bug this suite found and reported; the test "
-            "stays as the proof and turns green when the fix lands. R2: the gateway must "
-            "re-read user records on reconnect before it delivers anything; the figure shows "
-            "what leaks today."
+            "stays as the proof (marked xfail so `make test` stays green) and passes once the "
+            "fix lands; the figure shows what happens today."
         )
     if missing:
         out.append(f"- No figure from this run for: {', '.join(missing)}.")
