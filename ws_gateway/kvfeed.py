@@ -86,6 +86,7 @@ class KvFeed:
             self._on_message,
             batch=256,
             on_lost=self._on_lost,
+            gate=gate,
         )
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_gone: Callable[[KvFeed], None] | None = None
