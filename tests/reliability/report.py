@@ -41,10 +41,10 @@ FINDINGS = [
     "was never applied when the auth_users watch had seen no change since start.",
     "R1 (open, in the gateway's KV feed/reader): after a 125 s outage the first KV writes "
     "after the restart can be skipped: one run received revisions 1-10, then 13 onward; the "
-    "restarted server still had 11 and 12. 4 of 7 full runs (also after ce1347e, which fixed "
-    "a related hole); never with outages of 2-45 s. Related: KvFeed takes a `gate` but does "
-    "not pass it to its StreamReader, so shared KV feeds are not held while capabilities are "
-    "re-read after an outage.",
+    "restarted server still had 11 and 12. 4 of 8 full runs (also after ce1347e, which fixed "
+    "a related hole); never with outages of 2-45 s. Shared KV feeds were not held while "
+    "capabilities were re-read after an outage (KvFeed did not pass its gate on): fixed in "
+    "e80fbf9, after the last of those runs.",
     "R6 (fixed, eee3b7c): every handshake asked for the auth_revoked bucket (a STREAM.INFO) "
     "before reading it: 2.0 JetStream requests per reconnect, now 1.0.",
     "S7 (fixed, 25b30e3): the OpenAPI document's username pattern ended in `\\Z(?!\\n)$`, "
