@@ -28,6 +28,7 @@ log = logging.getLogger("ws_gateway.reader")
 PULL_EXPIRES = 30.0
 IDLE_HEARTBEAT = 5.0
 EPHEMERAL_INACTIVE = 300.0  # survives NATS outages of a few minutes without a resume
+STREAM_GRACE = 30.0  # a stream missing after a reconnect for longer than this is gone
 
 
 @dataclass(slots=True)
@@ -106,6 +107,7 @@ class StreamReader:
         self._request_done = asyncio.Event()
         self._remaining = 0
         self._lost = False
+        self._missing_since: float | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -262,6 +264,7 @@ class StreamReader:
                 if self._lost:
                     await self._recreate()
                     self._lost = False
+                    self._missing_since = None
                 if self._wait_room is not None:
                     await self._wait_room(self._batch)
                 self._request_done.clear()
@@ -290,6 +293,14 @@ class StreamReader:
             except asyncio.CancelledError:
                 raise
             except NotFoundError as e:
+                # Right after a NATS restart JetStream may not have loaded the stream yet:
+                # only a stream still missing after a grace period is really gone.
+                now = asyncio.get_running_loop().time()
+                if self._lost and now - (self._missing_since or now) < STREAM_GRACE:
+                    self._missing_since = self._missing_since or now
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
                 if self._on_lost:
                     self._on_lost(e)
                 return
