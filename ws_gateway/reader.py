@@ -105,6 +105,7 @@ class StreamReader:
         self._task: asyncio.Task[None] | None = None
         self._activity = asyncio.Event()
         self._request_done = asyncio.Event()
+        self._wake = asyncio.Event()  # set by mark_lost: stop waiting out a retry pause
         self._remaining = 0
         self._lost = False
         self._missing_since: float | None = None
@@ -260,7 +261,15 @@ class StreamReader:
     async def _pull_loop(self) -> None:
         backoff = 0.1
         while not self._closed:
+            self._wake.clear()  # a mark_lost from here on cuts the next pause short
             try:
+                if not self._nc.is_connected or (self._gate is not None and not self._gate()):
+                    # Disconnected, a request would wait in nats-py's reconnect buffer and
+                    # reach the server after the outage (an orphan consumer per retry); held,
+                    # it would be dropped. mark_lost wakes us when either is over.
+                    self._lost = True
+                    await self._pause(IDLE_HEARTBEAT)
+                    continue
                 if self._lost:
                     await self._recreate()
                     self._lost = False
@@ -298,8 +307,7 @@ class StreamReader:
                 now = asyncio.get_running_loop().time()
                 if self._lost and now - (self._missing_since or now) < STREAM_GRACE:
                     self._missing_since = self._missing_since or now
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    backoff = await self._pause(backoff)
                     continue
                 if self._on_lost:
                     self._on_lost(e)
@@ -307,8 +315,17 @@ class StreamReader:
             except Exception as e:
                 self._lost = True
                 log.info("reader retry", extra={"stream": self.stream, "error": type(e).__name__})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = await self._pause(backoff)
+
+    async def _pause(self, seconds: float) -> float:
+        """Sleep before a retry, cut short by mark_lost (NATS is back: retry now).
+        Returns the next backoff: doubled, or back to the start when woken."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+            return 0.1
+        except TimeoutError:
+            return min(seconds * 2, 2.0)
 
     async def _handle(self, msg: Msg) -> None:
         self._activity.set()
@@ -362,6 +379,7 @@ class StreamReader:
         self._lost = True
         self._request_done.set()
         self._activity.set()
+        self._wake.set()
 
     async def ack(self, reply: str) -> None:
         await self._nc.publish(reply, b"+ACK")
