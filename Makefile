@@ -3,18 +3,29 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: install test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
+.PHONY: install lock test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every distribution at the version requirements.lock pins (the set the dependency audit
+# checks); pip and setuptools too: a new venv's own setuptools 65 carries known advisories.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip setuptools
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Re-resolve pyproject.toml's ranges to the newest releases in a fresh venv and pin them.
+lock:
+	rm -rf $(VENV).lock && $(PYTHON) -m venv --upgrade-deps $(VENV).lock
+	$(VENV).lock/bin/pip install -q -e '.[dev]'
+	{ echo "# make lock: pyproject.toml's runtime and dev dependencies, resolved and pinned."; \
+	  $(VENV).lock/bin/pip freeze --all --exclude-editable | sort -f; } > $(LOCK)
+	rm -rf $(VENV).lock
 
 lint: install
 	$(VENV)/bin/ruff check .
