@@ -2,19 +2,22 @@
 
 Sessions by user and by token id; the core fan-out router; one watch per process on
 `auth_users` (capability changes, disabled/deleted users) and one on `auth_revoked`
-(logout), dispatched to the sessions concerned.
+(logout), dispatched to the sessions concerned. The revoked token ids are also kept in
+memory (the bucket listed at start and after every NATS reconnect, the watch keeping it
+current), so a handshake costs no KV read: a reconnect storm of N clients is not N reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 
 from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from shared.auth import TokenVerifier
@@ -47,6 +50,11 @@ class Hub:
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
         self._watchers: list[StreamReader] = []
         self._revoked_kv: KeyValue | None = None
+        # jti -> when it was revoked (wall clock). Only trusted while `_revoked_whole`: from
+        # the first listing until NATS drops, and again once re-listed after the reconnect.
+        self._revoked: dict[str, float] = {}
+        self._revoked_whole = False
+        self._revoked_pruned = time.time()
         self._loading: dict[str, asyncio.Future[UserRecord | None]] = {}
         # The record and compiled capabilities of every user with a session here, kept
         # current by the auth_users watch: one KV read and one compile per user, not per
@@ -81,6 +89,8 @@ class Hub:
         for w in (users, revoked):
             await w.start()
             self._watchers.append(w)
+        # After the watch started: a revocation is either listed or delivered by it.
+        await self._list_revoked()
 
     async def close(self) -> None:
         if self._revalidation is not None:
@@ -106,6 +116,7 @@ class Hub:
     async def on_disconnect(self) -> None:
         self.nats_ready = False
         self._delivering = False
+        self._revoked_whole = False
         self.router.open = False
 
     async def on_reconnect(self) -> None:
@@ -132,8 +143,9 @@ class Hub:
                     if cached is not None and record == cached[0]:
                         continue
                     self._apply(uid, record, None)
+                await self._list_revoked()
                 for jti in list(self.by_jti):
-                    if await self.is_revoked(jti):
+                    if jti in self._revoked:
                         for s in list(self.by_jti.get(jti, ())):
                             s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
                 break
@@ -164,6 +176,17 @@ class Hub:
         self.by_user[session.uid].add(session)
         self.by_jti[session.claims.jti].add(session)
 
+    def open(self, session: Session) -> None:
+        """Register and start a session. A logout the watch delivered after the handshake's
+        check, but before the session was registered, would otherwise never reach it."""
+        self.register(session)
+        session.start()
+        self._close_if_revoked(session)
+
+    def _close_if_revoked(self, session: Session) -> None:
+        if session.claims.jti in self._revoked:
+            session.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+
     def unregister(self, session: Session) -> None:
         if session in self.sessions:
             self.closing.add(session)
@@ -184,6 +207,7 @@ class Hub:
             if not group:
                 del self.by_jti[old_jti]
         self.by_jti[session.claims.jti].add(session)
+        self._close_if_revoked(session)
 
     def user_sessions(self, uid: str) -> int:
         return len(self.by_user.get(uid, ()))
@@ -221,17 +245,45 @@ class Hub:
             self._users_kv_handle = await self.js.key_value(USERS_BUCKET)
         return self._users_kv_handle
 
-    async def is_revoked(self, jti: str) -> bool:
+    async def _revoked_bucket(self) -> KeyValue:
         # The bucket handle is kept: `js.key_value()` is a stream-info request of its own,
         # which doubled the JetStream requests of every handshake (reconnect storms).
         if self._revoked_kv is None:
             self._revoked_kv = await self.js.key_value(REVOKED_BUCKET)
-        kv = self._revoked_kv
+        return self._revoked_kv
+
+    async def _list_revoked(self) -> None:
+        """Add every revoked token id in the bucket to the mirror; never removes one (a
+        revocation the watch added meanwhile may postdate the listing)."""
+        kv = await self._revoked_bucket()
         try:
-            entry = await kv.get(jti)
+            async with asyncio.timeout(10):  # nats-py's listing waits on a watcher, unbounded
+                keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        now = time.time()
+        for jti in keys:
+            self._revoked.setdefault(jti, now)
+        self._revoked_whole = True
+
+    async def is_revoked(self, jti: str) -> bool:
+        if self._revoked_whole:
+            self._prune_revoked()
+            return jti in self._revoked
+        try:  # before the first listing, or while NATS is (or just was) away
+            entry = await (await self._revoked_bucket()).get(jti)
         except KeyNotFoundError:
             return False
         return entry.value is not None
+
+    def _prune_revoked(self) -> None:
+        """Forget revocations older than the bucket's TTL: their tokens have expired."""
+        now = time.time()
+        if now - self._revoked_pruned < 60:
+            return
+        self._revoked_pruned = now
+        horizon = now - (self.settings.token_ttl + 60)
+        self._revoked = {j: t for j, t in self._revoked.items() if t > horizon}
 
     # ------------------------------------------------------------------ watches
 
@@ -267,7 +319,9 @@ class Hub:
     def _on_revoked(self, d: Delivery) -> bool:
         jti = d.subject[len(f"$KV.{REVOKED_BUCKET}.") :]
         if (d.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            self._revoked.pop(jti, None)
             return True
+        self._revoked[jti] = d.time_ns / 1e9
         for s in list(self.by_jti.get(jti, ())):
             s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
         return True

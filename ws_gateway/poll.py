@@ -203,8 +203,7 @@ class PollServer:
         )
         t.session = session
         self.transports[sid] = t
-        self.hub.register(session)
-        session.start()
+        self.hub.open(session)
         return web.json_response({"sid": sid, "wait": POLL_WAIT})
 
     async def send(self, request: web.Request) -> web.StreamResponse:

@@ -141,8 +141,7 @@ class Gateway:
             can_send=can_send,
             send_now=send_now,
         )
-        self.hub.register(session)
-        session.start()
+        self.hub.open(session)
         code: int = CloseCode.NORMAL
         reason = "client closed"
         try:

@@ -78,6 +78,40 @@ async def test_logout_revocation_closes_4401(
     assert e.value.response.status_code == 401
 
 
+async def test_handshakes_check_revocation_without_a_kv_read(
+    make_user: UserFactory, connect: ClientFactory, nc: NATS, gateway: Gateway
+):
+    """The gateway keeps the revoked token ids in memory (listed at start, kept by its
+    watch): a reconnect storm costs no auth_revoked read per handshake, and a token
+    revoked is still refused."""
+    reads: list[str] = []
+
+    async def spy(msg: object) -> None:
+        subject = msg.subject  # type: ignore[attr-defined]
+        if "KV_auth_revoked" in subject or "$KV.auth_revoked" in subject:
+            reads.append(subject)
+
+    probe = await nc.subscribe("$JS.API.>", cb=spy)
+    try:
+        revoked_token, kept_token = await make_user(), await make_user()
+        doomed = await connect(revoked_token)
+        jti = gateway.hub.verifier.verify(revoked_token).jti  # type: ignore[union-attr]
+        await (await nc.jetstream().key_value(REVOKED_BUCKET)).put(jti, b"1")
+        assert await doomed.wait_closed() == 4401  # the watch has it: so has the mirror
+        clients = [await connect(kept_token) for _ in range(10)]
+        from websockets.exceptions import InvalidStatus
+
+        with pytest.raises(InvalidStatus) as e:
+            await GatewayClient.connect(gateway.url, token=revoked_token)
+        assert e.value.response.status_code == 401
+        for c in clients:
+            await c.ping()
+        await nc.flush()
+        assert [s for s in reads if "DIRECT.GET" in s or "MSG.GET" in s] == []
+    finally:
+        await probe.unsubscribe()
+
+
 async def test_token_expiry_closes_4401_unless_refreshed(
     make_user: UserFactory, connect: ClientFactory, issuer: TokenIssuer
 ):

@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect as ws_connect
 from shared.client import GatewayClient, RequestError
 from shared.natsio import buckets
 from shared.settings import Settings
+from shared.users import REVOKED_BUCKET
 from tests.api.conftest import Api
 from tests.gateway.conftest import ALICE_CAPS, UserFactory
 from tests.natsd import NatsServer
@@ -347,6 +348,44 @@ async def test_revocation_during_a_nats_outage_is_applied_before_delivery(
     )
     assert len(applied) == rounds and revoked_ok == rounds
     assert leaked == []
+
+
+async def test_a_logout_during_a_nats_outage_is_applied_on_reconnect(
+    settings: Settings, nc: NATS, make_user: UserFactory, relay: TcpRelay, figures: Figures
+) -> None:
+    """A token revoked while the gateway is cut off from NATS: its sockets are closed 4401
+    once the link is back, and a new upgrade with it is refused (the gateway's in-memory
+    list of revoked tokens is listed again after every reconnect, not trusted stale)."""
+    s = msgspec.structs.replace(settings, nats_url=(f"nats://127.0.0.1:{relay.port}",))
+    from websockets.exceptions import InvalidStatus
+
+    async with Gateway(s, host="127.0.0.1", port=0) as gw:
+        hub = gw.hub
+        assert hub is not None
+        token, other = await make_user(), await make_user()
+        doomed = await GatewayClient.connect(gw.url, token=token)
+        kept = await GatewayClient.connect(gw.url, token=other)
+        relay.cut()
+        await until(lambda: not hub.nats_ready, "the gateway to see the cut")
+        jti = hub.verifier.verify(token).jti
+        await (await nc.jetstream().key_value(REVOKED_BUCKET)).put(jti, b"1")
+        relay.restore()
+        t0 = time.monotonic()
+        code = await asyncio.wait_for(doomed.wait_closed(), 30)
+        closed_after = time.monotonic() - t0
+        with pytest.raises(InvalidStatus) as e:
+            await GatewayClient.connect(gw.url, token=token)
+        await kept.ping()
+        await kept.close()
+    figures.add(
+        "R2",
+        "test_a_logout_during_a_nats_outage_is_applied_on_reconnect",
+        "a token revoked (logout) while the gateway's NATS link is cut; then the link is back",
+        f"its socket closed {code} {ms(closed_after)} after the link came back; a new upgrade "
+        f"with it: HTTP {e.value.response.status_code}; another user's socket kept",
+    )
+    assert code == 4401
+    assert e.value.response.status_code == 401
 
 
 async def test_half_open_client_is_detected_and_freed(
