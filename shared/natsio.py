@@ -59,16 +59,31 @@ async def connect(
 ) -> NATS:
     """Connect to any of the configured servers; once connected, reconnect forever."""
 
+    # While NATS is down every reconnect attempt (each 0.5 s) reports an error: one line
+    # for the first of a kind, then a count when the link is back, not 240 lines a minute.
+    failures: dict[str, int] = {}
+    down = False
+
     async def error_cb(e: Exception) -> None:
-        log.warning("nats error", extra={"event": "nats_error", "error": type(e).__name__})
+        kind = type(e).__name__
+        if down:
+            failures[kind] = failures.get(kind, 0) + 1
+            if failures[kind] > 1:
+                return
+        log.warning("nats error", extra={"event": "nats_error", "error": kind})
 
     async def disconnected_cb() -> None:
+        nonlocal down
+        down = True
         log.warning("nats disconnected", extra={"event": "nats_disconnected"})
         if on_disconnect:
             await on_disconnect()
 
     async def reconnected_cb() -> None:
-        log.info("nats reconnected", extra={"event": "nats_reconnected"})
+        nonlocal down
+        down = False
+        log.info("nats reconnected", extra={"event": "nats_reconnected", "errors": dict(failures)})
+        failures.clear()
         if on_reconnect:
             await on_reconnect()
 

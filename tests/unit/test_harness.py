@@ -1,10 +1,16 @@
-"""The test harness itself: a real nats-server, provisioned."""
+"""The test harness itself: a real nats-server, provisioned; the NATS connection helper."""
 
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
 from shared import natsio
-from shared.settings import Settings
+from shared.settings import Settings, load
+from tests.natsd import NatsServer
 
 
 async def test_provisioned_server_has_every_bucket_and_stream(
@@ -15,3 +21,48 @@ async def test_provisioned_server_has_every_bucket_and_stream(
     names = {info.config.name for info in await js.streams_info()}
     assert {"chat", "audit"} <= names
     assert {f"KV_{b.name}" for b in natsio.buckets(settings)} <= names
+
+
+# nats-py drops (without closing) the socket of an attempt the imposter cut: the garbage
+# collector closes it, and says so with a ResourceWarning, which is not what this tests.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_outage_logs_each_kind_of_error_once(
+    tmp_path: Path, keys_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While NATS is down the client retries every 0.5 s: its errors are logged once per
+    kind, and counted on the reconnect, instead of a line (or a traceback) per attempt."""
+    srv = NatsServer(tmp_path / "nats").start()
+    nc = await natsio.connect(load({}, nats_url=[srv.url], var_dir=str(keys_dir)), "probe")
+    attempts = 0
+    refused = asyncio.Event()
+
+    def refuse(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        w.transport.abort()  # a server that takes the connection and drops it at once
+        if attempts >= 6:
+            refused.set()
+
+    caplog.set_level(logging.INFO, logger="shared.natsio")
+    try:
+        srv.stop()
+        imposter = await asyncio.start_server(refuse, "127.0.0.1", srv.port)
+        await asyncio.wait_for(refused.wait(), 30)
+        imposter.close()
+        await imposter.wait_closed()
+        srv.start()
+        reconnected = [r for r in caplog.records if r.getMessage() == "nats reconnected"]
+        for _ in range(300):
+            if reconnected:
+                break
+            await asyncio.sleep(0.05)  # polling the log for the reconnect
+            reconnected = [r for r in caplog.records if r.getMessage() == "nats reconnected"]
+    finally:
+        await nc.close()
+        srv.stop()
+    errors = [r.error for r in caplog.records if r.getMessage() == "nats error"]  # type: ignore[attr-defined]
+    assert reconnected, "never reconnected"
+    assert len(errors) == len(set(errors)), errors  # each kind once
+    counted = reconnected[0].errors  # type: ignore[attr-defined]
+    assert sum(counted.values()) >= attempts - 1, (counted, attempts)
