@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import signal
+import socket
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -25,6 +26,15 @@ from ws_gateway.session import Session
 log = logging.getLogger("ws_gateway.server")
 
 WRITE_HIGH = 1 << 16  # socket buffer above which a client counts as not keeping up
+
+
+def limit_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Bound the kernel's send buffer of a client socket: on Linux it otherwise grows to
+    4 MiB, which a client that stops reading fills before the write timeout can start."""
+    sock = transport.get_extra_info("socket")
+    if size > 0 and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class Gateway:
@@ -115,6 +125,7 @@ class Gateway:
                 ws.transport.abort()
 
         protocol, transport = ws.protocol, ws.transport
+        limit_send_buffer(transport, self.settings.socket_send_buffer)
 
         def can_send() -> bool:
             return protocol.state is State.OPEN and transport.get_write_buffer_size() < WRITE_HIGH

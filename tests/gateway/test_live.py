@@ -175,6 +175,25 @@ async def test_backpressure_closes_slow_client_only(
     await reader.close()
 
 
+async def test_client_sockets_have_a_bounded_kernel_send_buffer(
+    make_user: UserFactory, gateway: Gateway, settings
+):
+    """SOCKET_SEND_BUFFER bounds what the kernel queues for a client (Linux reports the
+    doubled value); left to autotuning it grows to 4 MiB, all of it ahead of the write
+    timeout for a client that stops reading."""
+    import socket
+
+    c = await GatewayClient.connect(gateway.url, token=await make_user())
+    try:
+        assert gateway.server is not None
+        (conn,) = gateway.server.connections
+        sock = conn.transport.get_extra_info("socket")
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert settings.socket_send_buffer <= got <= 2 * settings.socket_send_buffer
+    finally:
+        await c.close()
+
+
 async def test_nats_restart_core_continues_and_js_resumes(
     make_user: UserFactory, connect: ClientFactory, gateway: Gateway, nats_server: NatsServer,
     nc: NATS,
