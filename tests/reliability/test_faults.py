@@ -43,8 +43,15 @@ class Feed:
         self.nc: NATS | None = None
 
     async def run(self) -> None:
+        async def quiet(e: Exception) -> None:
+            pass  # nats-py's default logs a traceback per reconnect attempt (5 a second)
+
         self.nc = await nats.connect(
-            self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=1
+            self.url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            connect_timeout=1,
+            error_cb=quiet,
         )
         js = self.nc.jetstream(timeout=1)
         for i in itertools.count():
