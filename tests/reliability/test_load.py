@@ -131,22 +131,23 @@ async def test_slow_consumer_among_readers(
         before = await _metric(gp.port, "gateway_backpressure_closes_total")
 
         async def slow_clients() -> None:
-            await asyncio.sleep(phase / 3)  # a third into the window (a schedule)
-            for k in range(n_slow):  # clients that subscribe and stop reading
+            # One at a time, spread over the window (a schedule, not synchronisation): each
+            # subscribes, stops reading, and gets a stream of its own (64 KiB messages),
+            # once, no more than fills its kernel buffers (the gateway's send buffer and its
+            # own receive window) three times over; from then on the steady feed finds its
+            # socket full and the write timeout runs.
+            bulk = b'{"pad":"' + b"y" * 65536 + b'"}'
+            buffered = settings.socket_send_buffer or 4 << 20  # 0: autotuning, to 4 MiB
+            gap = phase / (n_slow + 2)
+            for k in range(n_slow):
+                await asyncio.sleep(gap)
                 ws = await _open(gp.url, slow_token)
                 await _subscribe(ws, "chat.room.1")
                 await _subscribe(ws, f"chat.bulk.{k}")
                 ws.transport.pause_reading()
                 paused_at.append(time.time())
                 slow.append(ws)
-            # Once, no more than fills its kernel buffers (the gateway's send buffer and its
-            # own receive window) twice over: from then on the steady feed finds its socket
-            # full and the write timeout runs.
-            bulk = b'{"pad":"' + b"y" * 65536 + b'"}'
-            for k in range(n_slow):
-                # 0: the kernel's autotuning, which grows to 4 MiB on Linux
-                buffered = settings.socket_send_buffer or 4 << 20
-                for _ in range(4 * buffered // len(bulk) + 1):
+                for _ in range(3 * buffered // len(bulk) + 1):
                     await nc.publish(f"chat.bulk.{k}", bulk)
 
             async def all_closed() -> bool:
@@ -181,8 +182,9 @@ async def test_slow_consumer_among_readers(
         "R5",
         "test_slow_consumer_among_readers",
         f"{n_readers} reading clients (2 load-client processes) on chat.room.1 at {rate} msg/s "
-        f"of 1 KiB; {phase} s windows without, then with {n_slow} clients that subscribe to it "
-        "and to a stream of their own (64 KiB messages) and stop reading; gateway in its own "
+        f"of 1 KiB; {phase} s windows without, then with {n_slow} clients joining one by one that "
+        "subscribe to it and to a stream of their own (64 KiB messages) and stop reading; "
+        "gateway in its own "
         f"process (WRITE_TIMEOUT 250 ms, SEND_QUEUE_SIZE 1024, SOCKET_SEND_BUFFER "
         f"{settings.socket_send_buffer // 1024} KiB)",
         f"slow clients closed 1013: {len(closes)}/{n_slow} ({', '.join(why)}); stop-reading "
