@@ -49,7 +49,7 @@ class Hub:
         self.by_user: dict[str, set[Session]] = defaultdict(set)
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
         self._watchers: list[StreamReader] = []
-        self._revoked_kv: KeyValue | None = None
+        self._buckets: dict[str, KeyValue] = {}
         # jti -> when it was revoked (wall clock). Only trusted while `_revoked_whole`: from
         # the first listing until NATS drops, and again once re-listed after the reconnect.
         self._revoked: dict[str, float] = {}
@@ -65,28 +65,19 @@ class Hub:
         # nothing is delivered on capabilities that may have changed meanwhile.
         self._delivering = True
         self._revalidation: asyncio.Task[None] | None = None
-        self._users_kv_handle: KeyValue | None = None
 
     async def start(self) -> None:
-        users = StreamReader(
-            self.nc,
-            self.js,
-            f"KV_{USERS_BUCKET}",
-            f"$KV.{USERS_BUCKET}.>",
-            Start(api.DeliverPolicy.NEW),
-            self._on_user_change,
-            batch=256,
-        )
-        revoked = StreamReader(
-            self.nc,
-            self.js,
-            f"KV_{REVOKED_BUCKET}",
-            f"$KV.{REVOKED_BUCKET}.>",
-            Start(api.DeliverPolicy.NEW),
-            self._on_revoked,
-            batch=256,
-        )
-        for w in (users, revoked):
+        watches = ((USERS_BUCKET, self._on_user_change), (REVOKED_BUCKET, self._on_revoked))
+        for bucket, on_change in watches:
+            w = StreamReader(
+                self.nc,
+                self.js,
+                f"KV_{bucket}",
+                f"$KV.{bucket}.>",
+                Start(api.DeliverPolicy.NEW),
+                on_change,
+                batch=256,
+            )
             await w.start()
             self._watchers.append(w)
         # After the watch started: a revocation is either listed or delivered by it.
@@ -132,7 +123,7 @@ class Hub:
         """Fail closed: re-read every connected user's record before delivering again."""
         while True:
             try:
-                kv = await self._users_kv()
+                kv = await self._bucket(USERS_BUCKET)
                 for uid in list(self.by_user):
                     try:
                         entry = await kv.get(uid)
@@ -169,17 +160,14 @@ class Hub:
             return cached[1]
         return compile_or_nothing(user)
 
-    def register(self, session: Session) -> None:
+    def open(self, session: Session) -> None:
+        """Register and start a session; then check its token again: a logout the watch
+        delivered after the handshake's check would otherwise never reach it."""
         if session.uid not in self.by_user or session.uid not in self.users:
             self.users[session.uid] = (session.user, session.caps)
         self.sessions.add(session)
         self.by_user[session.uid].add(session)
         self.by_jti[session.claims.jti].add(session)
-
-    def open(self, session: Session) -> None:
-        """Register and start a session. A logout the watch delivered after the handshake's
-        check, but before the session was registered, would otherwise never reach it."""
-        self.register(session)
         session.start()
         self._close_if_revoked(session)
 
@@ -225,7 +213,7 @@ class Hub:
         fut: asyncio.Future[UserRecord | None] = asyncio.get_running_loop().create_future()
         self._loading[uid] = fut
         try:
-            kv = await self._users_kv()
+            kv = await self._bucket(USERS_BUCKET)
             try:
                 entry = await kv.get(uid)
                 record = decode_user(entry.value) if entry.value else None
@@ -240,22 +228,18 @@ class Hub:
         finally:
             del self._loading[uid]
 
-    async def _users_kv(self) -> KeyValue:
-        if self._users_kv_handle is None:
-            self._users_kv_handle = await self.js.key_value(USERS_BUCKET)
-        return self._users_kv_handle
-
-    async def _revoked_bucket(self) -> KeyValue:
-        # The bucket handle is kept: `js.key_value()` is a stream-info request of its own,
-        # which doubled the JetStream requests of every handshake (reconnect storms).
-        if self._revoked_kv is None:
-            self._revoked_kv = await self.js.key_value(REVOKED_BUCKET)
-        return self._revoked_kv
+    async def _bucket(self, name: str) -> KeyValue:
+        # Handles are kept: `js.key_value()` is a stream-info request of its own, which
+        # doubled the JetStream requests of every handshake (reconnect storms).
+        kv = self._buckets.get(name)
+        if kv is None:
+            kv = self._buckets[name] = await self.js.key_value(name)
+        return kv
 
     async def _list_revoked(self) -> None:
         """Add every revoked token id in the bucket to the mirror; never removes one (a
         revocation the watch added meanwhile may postdate the listing)."""
-        kv = await self._revoked_bucket()
+        kv = await self._bucket(REVOKED_BUCKET)
         try:
             async with asyncio.timeout(10):  # nats-py's listing waits on a watcher, unbounded
                 keys = await kv.keys()
@@ -271,7 +255,7 @@ class Hub:
             self._prune_revoked()
             return jti in self._revoked
         try:  # before the first listing, or while NATS is (or just was) away
-            entry = await (await self._revoked_bucket()).get(jti)
+            entry = await (await self._bucket(REVOKED_BUCKET)).get(jti)
         except KeyNotFoundError:
             return False
         return entry.value is not None
