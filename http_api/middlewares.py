@@ -26,9 +26,10 @@ from http_api.state import (
     VERIFIER,
     Handler,
     Principal,
-    compile_caps,
 )
+from shared.auth import bearer_token
 from shared.errors import InvalidToken
+from shared.users import compile_or_nothing
 
 log = logging.getLogger("http_api.access")
 SESSION_COOKIE = "session"
@@ -86,10 +87,10 @@ def bearer_or_cookie(request: web.Request) -> tuple[str | None, bool]:
     """(token, came from the cookie)."""
     auth = request.headers.get(hdrs.AUTHORIZATION)
     if auth is not None:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(auth)
+        if token is None:
             raise Problem(401, "Authorization must be 'Bearer <token>'")
-        return token.strip(), False
+        return token, False
     cookie = request.cookies.get(SESSION_COOKIE)
     return (cookie, True) if cookie else (None, False)
 
@@ -139,7 +140,7 @@ async def authenticate(request: web.Request) -> Principal:
         raise Problem(403, "user is disabled", slug="user_disabled")
     if via_cookie and request.method not in SAFE_METHODS:
         check_origin(request)
-    return Principal(user, compile_caps(user), claims, via_cookie)
+    return Principal(user, compile_or_nothing(user), claims, via_cookie)
 
 
 @web.middleware

@@ -14,14 +14,14 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.capabilities import Capabilities
-from shared.users import USERNAME_RE, UserRecord
+from shared.users import USER_ID_RE, USERNAME_RE, UserRecord
 
 MAX_TITLE = 200
 MAX_ARTICLE_BODY_BYTES = 100 * 1024
 
 # One NATS token that is also a valid KV key: ids, rooms, todo item ids.
 # `(?!\n)$`: a bare `$` also matches before a trailing newline (msgspec uses re.search).
-TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
+TOKEN_PATTERN = USER_ID_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 # The document's regex dialect is ECMA-262, which has no `\Z`: the same anchor as TOKEN_PATTERN.
 USERNAME_PATTERN = USERNAME_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="letters, digits, '_' or '-'")]

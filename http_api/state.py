@@ -21,7 +21,7 @@ from http_api.ratelimit import RateLimiter
 from http_api.schemas import Actor
 from http_api.store import Store
 from shared.auth import Claims, TokenIssuer, TokenVerifier
-from shared.capabilities import Capabilities, CompiledCapabilities
+from shared.capabilities import CompiledCapabilities
 from shared.settings import Settings
 from shared.users import UserRecord
 
@@ -68,13 +68,6 @@ class Principal:
     @property
     def actor(self) -> Actor:
         return Actor(self.user.id, self.user.username)
-
-
-def compile_caps(user: UserRecord) -> CompiledCapabilities:
-    try:
-        return CompiledCapabilities(user.capabilities, user.id)
-    except ValueError:  # a stored document we cannot use grants nothing
-        return CompiledCapabilities(Capabilities(), user.id)
 
 
 SETTINGS = web.AppKey("settings", Settings)

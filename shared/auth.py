@@ -26,6 +26,14 @@ _REQUIRED = ["sub", "jti", "iat", "exp", "iss", "aud"]
 _ALLOWED_HEADER = frozenset({"alg", "typ"})
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None when malformed. Both
+    processes parse the header with this one function."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 @dataclass(frozen=True, slots=True)
 class Claims:
     sub: str

@@ -66,7 +66,10 @@ class SubscriptionRef:
 
 def is_internal_subject(subject: str) -> bool:
     """True for a literal subject that is never delivered to clients."""
-    t = tokens(subject)
+    return _internal(tokens(subject))
+
+
+def _internal(t: tuple[str, ...]) -> bool:
     return t[0].startswith("$") or any(subset_tokens(t, p) for p in _INTERNAL_TOKENS)
 
 
@@ -149,8 +152,9 @@ def _compile(patterns: Iterable[str]) -> _Compiled:
     return tuple((p, tokens(p)) for p in patterns)
 
 
-def _first_superset(request: str, compiled: _Compiled, where: str) -> Decision:
-    t = tokens(request)
+def _first_superset(
+    request: str, t: tuple[str, ...], compiled: _Compiled, where: str
+) -> Decision:
     for p, pt in compiled:
         if subset_tokens(t, pt):
             return Decision(True, f"{where}: {p}", f"{request!r} is within {p!r}")
@@ -176,19 +180,18 @@ class CompiledCapabilities:
         self._streams = {k: _compile(v) for k, v in self.document.streams.items()}
 
     def allows_subject(self, pattern: str) -> Decision:
-        validate_pattern(pattern)
-        t = tokens(pattern)
-        if t[0].startswith("$") or any(subset_tokens(t, p) for p in _INTERNAL_TOKENS):
+        t = tokens(validate_pattern(pattern))
+        if _internal(t):
             return Decision(False, None, f"{pattern!r} is an internal subject")
-        return _first_superset(pattern, self._subjects, "subjects")
+        return _first_superset(pattern, t, self._subjects, "subjects")
 
     def _allows_named(
         self, table: Mapping[str, _Compiled], kind: str, name: str, pattern: str
     ) -> Decision:
-        validate_pattern(pattern)
+        t = tokens(validate_pattern(pattern))
         for key, compiled in table.items():
             if _name_matches(key, name):
-                d = _first_superset(pattern, compiled, f"{kind}.{key}")
+                d = _first_superset(pattern, t, compiled, f"{kind}.{key}")
                 if d.allowed:
                     return d
         return Decision(False, None, f"no {kind} capability on {name!r} covers {pattern!r}")
@@ -205,7 +208,7 @@ class CompiledCapabilities:
 
     def allows_command(self, name: str) -> Decision:
         validate_subject(name)
-        return _first_superset(name, self._commands, "commands")
+        return _first_superset(name, tokens(name), self._commands, "commands")
 
     def allows(self, ref: SubscriptionRef) -> Decision:
         if ref.op == "sub":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import msgspec
 
-from shared.capabilities import Capabilities
+from shared.capabilities import Capabilities, CompiledCapabilities
+
+log = logging.getLogger("shared.users")
 
 USERS_BUCKET = "auth_users"
 CREDENTIALS_BUCKET = "auth_credentials"  # key = username → Credential; never exposed
@@ -37,3 +40,13 @@ def decode_user(data: bytes) -> UserRecord:
 
 def encode_user(user: UserRecord) -> bytes:
     return msgspec.json.encode(user)
+
+
+def compile_or_nothing(user: UserRecord) -> CompiledCapabilities:
+    """The user's compiled capabilities; none at all (fail closed) if the stored document
+    is invalid. The gateway and the API both use this: they must agree."""
+    try:
+        return CompiledCapabilities(user.capabilities, user.id)
+    except ValueError:
+        log.warning("invalid capabilities in auth_users; granting none", extra={"user": user.id})
+        return CompiledCapabilities(Capabilities(), user.id)

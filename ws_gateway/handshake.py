@@ -15,7 +15,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from shared.auth import Claims
+from shared.auth import Claims, bearer_token
 from shared.errors import InvalidToken
 from shared.users import UserRecord
 from ws_gateway.hub import Hub
@@ -42,10 +42,10 @@ def token_from(headers: Headers, allowed_origins: tuple[str, ...]) -> str:
     """The bearer token, or the session cookie when the Origin is allowed."""
     auth = headers.get("Authorization")
     if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(auth)
+        if token is None:
             raise Refused(http.HTTPStatus.UNAUTHORIZED, "malformed Authorization header")
-        return token.strip()
+        return token
     cookie_header = headers.get("Cookie")
     if cookie_header:
         try:

@@ -24,12 +24,18 @@ from shared.auth import TokenVerifier
 from shared.capabilities import CompiledCapabilities
 from shared.errors import CloseCode, ErrorCode
 from shared.settings import Settings
-from shared.users import REVOKED_BUCKET, USERS_BUCKET, UserRecord, decode_user
+from shared.users import (
+    REVOKED_BUCKET,
+    USERS_BUCKET,
+    UserRecord,
+    compile_or_nothing,
+    decode_user,
+)
 from ws_gateway.core import CoreRouter
 from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, Start, StreamReader
-from ws_gateway.session import Session, compile_or_nothing
+from ws_gateway.session import Session
 
 log = logging.getLogger("ws_gateway.hub")
 

@@ -24,7 +24,7 @@ from shared.auth import Claims
 from shared.capabilities import CompiledCapabilities, SubscriptionRef
 from shared.errors import CloseCode, Disconnect, ErrorCode, InvalidToken, ProtocolError
 from shared.subjects import match_tokens, tokens, validate_pattern
-from shared.users import UserRecord
+from shared.users import UserRecord, compile_or_nothing
 from ws_gateway import metrics
 from ws_gateway.kvfeed import KvFeed, Member, encode_change
 from ws_gateway.outbox import Outbox
@@ -51,15 +51,6 @@ def _pattern(p: str, what: str) -> str:
         return validate_pattern(p)
     except ValueError as e:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid {what}: {e}") from None
-
-
-def compile_or_nothing(user: UserRecord) -> CompiledCapabilities:
-    """The user's compiled capabilities; none at all (fail closed) if the record is invalid."""
-    try:
-        return CompiledCapabilities(user.capabilities, user.id)
-    except ValueError:
-        log.warning("invalid capabilities in auth_users; granting none", extra={"user": user.id})
-        return CompiledCapabilities(type(user.capabilities)(), user.id)
 
 
 class Subscription:

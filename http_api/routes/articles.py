@@ -74,10 +74,13 @@ def _article_id(request: web.Request) -> str:
     return aid
 
 
-async def _get(request: web.Request, aid: str) -> Versioned[Article]:
+async def _get(request: web.Request, aid: str, expected: int | None = None) -> Versioned[Article]:
+    """The article; 404 if there is none, 412 if it is not at the `expected` revision."""
     found = await request.app[STORE].articles.get(aid)
     if found is None:
         raise Problem(404, "no such article")
+    if expected is not None and expected != found.revision:
+        raise Problem(412, f"the article is at revision {found.revision}, not {expected}")
     return found
 
 
@@ -130,9 +133,7 @@ async def update_article(request: web.Request) -> web.StreamResponse:
     expected = if_match(request)
     body = await read_json(request, ArticleIn)
     _check_body(body)
-    found = await _get(request, aid)
-    if expected is not None and expected != found.revision:
-        raise Problem(412, f"the article is at revision {found.revision}, not {expected}")
+    found = await _get(request, aid, expected)
     old = found.value
     article = Article(aid, body.title, body.body, old.author, old.created_at, now())
     try:
@@ -148,10 +149,7 @@ async def delete_article(request: web.Request) -> web.StreamResponse:
     p = principal(request)
     require_command(p, "articles.delete")
     aid = _article_id(request)
-    expected = if_match(request)
-    found = await _get(request, aid)
-    if expected is not None and expected != found.revision:
-        raise Problem(412, f"the article is at revision {found.revision}, not {expected}")
+    found = await _get(request, aid, if_match(request))
     try:
         revision = await request.app[STORE].articles.delete(aid, last=found.revision)
     except Conflict:
