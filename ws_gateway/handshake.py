@@ -9,6 +9,7 @@ import http
 import logging
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import ServerConnection
@@ -29,6 +30,14 @@ WS_PATHS = frozenset({"/ws", "/"})
 class Admitted:
     claims: Claims
     user: UserRecord
+
+
+class GatewayConnection(ServerConnection):
+    """A connection carrying what its handshake admitted (as websockets' own basic_auth
+    puts `username` on the connection): nothing outlives an upgrade refused after
+    process_request (a 400 or 426 from websockets, a client gone during the checks)."""
+
+    admitted: Admitted | None = None
 
 
 class Refused(Exception):
@@ -86,9 +95,7 @@ def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain") 
     return Response(status.value, status.phrase, headers, body.encode())
 
 
-async def process_request(
-    hub: Hub, admitted: dict[ServerConnection, Admitted], ws: ServerConnection, request: Request
-) -> Response | None:
+async def process_request(hub: Hub, ws: ServerConnection, request: Request) -> Response | None:
     path = request.path.partition("?")[0]
     if path == "/healthz":
         return _text(http.HTTPStatus.OK, "ok\n")
@@ -103,7 +110,7 @@ async def process_request(
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return _text(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket upgrade required\n")
     try:
-        admitted[ws] = await admit(hub, request.headers)
+        cast(GatewayConnection, ws).admitted = await admit(hub, request.headers)
     except Refused as e:
         log.info("upgrade refused", extra={"status": e.status.value, "reason": e.reason})
         return _text(e.status, e.reason + "\n")

@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import socket
+from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -18,7 +19,7 @@ from shared import natsio
 from shared.auth import TokenVerifier
 from shared.errors import CloseCode
 from shared.settings import Settings
-from ws_gateway.handshake import Admitted, process_request
+from ws_gateway.handshake import GatewayConnection, process_request
 from ws_gateway.hub import Hub
 from ws_gateway.poll import PollServer
 from ws_gateway.session import Session
@@ -57,7 +58,6 @@ class Gateway:
         self.poll: PollServer | None = None
         self.hub: Hub | None = None
         self.server: Server | None = None
-        self._admitted: dict[ServerConnection, Admitted] = {}
 
     async def start(self) -> None:
         verifier = TokenVerifier.from_settings(self.settings)
@@ -82,7 +82,8 @@ class Gateway:
             self._handler,
             self.host,
             self.port,
-            process_request=functools.partial(process_request, self.hub, self._admitted),
+            process_request=functools.partial(process_request, self.hub),
+            create_connection=GatewayConnection,
             compression=None,  # compressing secrets beside attacker-chosen data leaks them
             max_size=self.settings.max_frame_bytes,
             max_queue=16,
@@ -111,8 +112,8 @@ class Gateway:
         return f"http://{self.host}:{self.poll_port}/poll"
 
     async def _handler(self, ws: ServerConnection) -> None:
-        admitted = self._admitted.pop(ws)
-        assert self.hub is not None
+        admitted = cast(GatewayConnection, ws).admitted
+        assert self.hub is not None and admitted is not None
 
         async def send(data: bytes) -> None:
             await ws.send(data, text=True)
