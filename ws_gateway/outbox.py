@@ -52,15 +52,18 @@ class Flusher:
     def _flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
+        frames = 0
         for outbox in dirty:
-            outbox.flush_now()
+            frames += outbox.flush_now()
+        if frames:
+            metrics.FRAMES_OUT.inc(frames)  # once per tick, not per connection
 
 
 class Outbox:
     """Bounded queue of envelopes for one connection.
 
-    Waiting points (the writer's wake-up, room for pulled sources, the final drain) are
-    futures created only when someone waits: an idle connection holds no asyncio.Event
+    Waiting points (the writer's wake-up, room for pulled sources) are futures created
+    only when someone waits: an idle connection holds no asyncio.Event
     (each carries a deque) and no task.
     """
 
@@ -68,7 +71,6 @@ class Outbox:
         "_can_send",
         "_closed",
         "_dirty",
-        "_drain_waiter",
         "_flusher",
         "_on_slow",
         "_queue",
@@ -105,7 +107,6 @@ class Outbox:
         self._queue: list[bytes] = []  # drained whole: a list is smaller than a deque
         self._wake: asyncio.Future[None] | None = None
         self._room_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -134,8 +135,6 @@ class Outbox:
     def _after_write(self) -> None:
         if self._room_waiter is not None and self.room() >= self.maxsize // 2:
             self._resolve(self._room_waiter)
-        if not self._queue:
-            self._resolve(self._drain_waiter)
 
     def push(self, frame: bytes) -> bool:
         """Queue one envelope. False (and the connection is being closed) when full."""
@@ -171,27 +170,30 @@ class Outbox:
         queue.clear()
         return data
 
-    def flush_now(self) -> None:
-        """Write what is queued without awaiting, while the socket buffer has room."""
+    def flush_now(self) -> int:
+        """Write what is queued without awaiting, while the socket buffer has room.
+        Returns the number of frames written."""
         self._dirty = False
         if self._closed or self._writing:
-            return
+            return 0
         assert self._can_send is not None and self._send_now is not None
         queue = self._queue
+        frames = 0
         while queue:
             if not self._can_send():
                 self._wake_writer()  # the writer task awaits the drain, with the timeout
-                return
+                return frames
             try:
                 self._send_now(self._take())
             except SlowTransport as e:
                 self._closed = True
                 self._on_slow(str(e))
-                return
+                return frames
             except Exception:
-                return  # the connection is closing; its reader notices
-            metrics.FRAMES_OUT.inc()
+                return frames  # the connection is closing; its reader notices
+            frames += 1
         self._after_write()
+        return frames
 
     def room(self) -> int:
         return self.maxsize - len(self._queue)
@@ -230,25 +232,11 @@ class Outbox:
         self._closed = True
         self._resolve(self._room_waiter)
 
-    async def flush(self, grace: float) -> None:
-        """Best effort: let what is queued go out, for a final error frame."""
-        if not self._queue:
-            return
-        if self._flusher is not None and not self._writing:
-            self.flush_now()
-        if not self._queue or self._task is None or self._task.done():
-            return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(grace):
-                await self._drain_waiter
-        except TimeoutError:
-            pass
-
-    async def close(self) -> None:
+    async def close(self, final: bytes | None = None) -> None:
+        """Drop what is queued and stop the writer; then send `final` (an error frame),
+        best effort within the write timeout: the client may be why we are closing."""
         self.stop_accepting()
         self._queue.clear()
-        self._resolve(self._drain_waiter)
         if self._task:
             self._task.cancel()
             try:
@@ -256,3 +244,9 @@ class Outbox:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+        if final is not None:
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await self._send(final)
+            except Exception:
+                pass

@@ -62,6 +62,10 @@ def _problem(status: int, code: str, detail: str, **extra: object) -> web.Respon
     )
 
 
+def _always() -> bool:
+    return True
+
+
 class PollTransport:
     """Numbered frames waiting for the client; the Session writes here via its Outbox."""
 
@@ -200,6 +204,10 @@ class PollServer:
             t.close,
             remote=remote,
             transport="poll",
+            # A poll buffer never blocks: the flusher writes it directly, and no writer task
+            # waits per session (a full buffer raises SlowTransport: backpressure).
+            can_send=_always,
+            send_now=t.send_now,
         )
         t.session = session
         self.transports[sid] = t

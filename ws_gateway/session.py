@@ -163,7 +163,6 @@ class Session:
         # coroutine frame per duty (issue: ≤ 16 KB per idle connection).
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closing: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
         self.close_code: int | None = None
         self._opened = time.monotonic()
         self._last_rx = time.monotonic()
@@ -217,19 +216,10 @@ class Session:
             self._closing = asyncio.get_running_loop().create_task(self._close(code, reason, error))
         return self._closing
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
     async def _close(self, code: int, reason: str, error: ErrorCode | None) -> None:
         self.close_code = code
         self.hub.unregister(self)
-        await self.outbox.close()
-        if error is not None:
-            try:
-                async with asyncio.timeout(self.settings.write_timeout):
-                    await self.outbox._send(envelope.error(error, reason))
-            except Exception:
-                pass  # best effort: the client may be the reason we are closing
+        await self.outbox.close(envelope.error(error, reason) if error is not None else None)
         try:
             await self._close_transport(code, reason)
         except Exception as e:
@@ -267,7 +257,6 @@ class Session:
                 **counts,
             },
         )
-        self._closed.set()
 
     async def _end(self, sub: Subscription) -> None:
         sub.detach()
