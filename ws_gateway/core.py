@@ -41,9 +41,8 @@ class _Shared:
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-def _is_primary(member: Member, pattern: str, subject: str) -> bool:
-    """True when `pattern` is the smallest of the member's patterns matching `subject`."""
-    st = tokens(subject)
+def _is_primary(member: Member, pattern: str, st: tuple[str, ...]) -> bool:
+    """True when `pattern` is the smallest of the member's patterns matching the subject."""
     for other, ot in member.core_patterns.items():
         if other < pattern and match_tokens(ot, st):
             return False
@@ -137,9 +136,12 @@ class CoreRouter:
                 return
             frame = envelope.sub_msg(subject, msg.data)
             n = 0
+            st: tuple[str, ...] | None = None  # split once per message, if at all
             for member in tuple(members):
-                if len(member.core_patterns) > 1 and not _is_primary(member, pattern, subject):
-                    continue
+                if len(member.core_patterns) > 1:
+                    st = st or tokens(subject)
+                    if not _is_primary(member, pattern, st):
+                        continue
                 member.push(frame)
                 n += 1
             metrics.ENVELOPES_OUT.inc(n)

@@ -460,17 +460,16 @@ class Session:
     ) -> None:
         stream = f"KV_{bucket}"
         js = self.hub.js
-        try:
-            await js.stream_info(stream)
-        except NotFoundError:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
         inbox = sub.ref.inbox
         member = Member(self.push, lambda key: self._kv_primary(bucket, pattern, key))
         sub.member = member
         # Join the shared live feed first, then read the current values: every change
         # after the catch-up's cutoff is then in the member's buffer (no gap).
-        sub.feed = await self.hub.kv_feeds.join(bucket, pattern, member)
-        info = await js.stream_info(stream)
+        try:
+            sub.feed = await self.hub.kv_feeds.join(bucket, pattern, member)
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
         first, last = info.state.first_seq, info.state.last_seq
         # Resuming is only complete when every change after `since` is still stored.
         recovered = since is not None and since <= last and since + 1 >= first
@@ -517,16 +516,15 @@ class Session:
             synced()
 
     def _kv_primary(self, bucket: str, pattern: str, key: str) -> bool:
-        kt = tokens(key)
+        """True unless a smaller kv_sub pattern of this session on the bucket matches
+        `key` (that one delivers it). The key is split only when there is such a sub."""
+        kt: tuple[str, ...] | None = None
         for other in self.subs.values():
             r = other.ref
-            if (
-                r.op == "kv_sub"
-                and r.target == bucket
-                and r.pattern < pattern
-                and match_tokens(tokens(r.pattern), kt)
-            ):
-                return False
+            if r.op == "kv_sub" and r.target == bucket and r.pattern < pattern:
+                kt = kt or tokens(key)
+                if match_tokens(tokens(r.pattern), kt):
+                    return False
         return True
 
     def feed_gone(self, feed: KvFeed) -> None:
