@@ -32,7 +32,7 @@ from shared.users import (
     decode_user,
 )
 from ws_gateway.core import CoreRouter
-from ws_gateway.kvfeed import KvFeed, KvFeeds
+from ws_gateway.kvfeed import KvFeed, KvFeeds, kv_op
 from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, Start, StreamReader
 from ws_gateway.session import Session
@@ -129,22 +129,11 @@ class Hub:
         """Fail closed: re-read every connected user's record before delivering again."""
         while True:
             try:
-                kv = await self._bucket(USERS_BUCKET)
                 for uid in list(self.by_user):
-                    try:
-                        entry = await kv.get(uid)
-                        record = decode_user(entry.value) if entry.value else None
-                    except KeyNotFoundError:
-                        record = None
-                    cached = self.users.get(uid)
-                    if cached is not None and record == cached[0]:
-                        continue
-                    self._apply(uid, record, None)
+                    self._apply(uid, await self._read_user(uid), None)
                 await self._list_revoked()
-                for jti in list(self.by_jti):
-                    if jti in self._revoked:
-                        for s in list(self.by_jti.get(jti, ())):
-                            s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+                for s in list(self.sessions):
+                    self._close_if_revoked(s)
                 break
             except Exception as e:
                 if not self.nc.is_connected:
@@ -219,12 +208,7 @@ class Hub:
         fut: asyncio.Future[UserRecord | None] = asyncio.get_running_loop().create_future()
         self._loading[uid] = fut
         try:
-            kv = await self._bucket(USERS_BUCKET)
-            try:
-                entry = await kv.get(uid)
-                record = decode_user(entry.value) if entry.value else None
-            except KeyNotFoundError:
-                record = None
+            record = await self._read_user(uid)
             fut.set_result(record)
             return record
         except BaseException as e:
@@ -233,6 +217,13 @@ class Hub:
             raise
         finally:
             del self._loading[uid]
+
+    async def _read_user(self, uid: str) -> UserRecord | None:
+        try:
+            entry = await (await self._bucket(USERS_BUCKET)).get(uid)
+        except KeyNotFoundError:
+            return None
+        return decode_user(entry.value) if entry.value else None
 
     async def _bucket(self, name: str) -> KeyValue:
         # Handles are kept: `js.key_value()` is a stream-info request of its own, which
@@ -282,9 +273,8 @@ class Hub:
         sessions = self.by_user.get(uid)
         if not sessions:
             return True
-        op = (d.headers or {}).get("KV-Operation")
         record: UserRecord | None = None
-        if op not in ("DEL", "PURGE") and d.data:
+        if kv_op(d) == "put" and d.data:
             try:
                 record = decode_user(d.data)
             except Exception:
@@ -308,7 +298,7 @@ class Hub:
 
     def _on_revoked(self, d: Delivery) -> bool:
         jti = d.subject[len(f"$KV.{REVOKED_BUCKET}.") :]
-        if (d.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        if kv_op(d) != "put":
             self._revoked.pop(jti, None)
             return True
         self._revoked[jti] = d.time_ns / 1e9
