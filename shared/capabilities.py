@@ -93,10 +93,18 @@ def is_internal_stream(stream: str) -> bool:
     return stream.startswith(("KV_", "OBJ_"))
 
 
+_NAME_BAD = frozenset(" .*>\t\r\n\x00/\\")
+
+
+def is_nats_name(name: str) -> bool:
+    """A stream or bucket name: 1-255 characters, no dots, wildcards, whitespace, slashes."""
+    return 0 < len(name) <= 255 and not any(c in _NAME_BAD for c in name)
+
+
 def _validate_name(name: str) -> None:
     if name in ("*", ">"):
         return
-    if not name or len(name) > 255 or any(c in name for c in " .*>\t\r\n\x00/\\"):
+    if not is_nats_name(name):
         raise ValueError("a bucket or stream name is '*', '>' or a NATS name (no dots)")
 
 

@@ -21,7 +21,7 @@ from nats.js.errors import NotFoundError
 
 from shared import envelope
 from shared.auth import Claims
-from shared.capabilities import CompiledCapabilities, SubscriptionRef
+from shared.capabilities import CompiledCapabilities, SubscriptionRef, is_nats_name
 from shared.errors import CloseCode, Disconnect, ErrorCode, InvalidToken, ProtocolError
 from shared.subjects import match_tokens, tokens, validate_pattern
 from shared.users import UserRecord, compile_or_nothing
@@ -38,11 +38,10 @@ log = logging.getLogger("ws_gateway.session")
 SendFn = Callable[[bytes], Awaitable[None]]
 CloseFn = Callable[[int, str], Awaitable[None]]
 _ids = itertools.count(1)
-_NAME_BAD = frozenset(" .*>\t\r\n\x00/\\")
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not name or len(name) > 255 or any(c in _NAME_BAD for c in name):
+    if not is_nats_name(name):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid {kind} name")
 
 
@@ -387,9 +386,19 @@ class Session:
         metrics.DENIED.labels(op).inc()
         return ProtocolError(ErrorCode.FORBIDDEN, reason)
 
-    def _add(self, inbox: str, sub: Subscription) -> None:
+    async def _open(self, sub: Subscription, start: Awaitable[None]) -> None:
+        """Reserve the subscription's inbox across `start`; release all it took if that
+        fails; release it at once if the session closed meanwhile (KV and JetStream)."""
+        inbox = sub.ref.inbox
         self.subs[inbox] = sub
+        try:
+            await start
+        except BaseException:
+            self.subs.pop(inbox, None)
+            await sub.close()
+            raise
         metrics.SUBSCRIPTIONS.labels(sub.ref.op).inc()
+        await self._closed_meanwhile(inbox, sub)
 
     async def _sub(self, op: envelope.Sub) -> None:
         pattern = _pattern(op.target, "subject")
@@ -445,15 +454,7 @@ class Session:
         self._require_nats()
         ref = SubscriptionRef(inbox, "kv_sub", bucket, pattern)
         sub = KvSubscription(ref, self)
-        self.subs[inbox] = sub
-        try:
-            await self._start_kv(sub, bucket, pattern, op.data.since_revision)
-        except BaseException:
-            self.subs.pop(inbox, None)
-            await sub.close()
-            raise
-        metrics.SUBSCRIPTIONS.labels("kv_sub").inc()
-        await self._closed_meanwhile(inbox, sub)
+        await self._open(sub, self._start_kv(sub, bucket, pattern, op.data.since_revision))
 
     async def _start_kv(
         self, sub: KvSubscription, bucket: str, pattern: str, since: int | None
@@ -560,15 +561,7 @@ class Session:
         self._require_nats()
         ref = SubscriptionRef(inbox, "js_sub", stream, flt)
         sub = ReaderSubscription(ref)
-        self.subs[inbox] = sub
-        try:
-            await self._start_js(sub, stream, flt, d)
-        except BaseException:
-            self.subs.pop(inbox, None)
-            await sub.close()
-            raise
-        metrics.SUBSCRIPTIONS.labels("js_sub").inc()
-        await self._closed_meanwhile(inbox, sub)
+        await self._open(sub, self._start_js(sub, stream, flt, d))
 
     async def _start_js(
         self, sub: ReaderSubscription, stream: str, flt: str, d: envelope.JsSubData
