@@ -4,11 +4,21 @@
 # password-less sudo); otherwise says clearly what to do. Exit 0 = nginx is there.
 set -euo pipefail
 
-for candidate in "$(command -v nginx 2>/dev/null || true)" /usr/sbin/nginx /usr/local/sbin/nginx; do
-    if [ -n "$candidate" ] && [ -x "$candidate" ]; then
-        exit 0
-    fi
-done
+# Where deploy/render.py's nginx_binary() looks, in the same order.
+have_nginx() {
+    local candidate
+    for candidate in "$(command -v nginx 2>/dev/null || true)" /usr/sbin/nginx \
+        /usr/local/sbin/nginx /opt/homebrew/bin/nginx; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ]; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+if have_nginx; then
+    exit 0
+fi
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=""
@@ -35,7 +45,7 @@ else
     exit 1
 fi
 
-if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
+if have_nginx; then
     echo "nginx installed."
 else
     echo "nginx installation failed: install it yourself, then re-run." >&2

@@ -5,7 +5,7 @@ placeholders; every value comes from `shared.settings.load()`, so one `BASE_PORT
 whole stack. Output goes under VAR_DIR (default `var/`, gitignored) and is rewritten on
 every start: edit the templates, never the output.
 
-    VAR_DIR/supervisord.conf  nginx.conf  nats/n0.conf …  run/  log/  nginx/  www/
+    VAR_DIR/supervisord.conf  nginx.conf  nats/n0.conf …  run/  log/  nginx/
 """
 
 from __future__ import annotations
@@ -73,10 +73,6 @@ class Layout:
     @property
     def nginx_prefix(self) -> Path:
         return self.var / "nginx"
-
-    @property
-    def placeholder_root(self) -> Path:
-        return self.var / "www"
 
     @property
     def web_root(self) -> Path:
@@ -247,14 +243,8 @@ def render(settings: Settings, layout: Layout) -> None:
                 "host": settings.host,
                 "base_port": settings.base_port,
                 "web_root": layout.web_root,
-                "placeholder_root": layout.placeholder_root,
             },
         ),
-    )
-    # Served only while web/ has no index.html (the SPA is not there yet).
-    _write(
-        layout.placeholder_root / "index.html",
-        (DEPLOY / "templates" / "placeholder.html").read_text(),
     )
 
     # supervisord: its own %(name)s expansions stay; a literal % in a value is doubled.

@@ -180,14 +180,23 @@ def _process_info(layout: Layout) -> list[dict[str, Any]]:
         return []
 
 
-def _check_no_fatal(layout: Layout) -> None:
-    """Fail fast when supervisord gave up on a program (it retries the others itself)."""
-    for p in _process_info(layout):
+def _check_no_fatal(layout: Layout) -> list[dict[str, Any]]:
+    """Fail fast when supervisord gave up on a program (it retries the others itself).
+    Returns the process info it read."""
+    info = _process_info(layout)
+    for p in info:
         if p["statename"] == "FATAL":
             raise StackError(
                 f"{p['group']}:{p['name']} is FATAL; last lines of its log:\n"
                 + _tail(Path(p["stdout_logfile"]))
             )
+    return info
+
+
+def _gateways_ready(settings: Settings) -> bool:
+    return all(
+        _http_status(f"http://{settings.host}:{p}/readyz") == 200 for p in settings.gateway_ports
+    )
 
 
 def diagnose(layout: Layout) -> str:
@@ -240,23 +249,18 @@ def _apps_ready(settings: Settings, layout: Layout) -> bool:
     _check_no_fatal(layout)
     return all(
         _http_status(f"http://{settings.host}:{p}/api/readyz") == 200 for p in settings.api_ports
-    ) and all(
-        _http_status(f"http://{settings.host}:{p}/readyz") == 200 for p in settings.gateway_ports
-    )
+    ) and _gateways_ready(settings)
 
 
 def _ready(settings: Settings, layout: Layout) -> bool:
     """Ready = every program RUNNING (past startsecs), `/api/readyz` answers 200 through
     nginx and every gateway's `/readyz` answers 200."""
-    _check_no_fatal(layout)
-    info = _process_info(layout)
+    info = _check_no_fatal(layout)
     if not info or any(p["statename"] != "RUNNING" for p in info):
         return False
     if _http_status(f"{settings.public_url}/api/readyz") != 200:
         return False
-    return all(
-        _http_status(f"http://{settings.host}:{p}/readyz") == 200 for p in settings.gateway_ports
-    )
+    return _gateways_ready(settings)
 
 
 def _start_apps(settings: Settings, layout: Layout, env: dict[str, str], deadline: float) -> None:
