@@ -66,7 +66,7 @@ ensure-nginx:
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml bench/package.json | sha1sum | cut -c1-12)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml bench/package.json
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,bench]'
 	@if command -v npm >/dev/null; then cd bench && npm install --no-audit --no-fund --no-package-lock --silent \
 	  || echo "npm install failed: bench uses the Python load client"; \
 	else echo "npm not found: bench uses the Python load client"; fi

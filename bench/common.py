@@ -32,14 +32,18 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def wait_http(
-    port: int, path: str, deadline: float, proc: subprocess.Popen[bytes] | None = None
+    port: int, path: str | None, deadline: float, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Until `GET path` answers 200 on the port (a starting process), or raise."""
+    """Until `GET path` answers 200 on the port (a starting process), or raise; with no
+    path, until the port accepts a connection (a server with no 200 route)."""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             r, w = await asyncio.open_connection("127.0.0.1", port)
+            if path is None:
+                w.close()
+                return
             w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             line = await r.readline()
             w.close()
@@ -48,4 +52,4 @@ async def wait_http(
         except OSError:
             pass
         await asyncio.sleep(0.1)  # polling a starting process, not synchronising a test
-    raise RuntimeError(f"{path} on port {port} did not become ready")
+    raise RuntimeError(f"{path or 'a connection'} on port {port} did not become ready")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from playwright.async_api import Page, async_playwright  # noqa: E402
 
+from bench.common import pct  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.deploy.stackrun import Stack  # noqa: E402
 
@@ -83,11 +84,6 @@ async ({transport, writes, room, articleId, password}) => {
   return out;
 }
 """
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs)) - 1))]
 
 
 async def run(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:

@@ -187,7 +187,7 @@ class Bench:
         elif self.kind == "ceiling":
             self.server = self.spawn("ceiling", [sys.executable, "bench/ceiling.py", "--nats",
                                                  self.nats.url, "--port", str(port)])
-            await wait_http_ws(port, time.monotonic() + 30, self.server)
+            await wait_http(port, None, time.monotonic() + 30, self.server)
             self.url = f"ws://127.0.0.1:{port}/"
             self.server_pid = self.server.pid
         else:
@@ -476,19 +476,6 @@ class Bench:
         finally:
             await self.teardown()
         return self.res
-
-
-async def wait_http_ws(port: int, deadline: float, proc: subprocess.Popen[bytes]) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)  # polling a starting process
-    raise RuntimeError(f"port {port} did not open")
 
 
 # ---------------------------------------------------------------------- report
