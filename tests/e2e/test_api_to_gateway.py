@@ -139,7 +139,6 @@ async def test_capability_change_over_http_revokes_live_subscription(
     seen = [c.envelopes.get_nowait() for _ in range(c.envelopes.qsize())]
     assert not [e for e in seen if e["op"] == "sub_msg" and e["target"].startswith("chat.")]
     assert marker in seen
-    assert chat.get_nowait() is None
 
 
 async def test_disabling_user_over_http_closes_4403(api: Api, connect: ClientFactory) -> None:
@@ -181,7 +180,6 @@ async def test_http_response_changes_no_client_state(api: Api, connect: ClientFa
     assert c.envelopes is not None
     while not c.envelopes.empty():  # cap_update, ok, initial value, synced
         c.envelopes.get_nowait()
-    frames = c.frames
 
     # An unrelated key changes first, then ours; only ours may reach this subscription.
     b2 = await call(
@@ -191,19 +189,17 @@ async def test_http_response_changes_no_client_state(api: Api, connect: ClientFa
         api, "PUT", f"/api/articles/{a['id']}", token, 200, json={"title": "A", "body": "a1"}
     )
     assert b2["revision"] < a2["revision"]
-    # The response is an acknowledgement: whatever the subscription holds now came from a
-    # WebSocket frame (recorded by the reader), never from the HTTP response.
-    assert kv.queue.qsize() == 0 or c.frames > frames
 
     msg = await kv.get()
     assert msg["op"] == "kv_msg" and msg["target"] == "articles"
     assert msg["data"]["key"] == a["id"] and msg["data"]["op"] == "put"
     assert msg["data"]["revision"] == a2["revision"]
     assert msg["data"]["value"]["body"] == "a1"
-    assert c.frames > frames
 
     await c.ping()  # a round trip: anything the gateway sent before the pong is in by now
     assert kv.get_nowait() is None
+    # The response is an acknowledgement: what the subscription got came off the socket
+    # (the reader records every envelope it decodes), never from the HTTP response.
     seen = [c.envelopes.get_nowait() for _ in range(c.envelopes.qsize())]
     assert seen[0] is msg  # the first thing after the write was our kv_msg, read off the socket
     assert [e["op"] for e in seen[1:]] == ["pong"]

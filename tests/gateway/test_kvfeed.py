@@ -7,6 +7,7 @@ import asyncio
 from nats.aio.client import Client as NATS
 
 from tests.gateway.conftest import ClientFactory, UserFactory
+from tests.waits import until, until_async
 from ws_gateway.server import Gateway
 
 
@@ -30,22 +31,24 @@ async def test_many_kv_subs_share_one_consumer(
     for s in subs:
         assert [e["data"]["key"] for e in await _synced(s)] == ["a"]
     assert gateway.hub is not None and len(gateway.hub.kv_feeds) == 1
-    for _ in range(200):  # catch-up consumers are deleted in the background after synced
-        if (await js.stream_info("KV_articles")).state.consumer_count == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert (await js.stream_info("KV_articles")).state.consumer_count == 1
+
+    async def consumers_are(n: int) -> bool:
+        return (await js.stream_info("KV_articles")).state.consumer_count == n
+
+    # catch-up consumers are deleted in the background after synced
+    await until_async(lambda: consumers_are(1), "one consumer left on KV_articles", 10)
     rev = await kv.put("b", b'"2"')
     for s in subs:
         env = await s.get()
         assert (env["data"]["key"], env["data"]["revision"]) == ("b", rev)
     for c in clients:
         await c.close()
-    for _ in range(200):
-        if not gateway.hub.kv_feeds and not gateway.hub.sessions and not gateway.hub.closing:
-            break
-        await asyncio.sleep(0.02)
-    assert len(gateway.hub.kv_feeds) == 0
+    hub = gateway.hub
+    await until(
+        lambda: not hub.kv_feeds and not hub.sessions and not hub.closing,
+        "every session and its KV feed to close",
+        10,
+    )
     assert (await js.stream_info("KV_articles")).state.consumer_count == 0
 
 

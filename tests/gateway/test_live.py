@@ -13,6 +13,7 @@ from shared.client import GatewayClient, RequestError
 from shared.users import REVOKED_BUCKET, USERS_BUCKET
 from tests.gateway.conftest import ALICE_CAPS, ClientFactory, UserFactory
 from tests.natsd import NatsServer
+from tests.waits import until, until_async
 from ws_gateway.server import Gateway
 
 
@@ -20,8 +21,9 @@ async def test_capability_removal_revokes_live_subscriptions(
     make_user: UserFactory, connect: ClientFactory, nc: NATS
 ):
     """Removing a capability ends the subscription and sends cap_update listing it."""
-    c = await connect(await make_user())
+    c = await connect(await make_user(), record=True)
     chat = await c.sub("chat.room.1")
+    articles = await c.sub("articles.>")  # kept: its messages mark how far the socket got
     todos = await c.kv_sub("todos", "user.alice.>")
     js = await c.js_sub("chat", "chat.room.123")
     await c.cap_updates.get()  # the connect-time one
@@ -32,12 +34,23 @@ async def test_capability_removal_revokes_live_subscriptions(
     assert revoked == {(chat.inbox, "sub"), (js.inbox, "js_sub")}
     assert update["data"]["capabilities"]["subjects"] == ["articles.>"]
     assert chat.revoked.is_set() and not todos.revoked.is_set()
-    await nc.publish("chat.room.1", b"after")
-    await nc.publish("articles.x", b"canary")
+    assert not articles.revoked.is_set()
     with pytest.raises(RequestError) as e:
         await c.sub("chat.room.1")
     assert e.value.code == "forbidden"
-    assert chat.get_nowait() is None
+
+    # Gone on the server too, not only in the client's table: a message on chat.room.1
+    # published after the cap_update never reaches the socket. The witness on the kept
+    # subject, published after it by the same connection, arrives behind anything it sent.
+    await nc.publish("chat.room.1", b'"after"')
+    await nc.publish("articles.x", b'"witness"')
+    witness = await articles.get()
+    assert witness["target"] == "articles.x" and witness["data"]["payload"] == "witness"
+    assert c.envelopes is not None
+    seen = [c.envelopes.get_nowait() for _ in range(c.envelopes.qsize())]
+    since = seen[next(i for i, env in enumerate(seen) if env is update) :]
+    assert witness in since
+    assert not [e for e in since if e["op"] == "sub_msg" and e["target"] == "chat.room.1"]
 
 
 async def test_disabled_user_closed_4403(make_user: UserFactory, connect: ClientFactory):
@@ -161,11 +174,11 @@ async def test_backpressure_closes_slow_client_only(
             got = [s for s in before if s.close_code == 1013]
             if got:
                 break
-    for _ in range(50):
+    async def closed_1013() -> bool:
         await nc.flush()
-        if any(s.close_code == 1013 for s in before):
-            break
-        await asyncio.sleep(0.1)
+        return any(s.close_code == 1013 for s in before)
+
+    await until_async(closed_1013, "the slow client to be closed 1013", 10)
     codes = sorted(s.close_code or 0 for s in before)
     assert codes == [0, 1013]
     await nc.publish("chat.room.1", b'"still here"')
@@ -206,13 +219,10 @@ async def test_nats_restart_core_continues_and_js_resumes(
     await js.publish("chat.room.123", b"1")
     assert (await js_sub.get())["data"]["seq"] == 1
     nats_server.restart()
-    # wait until both the gateway and the test client are connected again
-    for conn_ok in (lambda: gateway.hub.nats_ready, lambda: nc.is_connected):  # type: ignore
-        for _ in range(200):
-            if conn_ok():
-                break
-            await asyncio.sleep(0.05)
-    assert gateway.hub.nats_ready and nc.is_connected  # type: ignore[union-attr]
+    await until(
+        lambda: gateway.hub.nats_ready and nc.is_connected,  # type: ignore[union-attr]
+        "the gateway and the test client to reconnect",
+    )
     for i in range(2, 6):
         # JetStream needs a moment to recover its streams after a restart; the msg id
         # makes a retried publish idempotent.
@@ -253,11 +263,8 @@ async def test_connect_subscribe_disconnect_leaves_nothing_behind(
         if i % 50 == 0:
             await c.kv_sub("todos", "user.alice.>")
         await c.close()
-    for _ in range(100):
-        if not hub.sessions:
-            break
-        await asyncio.sleep(0.02)
-    assert not hub.sessions and not hub.by_user and not hub.by_jti
+    await until(lambda: not hub.sessions, "every session to close", 10)
+    assert not hub.by_user and not hub.by_jti
     assert len(hub.router) == 0
     assert len(hub.nc._subs) == subs_before
     info = await nc.jetstream().stream_info("KV_todos")

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
@@ -21,41 +20,31 @@ from websockets.exceptions import ConnectionClosed
 from shared.client import GatewayClient, RequestError
 from shared.settings import Settings
 from tests.gateway.conftest import ALICE_CAPS, ClientFactory, UserFactory
+from tests.metrics import scrape_metric
 from tests.natsd import NatsServer, free_port
+from tests.waits import split, until, until_async
 from ws_gateway.server import Gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _until(cond: Callable[[], bool], what: str, tries: int = 400) -> None:
-    """Bounded polling on a condition that has no event to await."""
-    for _ in range(tries):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 async def _js_ready(nc: NATS) -> None:
     """Wait (bounded) until JetStream answers again after a nats-server restart."""
-    await _until(lambda: nc.is_connected, "test client reconnect")
-    for _ in range(200):
+    await until(lambda: nc.is_connected, "test client reconnect")
+
+    async def answers() -> bool:
         try:
             await nc.jetstream().stream_info("chat")
             await nc.jetstream().stream_info("KV_todos")
-            return
         except Exception:
-            await asyncio.sleep(0.05)
-    pytest.fail("JetStream did not come back")
+            return False
+        return True
+
+    await until_async(answers, "JetStream to come back")
 
 
 def _gateway_with(settings: Settings, **changes: Any) -> Gateway:
     return Gateway(msgspec.structs.replace(settings, **changes), host="127.0.0.1", port=0)
-
-
-def _split(frame: str | bytes) -> list[dict[str, Any]]:
-    text = frame.decode() if isinstance(frame, bytes) else frame
-    return [msgspec.json.decode(line) for line in text.split("\n") if line]
 
 
 # ---------------------------------------------------------------------- error codes
@@ -112,7 +101,7 @@ async def test_unavailable_while_nats_down_then_recovers(
     assert gateway.hub is not None
     nats_server.stop()
     try:
-        await _until(lambda: not gateway.hub.nats_ready, "gateway to see NATS down")  # type: ignore[union-attr]
+        await until(lambda: not gateway.hub.nats_ready, "gateway to see NATS down")  # type: ignore[union-attr]
         for op, args in [("sub", ("chat.room.2",)), ("kv_sub", ("todos", "user.alice.>"))]:
             with pytest.raises(RequestError) as e:
                 await getattr(c, op)(*args)
@@ -120,7 +109,7 @@ async def test_unavailable_while_nats_down_then_recovers(
         await c.ping()  # the connection itself stays open
     finally:
         nats_server.start()
-    await _until(lambda: gateway.hub.nats_ready, "gateway to reconnect")  # type: ignore[union-attr]
+    await until(lambda: gateway.hub.nats_ready, "gateway to reconnect")  # type: ignore[union-attr]
     sub = await c.sub("chat.room.2")
     await _js_ready(nc)
     for _ in range(100):  # our test client's own resubscription is asynchronous
@@ -157,7 +146,7 @@ async def test_kv_watch_survives_nats_restart(
     assert (await sub.get())["data"]["revision"] == r1
     assert (await sub.get())["data"]["op"] == "synced"
     nats_server.restart()
-    await _until(lambda: gateway.hub.nats_ready, "gateway to reconnect")  # type: ignore[union-attr]
+    await until(lambda: gateway.hub.nats_ready, "gateway to reconnect")  # type: ignore[union-attr]
     await _js_ready(nc)
     js = nc.jetstream()
     revs = {}
@@ -234,7 +223,7 @@ async def test_silent_client_closed_after_two_intervals(
         with pytest.raises(ConnectionClosed):
             async with asyncio.timeout(10):
                 while True:
-                    ops += [e["op"] for e in _split(await ws.recv())]
+                    ops += [e["op"] for e in split(await ws.recv())]
         assert ws.close_code == 1008
     assert ops[0] == "cap_update" and "ping" in ops
 
@@ -252,7 +241,7 @@ async def test_ping_answered_with_pong_and_answering_client_stays(
         await ws.send('{"op":"ping","inbox":"hb-1"}')
         async with asyncio.timeout(5):
             while True:
-                pongs = [e for e in _split(await ws.recv()) if e["op"] == "pong"]
+                pongs = [e for e in split(await ws.recv()) if e["op"] == "pong"]
                 if pongs:
                     break
         assert pongs[0]["inbox"] == "hb-1"
@@ -353,29 +342,17 @@ async def test_unsub_one_of_two_overlapping_keeps_the_other(
 # ---------------------------------------------------------------------- metrics
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
 async def test_revocation_latency_metric_counts(
     make_user: UserFactory, connect: ClientFactory, gateway: Gateway
 ):
     """A capability revocation increments gateway_revocation_seconds_count on /metrics."""
-    url = f"http://127.0.0.1:{gateway.port}/metrics"
     name = "gateway_revocation_seconds_count"
     c = await connect(await make_user())
     sub = await c.sub("chat.room.1")
     await c.cap_updates.get()
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url) as r:
-            before = _metric(await r.text(), name)
-        await make_user("alice", {**ALICE_CAPS, "subjects": ["articles.>"]})
-        update = await asyncio.wait_for(c.cap_updates.get(), 5)
-        assert [r["inbox"] for r in update["data"]["revoked"]] == [sub.inbox]
-        async with http.get(url) as r:
-            assert r.status == 200
-            after = _metric(await r.text(), name)
+    before = await scrape_metric(gateway.port, name)
+    await make_user("alice", {**ALICE_CAPS, "subjects": ["articles.>"]})
+    update = await asyncio.wait_for(c.cap_updates.get(), 5)
+    assert [r["inbox"] for r in update["data"]["revoked"]] == [sub.inbox]
+    after = await scrape_metric(gateway.port, name)
     assert after == before + 1

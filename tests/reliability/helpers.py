@@ -1,4 +1,4 @@
-"""Small real-world tools for the hardening suite: bounded waits, process figures, a TCP
+"""Small real-world tools for the hardening suite: process figures, a TCP
 relay we can cut, the client's reconnect backoff, a gateway in a subprocess."""
 
 from __future__ import annotations
@@ -10,44 +10,15 @@ import random
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import msgspec
 
 from shared.settings import Settings
 from tests.natsd import free_port
+from tests.waits import split, until, until_async  # noqa: F401  (re-exported for the suite)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
-    """Bounded polling on a condition with no event to await; the seconds it took."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
-
-
-async def until_async(
-    cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0
-) -> float:
-    t0 = time.monotonic()
-    while not await cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - t0
-
-
-def split(frame: str | bytes) -> list[dict[str, Any]]:
-    text = frame.decode() if isinstance(frame, bytes) else frame
-    return [msgspec.json.decode(line) for line in text.split("\n") if line]
 
 
 def rss_kib(pid: int | str = "self") -> int:

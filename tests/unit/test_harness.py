@@ -11,6 +11,7 @@ from nats.js.client import JetStreamContext
 from shared import natsio
 from shared.settings import Settings, load
 from tests.natsd import NatsServer
+from tests.waits import until
 
 
 async def test_provisioned_server_has_every_bucket_and_stream(
@@ -52,17 +53,15 @@ async def test_an_outage_logs_each_kind_of_error_once(
         imposter.close()
         await imposter.wait_closed()
         srv.start()
-        reconnected = [r for r in caplog.records if r.getMessage() == "nats reconnected"]
-        for _ in range(300):
-            if reconnected:
-                break
-            await asyncio.sleep(0.05)  # polling the log for the reconnect
-            reconnected = [r for r in caplog.records if r.getMessage() == "nats reconnected"]
+
+        def reconnected() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage() == "nats reconnected"]
+
+        await until(lambda: bool(reconnected()), "the log to say the client reconnected", 15)
     finally:
         await nc.close()
         srv.stop()
     errors = [r.error for r in caplog.records if r.getMessage() == "nats error"]  # type: ignore[attr-defined]
-    assert reconnected, "never reconnected"
     assert len(errors) == len(set(errors)), errors  # each kind once
-    counted = reconnected[0].errors  # type: ignore[attr-defined]
+    counted = reconnected()[0].errors  # type: ignore[attr-defined]
     assert sum(counted.values()) >= attempts - 1, (counted, attempts)
