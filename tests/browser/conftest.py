@@ -16,20 +16,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
+from tests.browser.helpers import CHROMIUM, CHROMIUM_ARGS
 from tests.deploy.stackrun import Stack
 
-CHROMIUM = "/usr/bin/chromium"
-# Debian's chromium, headless, with nothing that reaches out to the network.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DESKTOP = {"width": 1100, "height": 800}
 PHONE = {"width": 390, "height": 844}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.browser.helpers import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDE = {"width": 1000, "height": 760}

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from playwright.async_api import Locator, Route, expect
+from playwright.async_api import Route, expect
 
 from tests.browser.conftest import Person, PersonFactory
+from tests.browser.helpers import article, chat_seqs, in_room, say, unique
 from tests.deploy.stackrun import Stack
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,10 +36,6 @@ BLOCK_WEBSOCKET = r"""
 WS_FAILED = r"WebSocket connection to .*/ws-blocked.* failed"
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix} {uuid.uuid4().hex[:8]}"
-
-
 async def blocked(person: PersonFactory, name: str) -> Person:
     """A person whose page cannot use WebSocket, logged in and live over polling."""
     p = await person(name, login=False)
@@ -50,32 +47,6 @@ async def blocked(person: PersonFactory, name: str) -> Person:
     await expect(conn).to_have_attribute("data-state", "open")
     await expect(conn).to_contain_text("Live (polling)")
     return p
-
-
-async def say(who: Person, text: str) -> None:
-    await who.page.fill("#chat-text", text)
-    await who.page.press("#chat-text", "Enter")
-    await expect(who.page.locator("#chat-text")).to_have_value("")
-
-
-async def chat_seqs(who: Person) -> list[int]:
-    seqs = await who.page.locator("#messages li").evaluate_all(
-        "els => els.map(e => Number(e.dataset.seq))"
-    )
-    return [int(s) for s in seqs]
-
-
-async def in_room(alice: Person, bob: Person) -> str:
-    room = "r" + uuid.uuid4().hex[:8]
-    for p in (alice, bob):
-        await p.go(f"chat/{room}")
-        await expect(p.page.locator("#chat-h")).to_have_text(f"Chat: #{room}")
-        await expect(p.page.locator("#chat-state")).to_be_hidden()
-    return room
-
-
-def article(who: Person, text: str) -> Locator:
-    return who.page.locator("#articles li", has_text=text)
 
 
 async def test_websocket_blocked_alice_still_sees_bobs_articles_and_chat(
@@ -98,7 +69,7 @@ async def test_websocket_blocked_alice_still_sees_bobs_articles_and_chat(
     await bob.page.fill("#article-title", title)
     await bob.page.fill("#article-body", "first version")
     await bob.page.press("#article-title", "Enter")
-    await expect(article(alice, title)).to_be_visible(timeout=3000)
+    await expect(article(alice, title)).to_be_visible()
     await expect(bob.page.locator("#article-status")).to_have_text(
         "Saved: every open tab shows it now."
     )
@@ -106,13 +77,13 @@ async def test_websocket_blocked_alice_still_sees_bobs_articles_and_chat(
     await article(bob, title).get_by_role("button", name=re.compile("^Edit ")).click()
     await bob.page.fill("#article-title", edited)
     await bob.page.get_by_role("button", name="Save changes").click()
-    await expect(article(alice, edited)).to_be_visible(timeout=3000)
+    await expect(article(alice, edited)).to_be_visible()
 
     await in_room(alice, bob)
     sent = [f"bob {i}" for i in range(5)]
     for text in sent:
         await say(bob, text)
-    await expect(alice.page.locator("#messages li .text")).to_have_text(sent, timeout=5000)
+    await expect(alice.page.locator("#messages li .text")).to_have_text(sent)
     await say(alice, "alice over polling")
     sent.append("alice over polling")
     await expect(bob.page.locator("#messages li .text")).to_have_text(sent)
@@ -212,8 +183,8 @@ async def test_back_to_websocket_once_it_works_again(person: PersonFactory) -> N
             window.natsgate.client.on("state", (s) => window.__states.push(s));
         }"""
     )
-    closes: list[str] = []
-    alice.page.on("request", lambda r: closes.append(r.url) if "/poll/close" in r.url else None)
+    closed = asyncio.Event()
+    alice.page.on("request", lambda r: closed.set() if "/poll/close" in r.url else None)
 
     await alice.page.evaluate("() => { window.__blockWebSocket = false; }")
     conn = alice.page.locator("#conn")
@@ -230,15 +201,14 @@ async def test_back_to_websocket_once_it_works_again(person: PersonFactory) -> N
     for i in range(3):
         await say(bob, text := f"websocket {i}")
         sent.append(text)
-    await expect(messages).to_have_text(sent, timeout=5000)
+    await expect(messages).to_have_text(sent)
     seqs = await chat_seqs(alice)
     assert len(seqs) == len(sent) and seqs == sorted(set(seqs)), seqs
     assert await alice.page.evaluate("() => window.__states") == []
-    for _ in range(50):
-        if closes:
-            break
-        await asyncio.sleep(0.1)
-    assert closes, "the poll session was never closed"
+    try:
+        await asyncio.wait_for(closed.wait(), 10)
+    except TimeoutError:
+        raise AssertionError("the poll session was never closed") from None
 
 
 async def test_a_reload_closes_the_polling_session_on_the_server(
@@ -256,13 +226,12 @@ async def test_a_reload_closes_the_polling_session_on_the_server(
     assert sum("/ws-blocked" in e for e in alice.console_errors) == failed_before
     assert await alice.page.evaluate("() => window.natsgate.client.connects") == 1
     log = stack.layout.log_dir / "nginx-access.log"
-    closed = False
-    for _ in range(50):  # nginx writes the line once the request is done
-        closed = any(
+
+    def closed() -> bool:
+        return any(
             e["uri"] == f"/poll/close?sid={sid}" and e["status"] == 204
             for e in map(json.loads, log.read_text().splitlines())
         )
-        if closed:
-            break
-        await asyncio.sleep(0.1)
-    assert closed, f"no POST /poll/close for {sid} in {log}"
+
+    # nginx writes the line once the request is done: the log has no event to await
+    await until(closed, f"a POST /poll/close for {sid} answered 204 in {log}", 10)
