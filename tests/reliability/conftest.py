@@ -18,17 +18,21 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 
 from shared.auth import TokenIssuer
 from shared.logs import PrettyFormatter
+from shared.settings import Settings
 from tests.api.conftest import api, api_settings  # noqa: F401
 from tests.gateway.conftest import connect, connect_ws, gateway, issuer, make_user  # noqa: F401
+from ws_gateway.server import Gateway
 
 FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0", "false", "no")
 HERE = Path(__file__).resolve().parent
@@ -114,6 +118,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         prev = _FIGURES.outcomes.get(report.nodeid)
         if prev in (None, "passed"):
             _FIGURES.outcomes[report.nodeid] = outcome
+
+
+@pytest.fixture
+async def lenient_gateway(settings: Settings, nc: NATS) -> AsyncIterator[Gateway]:
+    """A gateway that keeps a connection through any number of bad frames and requests."""
+    s = msgspec.structs.replace(
+        settings, max_bad_frames=10**9, client_ops_per_second=1e6, client_ops_burst=10**6
+    )
+    async with Gateway(s, host="127.0.0.1", port=0) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,9 @@ import asyncio
 import io
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from argon2 import PasswordHasher
 from nats.aio.client import Client as NATS
@@ -58,16 +56,6 @@ BAD_VALUES = [
     "",
     " ",
 ]
-
-
-@pytest.fixture
-async def lenient_gateway(settings: Settings, nc: NATS) -> AsyncIterator[Gateway]:
-    """A gateway that keeps a connection through any number of bad frames and requests."""
-    s = msgspec.structs.replace(
-        settings, max_bad_frames=10**9, client_ops_per_second=1e6, client_ops_burst=10**6
-    )
-    async with Gateway(s, host="127.0.0.1", port=0) as gw:
-        yield gw
 
 
 def _gateway_requests(v: str) -> list[tuple[dict[str, Any], str]]:

@@ -23,22 +23,13 @@ from shared.capabilities import Capabilities
 from shared.client import GatewayClient, RequestError
 from shared.settings import Settings
 from tests.api.conftest import Api
+from tests.browser.helpers import CHROMIUM, CHROMIUM_ARGS
 from tests.gateway.conftest import ClientFactory, UserFactory
 from tests.reliability.conftest import Figures, Secrets
 from tests.unit.test_auth import b64url, claims, ed_sign, hs_sign, seg
 from ws_gateway.server import Gateway
 
 ALLOWED = "http://127.0.0.1:8080"  # the first of the default ALLOWED_ORIGINS
-# Debian's chromium, as tests/browser drives it: headless, nothing reaching out.
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 
 
 # ---------------------------------------------------------------------- 1. origin matrix
