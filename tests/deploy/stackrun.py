@@ -6,20 +6,24 @@ are all free is enough to run beside a `make run` that may be up.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import time
 import xmlrpc.client
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from deploy import stack as ops
 from deploy.render import Layout
-from deploy.stack import stack_pids
 from shared.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +132,7 @@ class Stack:
     def leftovers(self) -> list[str]:
         """Every process of this stack still alive: by marker and by its VAR_DIR on the
         command line (nats-server, nginx and supervisord name their config there)."""
-        found = [f"pid {p} (NATSGATE_STACK)" for p in stack_pids(self.layout)]
+        found = [f"pid {p} (NATSGATE_STACK)" for p in ops.stack_pids(self.layout)]
         res = subprocess.run(["pgrep", "-af", str(self.layout.var)], capture_output=True, text=True)
         found += [line for line in res.stdout.splitlines() if line.strip()]
         return found
@@ -173,6 +177,18 @@ async def chat_send(
         return None
 
 
+async def chat_send_acked(
+    http: aiohttp.ClientSession, token: str, room: str, text: str, key: str, timeout: float
+) -> int:
+    """`chat_send` retried with the same Idempotency-Key until acknowledged (stored once
+    however many tries it takes); its stream seq. AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (seq := await chat_send(http, token, room, text, key)) is None:
+        assert time.monotonic() < deadline, f"chat.send not acknowledged for {timeout:.0f} s"
+        await asyncio.sleep(0.05)  # a pause between retries, not synchronisation
+    return seq
+
+
 def keep_down(server: Any, name: str) -> None:
     """Stop a killed program for good: supervisord may already be restarting it."""
     deadline = time.monotonic() + 20
@@ -193,3 +209,27 @@ def bring_back(server: Any, name: str) -> None:
     except xmlrpc.client.Fault as e:
         if e.faultCode != 60:  # ALREADY_STARTED
             raise
+
+
+@contextlib.asynccontextmanager
+async def nats_node_down(
+    settings: Settings, layout: Layout, node: int, rejoin_timeout: float = 30
+) -> AsyncIterator[None]:
+    """NATS node n<node> killed (SIGKILL) and kept down for the body (supervisord would
+    restart it at once); then started again, and waited for until its /healthz says it
+    rejoined and caught up (bounded by `rejoin_timeout`)."""
+    name = f"nats_{node}"
+    victim = next(p for p in ops._process_info(layout) if p["name"] == name)
+    os.kill(victim["pid"], signal.SIGKILL)
+    with ops.rpc(layout) as server:
+        keep_down(server, f"nats:{name}")
+    yield
+    with ops.rpc(layout) as server:
+        bring_back(server, f"nats:{name}")
+    monitor = f"http://127.0.0.1:{settings.nats_monitor_port + node}/healthz"
+    await asyncio.to_thread(
+        ops._poll,
+        f"node n{node} to rejoin and catch up",
+        lambda: ops._http_status(monitor) == 200,
+        time.monotonic() + rejoin_timeout,
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from shared.client import GatewayClient
-from tests.deploy.stackrun import Stack, chat_send, login
+from tests.deploy.stackrun import Stack, chat_send, chat_send_acked, login
 
 
 class ResumingReader:
@@ -73,14 +73,7 @@ async def test_restarting_every_gateway_loses_and_duplicates_nothing(tmp_path: P
                 async def publish_until(done: asyncio.Future[object]) -> None:
                     while not done.done():
                         key = next(keys)
-                        for _attempt in range(100):  # a retry with the same key stores once
-                            seq = await chat_send(http, bob, "restart", key, key)
-                            if seq is not None:
-                                published.append(seq)
-                                break
-                            await asyncio.sleep(0.05)
-                        else:
-                            raise AssertionError("the API stopped taking chat.send")
+                        published.append(await chat_send_acked(http, bob, "restart", key, key, 20))
                         await asyncio.sleep(0.01)  # pacing, not synchronisation
 
                 restart = asyncio.ensure_future(

@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from deploy import stack as ops
-from tests.deploy.stackrun import Stack, bring_back, chat_send, keep_down, login
+from tests.deploy.stackrun import Stack, chat_send, chat_send_acked, login, nats_node_down
 from tests.deploy.test_restart import ResumingReader
 from tests.reliability.conftest import Figures, Secrets
 from tests.reliability.helpers import ms, summary, until
@@ -55,14 +55,7 @@ async def test_gateway_kill_9_under_load_through_nginx(
                 async def publish(n: int) -> None:
                     for _ in range(n):
                         key = next(keys)
-                        for _attempt in range(200):
-                            seq = await chat_send(http, bob, "restart", key, key)
-                            if seq is not None:
-                                published.append(seq)
-                                break
-                            await asyncio.sleep(0.05)
-                        else:
-                            raise AssertionError("the API stopped taking chat.send")
+                        published.append(await chat_send_acked(http, bob, "restart", key, key, 30))
                         await asyncio.sleep(0.01)  # pacing
 
                 await publish(20)
@@ -211,13 +204,9 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
                             pass
                         assert time.monotonic() - t0 < 60, "no article write for 60 s"
                         await asyncio.sleep(0.1)
-                    while True:
-                        seq = await chat_send(http, bob, "cluster", f"m{i}", f"m{i}")
-                        if seq is not None:
-                            acked_chat[seq] = f"m{i}"
-                            break
-                        assert time.monotonic() - t0 < 60, "no chat write for 60 s"
-                        await asyncio.sleep(0.1)
+                    left = 60 - (time.monotonic() - t0)  # no write for 60 s fails the test
+                    seq = await chat_send_acked(http, bob, "cluster", f"m{i}", f"m{i}", left)
+                    acked_chat[seq] = f"m{i}"
                     worst = max(worst, time.monotonic() - t0)
                 return worst
 
@@ -225,22 +214,8 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
             for k in range(kills):
                 stream = "KV_articles" if k % 2 == 0 else "chat"
                 leader = await _leader(urls, stream)
-                victim = next(
-                    p for p in ops._process_info(layout) if p["name"] == f"nats_{leader[1:]}"
-                )
-                os.kill(victim["pid"], signal.SIGKILL)
-                with ops.rpc(layout) as server:  # keep it down while we write
-                    keep_down(server, f"nats:{victim['name']}")
-                outages.append(await write(10))
-                with ops.rpc(layout) as server:
-                    bring_back(server, f"nats:{victim['name']}")
-                monitor = f"http://127.0.0.1:{s.nats_monitor_port + int(leader[1:])}/healthz"
-                await asyncio.to_thread(
-                    ops._poll,
-                    "the killed node to rejoin",
-                    lambda monitor=monitor: ops._http_status(monitor) == 200,
-                    time.monotonic() + 60,
-                )
+                async with nats_node_down(s, layout, int(leader[1:]), rejoin_timeout=60):
+                    outages.append(await write(10))
                 await write(5)
             # Every acknowledged write is there.
             lost_articles = []
