@@ -18,6 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.deploy.stackrun import Stack, login
+from tests.waits import split
 
 
 @pytest.fixture
@@ -40,9 +41,8 @@ async def frames(ws: ClientConnection) -> AsyncIterator[dict[str, Any]]:
     """Every envelope, split from batched frames (newline-delimited JSON)."""
     async for frame in ws:
         assert isinstance(frame, str)
-        for line in frame.split("\n"):
-            if line:
-                yield json.loads(line)
+        for env in split(frame):
+            yield env
 
 
 async def test_make_start_serves_everything_through_nginx_and_make_stop_leaves_nothing(
