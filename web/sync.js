@@ -168,8 +168,7 @@ export function recipients(env, subs) {
   /** @type {S[]} */
   const out = [];
   const data = env.data || {};
-  const fanOut = env.op === "sub_msg" || (env.op === "kv_msg" && data.op !== "synced");
-  if (!fanOut) {
+  if (!isFanOut(env)) {
     if (env.inbox == null) return out;
     for (const s of subs) if (s.inbox === env.inbox) out.push(s);
     return out;
@@ -183,6 +182,15 @@ export function recipients(env, subs) {
     }
   }
   return out;
+}
+
+/**
+ * True for fan-out data (`sub_msg`, `kv_msg` put/delete/purge), which carries no inbox and is
+ * routed by pattern; everything else names the one subscription it belongs to by its inbox.
+ * @param {Envelope} env
+ */
+function isFanOut(env) {
+  return env.op === "sub_msg" || (env.op === "kv_msg" && (env.data || {}).op !== "synced");
 }
 
 // ---------------------------------------------------------------- pure: backoff
@@ -692,6 +700,9 @@ export class SyncError extends Error {
 
 // ---------------------------------------------------------------- subscriptions
 
+/** Sent on this connection and not ended: what server messages may reach. @param {Subscription} s */
+const isLive = (s) => s.status === "pending" || s.status === "active";
+
 /** Retry these server errors on a subscription after a backoff; the rest are final. */
 const RETRYABLE = new Set(["unavailable", "limit", "internal", "backpressure"]);
 
@@ -766,7 +777,7 @@ class Subscription extends Emitter {
   /** The connection dropped: send it again on the next one. */
   onConnectionLost() {
     this.inbox = null;
-    if (this.status === "pending" || this.status === "active") this.status = "idle";
+    if (isLive(this)) this.status = "idle";
   }
 
   /** Re-sent after a grant: no longer revoked. */
@@ -1550,7 +1561,7 @@ export class SyncClient extends Emitter {
     this.subs.delete(sub);
     if (sub.inbox !== null) {
       this._inboxes.delete(sub.inbox);
-      if (this._ready && (sub.status === "pending" || sub.status === "active")) {
+      if (this._ready && isLive(sub)) {
         this._send({ op: "unsub", target: sub.target, inbox: sub.inbox });
       }
       sub.inbox = null;
@@ -1803,7 +1814,7 @@ export class SyncClient extends Emitter {
         return;
       case "error": {
         const err = { code: String((env.data || {}).code || "internal"), reason: String((env.data || {}).reason || "") };
-        const sub = env.inbox != null ? this._inboxes.get(env.inbox) : undefined;
+        const sub = this._byInbox(env);
         if (sub) {
           this._inboxes.delete(/** @type {string} */ (env.inbox));
           sub.onError(err);
@@ -1814,15 +1825,31 @@ export class SyncClient extends Emitter {
         return;
       }
       case "ok": {
-        const sub = env.inbox != null ? this._inboxes.get(env.inbox) : undefined;
+        const sub = this._byInbox(env);
         if (sub && sub.status === "pending") sub.onOk(env.data);
         return;
       }
       default: {
-        const live = [...this.subs].filter((s) => s.status === "pending" || s.status === "active");
-        for (const sub of recipients(env, live)) sub.onMessage(env);
+        if (isFanOut(env)) {
+          const live = [...this.subs].filter(isLive);
+          for (const sub of recipients(env, live)) sub.onMessage(env);
+          return;
+        }
+        // js_msg, a kv_sub's synced: one subscription's, found by its inbox without a scan.
+        const sub = this._byInbox(env);
+        if (sub && isLive(sub)) sub.onMessage(env);
       }
     }
+  }
+
+  /**
+   * The subscription an envelope's inbox names on this connection (`_inboxes` holds exactly
+   * the subscriptions sent on it that have not ended: errors, revocations, `_remove` and a
+   * lost connection take them out).
+   * @param {Envelope} env
+   */
+  _byInbox(env) {
+    return env.inbox != null ? this._inboxes.get(env.inbox) : undefined;
   }
 
   /** @param {{user?: string, capabilities?: Capabilities, revoked?: {inbox: string}[]}} data */

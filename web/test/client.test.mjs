@@ -208,6 +208,39 @@ test("a stream de-duplicates by seq and resumes at last + 1 after a reconnect", 
   c.close();
 });
 
+test("js_msg and synced reach only the subscription their inbox names, and none once it ended", async () => {
+  const c = client();
+  const a = [];
+  const b = [];
+  const sa = c.stream("chat", { filter: "chat.room.a", onMessage: (m) => a.push(m.seq) });
+  c.stream("chat", { filter: "chat.room.a", onMessage: (m) => b.push(m.seq) });
+  const store = c.kv("articles");
+  const ws = await connected(c);
+  const [ra, rb] = ws.ops("js_sub");
+  const [rk] = ws.ops("kv_sub");
+  const msg = (inbox, seq) => ({ op: "js_msg", target: "chat", inbox, data: { seq, subject: "chat.room.a", payload: { seq }, time: "t" } });
+  ws.frame(
+    { op: "ok", inbox: ra.inbox, data: { position: 1, recovered: true } },
+    { op: "ok", inbox: rb.inbox, data: { position: 1, recovered: true } },
+    { op: "ok", inbox: rk.inbox, data: { position: 1, recovered: true } },
+    msg(ra.inbox, 1),
+    msg(rb.inbox, 1),
+    msg(rb.inbox, 2),
+    { op: "kv_msg", target: "articles", inbox: ra.inbox, data: { op: "synced", revision: 1 } },
+  );
+  assert.deepEqual(a, [1]);
+  assert.deepEqual(b, [1, 2]);
+  assert.equal(store.state, "loading", "a synced with another subscription's inbox is not this store's");
+  ws.frame({ op: "kv_msg", target: "articles", inbox: rk.inbox, data: { op: "synced", revision: 1 } });
+  assert.equal(store.state, "synced");
+  sa.close();
+  ws.frame({ op: "error", inbox: rb.inbox, data: { code: "not_found", reason: "gone" } });
+  ws.frame(msg(ra.inbox, 3), msg(rb.inbox, 3));
+  assert.deepEqual(a, [1], "closed: nothing more");
+  assert.deepEqual(b, [1, 2], "failed: nothing more");
+  c.close();
+});
+
 test("ack: true acks each message once its handler finishes, and acks redeliveries", async () => {
   const c = client();
   let release;
