@@ -282,7 +282,7 @@ export class KvBook {
     if (rev > this.revision) this.revision = rev;
     const previous = this.values.get(key);
     if (d.op === "put") {
-      const raw = d.value !== undefined ? d.value : d.value_b64 !== undefined ? b64(d.value_b64) : null;
+      const raw = carried(d.value, d.value_b64);
       const value = this.decode(raw, { key, revision: rev });
       this.values.set(key, value);
       return { key, op: "put", value, previous, revision: rev };
@@ -336,6 +336,15 @@ export class KvBook {
     this.dropUnseen = false;
     return changes;
   }
+}
+
+/**
+ * What a message carries (PROTOCOL.md, "Payloads"): the embedded JSON when there is one, else
+ * the bytes of its base64 form (`payload_b64`, `value_b64`), else null.
+ * @param {any} json @param {string | undefined} base64
+ */
+function carried(json, base64) {
+  return json !== undefined ? json : base64 !== undefined ? b64(base64) : null;
 }
 
 /** @param {string} s */
@@ -621,11 +630,22 @@ class Emitter {
 
   /** @param {string} event @param {...any} args */
   emit(event, ...args) {
+    this._call(event, args);
+  }
+
+  /**
+   * Call every handler of `event`; returns what they returned (nothing for one that threw).
+   * @param {string} event @param {any[]} args
+   * @returns {any[]}
+   */
+  _call(event, args) {
+    /** @type {any[]} */
+    const results = [];
     const set = this._handlers.get(event);
-    if (!set) return;
+    if (!set) return results;
     for (const fn of [...set]) {
       try {
-        fn(...args);
+        results.push(fn(...args));
       } catch (e) {
         // A broken handler must not break the connection: report it asynchronously.
         setTimeout(() => {
@@ -633,6 +653,7 @@ class Emitter {
         });
       }
     }
+    return results;
   }
 }
 
@@ -811,8 +832,7 @@ export class CoreSubscription extends Subscription {
   onMessage(env) {
     if (env.op !== "sub_msg") return;
     const d = env.data || {};
-    const payload = d.payload !== undefined ? d.payload : d.payload_b64 !== undefined ? b64(d.payload_b64) : null;
-    this.emit("message", payload, { subject: env.target || "", envelope: env });
+    this.emit("message", carried(d.payload, d.payload_b64), { subject: env.target || "", envelope: env });
   }
 }
 
@@ -1009,20 +1029,9 @@ export class StreamSubscription extends Subscription {
       if (this.ack) this.client._ack(this, inbox, seq); // a redelivery: ack it again
       return;
     }
-    const payload = d.payload !== undefined ? d.payload : d.payload_b64 !== undefined ? b64(d.payload_b64) : null;
     /** @type {StreamMessage} */
-    const msg = { seq, subject: d.subject, payload, time: d.time };
-    const results = [];
-    const set = this._handlers.get("message");
-    for (const fn of set ? [...set] : []) {
-      try {
-        results.push(fn(msg));
-      } catch (e) {
-        setTimeout(() => {
-          throw e;
-        });
-      }
-    }
+    const msg = { seq, subject: d.subject, payload: carried(d.payload, d.payload_b64), time: d.time };
+    const results = this._call("message", [msg]);
     if (this.ack) {
       Promise.all(results).then(
         () => this.client._ack(this, inbox, seq),
@@ -1659,22 +1668,41 @@ export class SyncClient extends Emitter {
     this._conn = conn;
     this._ready = false;
     this._lastError = null;
-    conn.onopen = () => {
-      this._openedAt = Date.now();
-      this._lastRx = Date.now();
-      this._startHeartbeat();
-    };
+    conn.onopen = () => this._opened();
     conn.onmessage = (text) => {
       this._lastRx = Date.now();
-      for (const env of splitFrame(text)) {
-        if (this._conn !== conn) return;
-        this._dispatch(env);
-      }
+      this._deliver(conn, splitFrame(text));
     };
     conn.onclose = (code, reason) => {
       if (this._conn !== conn) return;
       this._onClose(code, reason, conn.kind);
     };
+  }
+
+  /** The connection is up: the session's clock and heartbeat start. */
+  _opened() {
+    this._openedAt = Date.now();
+    this._lastRx = Date.now();
+    this._startHeartbeat();
+  }
+
+  /**
+   * Hand envelopes to the session, as long as `conn` is its connection.
+   * @param {Transport} conn @param {Envelope[]} envs
+   */
+  _deliver(conn, envs) {
+    for (const env of envs) {
+      if (this._conn !== conn) return;
+      this._dispatch(env);
+    }
+  }
+
+  /** The session of the connection is over: its timers stop, every subscription is to send again. */
+  _endSession() {
+    this._ready = false;
+    this._stopTimers();
+    this._inboxes.clear();
+    for (const sub of this.subs) sub.onConnectionLost();
   }
 
   /**
@@ -1685,12 +1713,9 @@ export class SyncClient extends Emitter {
     const wasReady = this._ready;
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
     this._conn = null;
-    this._ready = false;
     this._openedAt = 0;
-    this._stopTimers();
     this._endProbe();
-    this._inboxes.clear();
-    for (const sub of this.subs) sub.onConnectionLost();
+    this._endSession();
     if (this._closed) return;
     const error = this._lastError;
     if (!wasReady) this._failures++;
@@ -1954,18 +1979,10 @@ export class SyncClient extends Emitter {
       old.detach();
       old.close(1000, "moving to WebSocket");
     }
-    this._stopTimers();
-    this._ready = false;
-    this._inboxes.clear();
-    for (const sub of this.subs) sub.onConnectionLost();
+    this._endSession();
     this._attach(conn);
-    this._openedAt = Date.now();
-    this._lastRx = Date.now();
-    this._startHeartbeat();
-    for (const env of envs) {
-      if (this._conn !== conn) return;
-      this._dispatch(env);
-    }
+    this._opened();
+    this._deliver(conn, envs);
   }
 }
 
