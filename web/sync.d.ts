@@ -105,6 +105,17 @@ export interface StreamOptions {
   durable?: string;
 }
 
+/** What a js_sub's `ok` means for the app (also the argument of a stream's `reset`/`gap`). */
+export interface ResumeReport {
+  /** the stream was recreated: seqs start again */
+  reset: boolean;
+  /** messages not yet seen are gone (purged) */
+  gap: boolean;
+  /** the seq a resume asked for, null when it was no resume */
+  expected: number | null;
+  position: number;
+}
+
 export class StreamBook {
   constructor(opts?: StreamOptions);
   opts: StreamOptions;
@@ -112,12 +123,7 @@ export class StreamBook {
   next: number | null;
   resumed: boolean;
   request(): Record<string, any>;
-  ok(data: { position?: number; recovered?: boolean }): {
-    reset: boolean;
-    gap: boolean;
-    expected: number | null;
-    position: number;
-  };
+  ok(data: { position?: number; recovered?: boolean }): ResumeReport;
   accept(seq: number): boolean;
 }
 
@@ -291,13 +297,6 @@ export interface StreamSubscriptionOptions<P> extends StreamOptions {
   onRevoked?: (error: ServerError) => void;
 }
 
-export interface ResumeReport {
-  reset: boolean;
-  gap: boolean;
-  expected: number | null;
-  position: number;
-}
-
 export class StreamSubscription<P = any> extends Subscription {
   readonly state: StreamState;
   readonly lastSeq: number;
@@ -311,7 +310,7 @@ export class StreamSubscription<P = any> extends Subscription {
   on(event: "closed", fn: () => void): Off;
 }
 
-export interface ClientOptions {
+export interface ClientOptions extends FallbackOptions {
   /** default: ws(s)://<page host>/ws */
   url?: string;
   /** a WebSocket constructor (tests) */
@@ -333,14 +332,6 @@ export interface ClientOptions {
   /** false: do not connect in the constructor */
   connect?: boolean;
   random?: () => number;
-  /** false: never fall back to long polling (default true) */
-  polling?: boolean;
-  /** failed WebSocket opens in a row before falling back (default 3) */
-  fallbackAfter?: number;
-  /** ms between WebSocket tries while on polling (default 60000; 0: never) */
-  probeInterval?: number;
-  /** ms before the first of them (default 5000) */
-  firstProbe?: number;
   /** ms a WebSocket try may take to get its cap_update (default 10000) */
   probeTimeout?: number;
   /** the transport of the first attempt (default "websocket") */

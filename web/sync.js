@@ -363,6 +363,10 @@ function b64(s) {
  */
 
 /**
+ * @typedef {{reset: boolean, gap: boolean, expected: number | null, position: number}} ResumeReport
+ */
+
+/**
  * Where a JetStream subscription is: the last seq delivered to the app (dedupe: a seq at or
  * below it is a redelivery), and where a re-subscription starts (`last + 1`, or the first
  * `ok`'s position when nothing came yet).
@@ -398,7 +402,7 @@ export class StreamBook {
    * recreated (seqs start again: forget what we had), `gap` when messages we had not seen
    * are gone (purged): both only for a resume that the server could not honour.
    * @param {{position?: number, recovered?: boolean}} data
-   * @returns {{reset: boolean, gap: boolean, expected: number | null, position: number}}
+   * @returns {ResumeReport}
    */
   ok(data) {
     const position = Number(data && data.position) || 1;
@@ -1358,7 +1362,7 @@ async function readProblem(resp) {
 // ---------------------------------------------------------------- the connection
 
 /**
- * @typedef {{
+ * @typedef {FallbackOptions & {
  *   url?: string,
  *   WebSocket?: any,
  *   backoff?: BackoffOptions,
@@ -1371,9 +1375,6 @@ async function readProblem(resp) {
  *   authCheckAfter?: number,
  *   connect?: boolean,
  *   random?: () => number,
- *   polling?: boolean,
- *   fallbackAfter?: number,
- *   probeInterval?: number,
  *   probeTimeout?: number,
  *   transport?: TransportKind,
  *   pollUrl?: string,
