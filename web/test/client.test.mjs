@@ -1,96 +1,9 @@
 // SyncClient against a scripted fake WebSocket: subscribe, route, reconnect, resume, revoke.
-import { afterEach, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { ApiError, createApi, createClient } from "../sync.js";
-
-/** A WebSocket double: the test plays the server. */
-class FakeSocket {
-  static all = [];
-
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    FakeSocket.all.push(this);
-    queueMicrotask(() => {
-      if (this.readyState !== 0) return;
-      this.readyState = 1;
-      this.onopen?.({});
-    });
-  }
-
-  send(text) {
-    assert.equal(this.readyState, 1, "send on an open socket only");
-    this.sent.push(JSON.parse(text));
-  }
-
-  close(code = 1000, reason = "") {
-    if (this.readyState >= 2) return;
-    this.readyState = 3;
-    queueMicrotask(() => this.onclose?.({ code, reason }));
-  }
-
-  // ---- the server side
-  frame(...envs) {
-    this.onmessage?.({ data: envs.map((e) => JSON.stringify(e)).join("\n") });
-  }
-
-  drop(code = 1006, reason = "") {
-    this.readyState = 3;
-    this.onclose?.({ code, reason });
-  }
-
-  ops(op) {
-    return this.sent.filter((e) => e.op === op);
-  }
-
-  static last() {
-    return FakeSocket.all[FakeSocket.all.length - 1];
-  }
-}
-
-const tick = () => new Promise((r) => setTimeout(r, 0));
-async function until(cond, what, ms = 2000) {
-  const t0 = Date.now();
-  while (!cond()) {
-    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
-}
-
-const CAPS = {
-  subjects: ["chat.room.*"],
-  buckets: { todos: ["user.u1.>"], articles: [">"] },
-  streams: { chat: [">"] },
-  commands: [],
-};
-
-const clients = [];
-afterEach(() => {
-  while (clients.length) clients.pop().close(); // also when a test failed half-way
-});
-
-function client(extra = {}) {
-  FakeSocket.all = [];
-  const c = createClient({
-    url: "ws://test/ws",
-    WebSocket: FakeSocket,
-    backoff: { initial: 1, max: 5, jitter: 0 },
-    pingInterval: 60000,
-    ...extra,
-  });
-  clients.push(c);
-  return c;
-}
-
-async function connected(c, caps = CAPS) {
-  await until(() => FakeSocket.last()?.readyState === 1, "open");
-  const ws = FakeSocket.last();
-  ws.frame({ op: "cap_update", data: { user: "u1", capabilities: caps, revoked: [] } });
-  assert.equal(c.state, "open");
-  return ws;
-}
+import { ApiError, createApi } from "../sync.js";
+import { CAPS, FakeSocket, client, connected, tick, until } from "./fakes.mjs";
 
 test("subscriptions are sent after cap_update, and fan-out reaches every matching one", async () => {
   const c = client();

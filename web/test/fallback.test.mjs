@@ -1,59 +1,10 @@
 // SyncClient over long polling: fallback, resume, lost answers, reopen, close codes, and the
 // way back to WebSocket. The test plays the server on both transports.
-import { afterEach, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { PollingTransport, createClient } from "../sync.js";
-
-/** A WebSocket double; `FakeSocket.refuse` makes every new one fail before it opens. */
-class FakeSocket {
-  static all = [];
-  static refuse = false;
-  static throws = false;
-
-  constructor(url) {
-    if (FakeSocket.throws) throw new Error("WebSocket is disabled");
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    FakeSocket.all.push(this);
-    const refuse = FakeSocket.refuse;
-    queueMicrotask(() => {
-      if (this.readyState !== 0) return;
-      if (refuse) {
-        this.readyState = 3;
-        this.onerror?.({});
-        this.onclose?.({ code: 1006, reason: "" });
-        return;
-      }
-      this.readyState = 1;
-      this.onopen?.({});
-    });
-  }
-
-  send(text) {
-    assert.equal(this.readyState, 1, "send on an open socket only");
-    this.sent.push(JSON.parse(text));
-  }
-
-  close(code = 1000, reason = "") {
-    if (this.readyState >= 2) return;
-    this.readyState = 3;
-    queueMicrotask(() => this.onclose?.({ code, reason }));
-  }
-
-  frame(...envs) {
-    this.onmessage?.({ data: envs.map((e) => JSON.stringify(e)).join("\n") });
-  }
-
-  ops(op) {
-    return this.sent.filter((e) => e.op === op);
-  }
-
-  static last() {
-    return FakeSocket.all[FakeSocket.all.length - 1];
-  }
-}
+import { PollingTransport } from "../sync.js";
+import { FakeSocket, client as wsClient, connected, until } from "./fakes.mjs";
 
 /** One poll session on the fake server: numbered frames, the client's envelopes. */
 class Session {
@@ -163,6 +114,7 @@ class PollServer {
   }
 }
 
+/** What every session of these tests grants, over polling and over WebSocket. */
 const CAPS = {
   subjects: ["chat.room.*"],
   buckets: { articles: [">"] },
@@ -170,41 +122,9 @@ const CAPS = {
   commands: [],
 };
 
-const tick = () => new Promise((r) => setTimeout(r, 0));
-async function until(cond, what, ms = 2000) {
-  const t0 = Date.now();
-  while (!cond()) {
-    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
-}
-
-const clients = [];
-afterEach(() => {
-  while (clients.length) clients.pop().close();
-  FakeSocket.refuse = FakeSocket.throws = false;
-});
-
+/** A client that polls `server` once WebSocket fails (closed after the test). */
 function client(server, extra = {}) {
-  FakeSocket.all = [];
-  const c = createClient({
-    url: "ws://test/ws",
-    WebSocket: FakeSocket,
-    fetch: server.fetch,
-    backoff: { initial: 1, max: 5, jitter: 0 },
-    pingInterval: 60000,
-    ...extra,
-  });
-  clients.push(c);
-  return c;
-}
-
-async function wsConnected(c) {
-  await until(() => FakeSocket.last()?.readyState === 1, "open");
-  const ws = FakeSocket.last();
-  ws.frame({ op: "cap_update", data: { user: "u1", capabilities: CAPS, revoked: [] } });
-  assert.equal(c.state, "open");
-  return ws;
+  return wsClient({ fetch: server.fetch, ...extra });
 }
 
 const jsMsg = (inbox, seq) => ({
@@ -246,7 +166,7 @@ test("three failed WebSocket opens fall back to polling; every subscription resu
   c.on("transport", (t, d) => transports.push([t, d.previous]));
   c.stream("chat", { filter: "chat.room.a", startSeq: 1, onMessage: (m) => got.push(m.seq) });
   const store = c.kv("articles");
-  const ws = await wsConnected(c);
+  const ws = await connected(c, CAPS);
   assert.equal(c.transport, "websocket");
   const [js] = ws.ops("js_sub");
   const [kv] = ws.ops("kv_sub");
@@ -367,7 +287,7 @@ test("when polling fails too, WebSocket is tried again and taken when it works",
   FakeSocket.refuse = false;
   server.refuseOpen = 0;
   await until(() => FakeSocket.last()?.readyState === 1, "a WebSocket attempt that opens", 3000);
-  await wsConnected(c);
+  await connected(c, CAPS);
   assert.equal(c.transport, "websocket");
 });
 
