@@ -449,6 +449,7 @@ function articlesView(main, c) {
 
   /** @param {any} a @param {HTMLElement | undefined} el */
   function renderItem(a, el) {
+    if (el && el.dataset.revision === String(a.revision)) return el; // unchanged: keep it (and focus)
     const mine = me && a.author === me.id;
     const del = h("button", { type: "button", class: "danger", "aria-label": `Delete “${a.title}”` }, "Delete");
     del.addEventListener("click", async () => {
@@ -490,7 +491,6 @@ function articlesView(main, c) {
         del,
       ),
     );
-    if (el && el.dataset.revision === String(a.revision)) return el; // unchanged: keep it (and focus)
     if (el) el.replaceWith(li);
     return li;
   }
@@ -570,20 +570,29 @@ function chatView(main, c, arg) {
   const status = h("p", { id: "chat-status", class: "status", role: "status" });
   const join = /** @type {HTMLInputElement} */ (h("input", { id: "chat-room", name: "room", placeholder: "room name", pattern: "[A-Za-z0-9_\\-]{1,64}", "aria-label": "Join a room" }));
 
+  /** @type {HTMLElement | null} the newest message, to scroll to at the next frame */
+  let newest = null;
+  let scrollFrame = 0;
+  function scrollToNewest() {
+    scrollFrame = 0;
+    if (newest && newest.isConnected) newest.scrollIntoView({ block: "nearest" });
+    newest = null;
+  }
+
   /** @param {import("./sync.js").StreamMessage} m */
   function append(m) {
     const p = m.payload || {};
     const mine = me && p.author === me.id;
-    log.append(
-      h(
-        "li",
-        { class: mine ? "msg mine" : "msg", "data-seq": m.seq },
-        h("span", { class: "from" }, p.author_name || p.author || "?"),
-        h("time", { datetime: m.time }, when(p.time || m.time)),
-        h("span", { class: "text" }, p.text ?? JSON.stringify(m.payload)),
-      ),
+    newest = h(
+      "li",
+      { class: mine ? "msg mine" : "msg", "data-seq": m.seq },
+      h("span", { class: "from" }, p.author_name || p.author || "?"),
+      h("time", { datetime: m.time }, when(p.time || m.time)),
+      h("span", { class: "text" }, p.text ?? JSON.stringify(m.payload)),
     );
-    if (log.lastElementChild) log.lastElementChild.scrollIntoView({ block: "nearest" });
+    log.append(newest);
+    // One scroll (one layout) per frame: a history replay appends hundreds at once.
+    if (!scrollFrame) scrollFrame = requestAnimationFrame(scrollToNewest);
   }
 
   let pending = 0;
@@ -683,6 +692,7 @@ function chatView(main, c, arg) {
   showSubState(banner, stream, "this chat");
   return () => {
     offs.forEach((off) => off());
+    cancelAnimationFrame(scrollFrame);
     stream.close();
   };
 }
