@@ -108,6 +108,7 @@ async def test_chat_in_order_and_nothing_lost_or_doubled_across_a_gateway_restar
         await asyncio.sleep(0.1)
     res = await restart
     assert res.returncode == 0, res.stdout + res.stderr
+    await stack.gateways_serving()
     for i in range(3):
         text = f"after {i}"
         await say(bob, text)
@@ -158,6 +159,7 @@ async def test_articles_resume_after_a_gateway_restart(person: PersonFactory, st
     await expect(article(alice, gone)).to_be_visible()  # nothing changes without a socket
     res = await asyncio.to_thread(stack.ctl, "start", "ws_gateway:*")
     assert res.returncode == 0, res.stdout + res.stderr
+    await stack.gateways_serving()
 
     await expect(alice.page.locator("#conn")).to_have_attribute(
         "data-state", "open", timeout=20_000

@@ -25,6 +25,7 @@ import msgspec
 from deploy import stack as ops
 from deploy.render import Layout
 from shared.settings import Settings, load
+from tests.waits import until_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,6 +125,32 @@ class Stack:
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """supervisorctl on this stack (as an operator would type it)."""
         return self.make("ctl", "ARGS=" + " ".join(args), timeout=timeout)
+
+    async def gateways_serving(self, timeout: float = 30.0) -> None:
+        """Until every gateway answers /readyz and nginx passes a WebSocket upgrade on to
+        one (an unauthenticated upgrade gets the gateway's 401, not nginx's 502: after a
+        restart nginx may hold every gateway as failed for its fail_timeout). A test that
+        restarts the gateways leaves the stack like this for the next one."""
+
+        async def serving() -> bool:
+            async with aiohttp.ClientSession() as http:
+                for port in self.settings.gateway_ports:
+                    try:
+                        async with http.get(f"http://{self.settings.host}:{port}/readyz") as r:
+                            if r.status != 200:
+                                return False
+                    except aiohttp.ClientError:
+                        return False
+                headers = {
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                }
+                async with http.get(f"{self.url}/ws", headers=headers) as r:
+                    return r.status == 401
+
+        await until_async(serving, "every gateway serving through nginx", timeout)
 
     def stop(self) -> None:
         res = self.make("stop")
