@@ -23,6 +23,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from http_api.schemas import Article, Todo
+from shared import kvwire
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
@@ -121,11 +122,11 @@ class _Bucket(Generic[T]):
 
     async def delete(self, key: str, last: int | None = None) -> int:
         """Place a delete marker; its revision (nats-py's kv.delete does not return one)."""
-        headers = {"KV-Operation": "DEL"}
+        headers = {kvwire.OPERATION_HEADER: "DEL"}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
         try:
-            ack = await self._js.publish(f"$KV.{self.name}.{key}", b"", headers=headers)
+            ack = await self._js.publish(kvwire.subject_of(self.name, key), b"", headers=headers)
         except APIError as e:
             if e.err_code in _WRONG_LAST_SEQUENCE:
                 raise Conflict(key) from None

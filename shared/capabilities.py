@@ -66,10 +66,11 @@ class SubscriptionRef:
 
 def is_internal_subject(subject: str) -> bool:
     """True for a literal subject that is never delivered to clients."""
-    return _internal(tokens(subject))
+    return is_internal_tokens(tokens(subject))
 
 
-def _internal(t: tuple[str, ...]) -> bool:
+def is_internal_tokens(t: tuple[str, ...]) -> bool:
+    """`is_internal_subject` of a subject already split into tokens."""
     return t[0].startswith("$") or any(subset_tokens(t, p) for p in _INTERNAL_TOKENS)
 
 
@@ -189,7 +190,7 @@ class CompiledCapabilities:
 
     def allows_subject(self, pattern: str) -> Decision:
         t = tokens(validate_pattern(pattern))
-        if _internal(t):
+        if is_internal_tokens(t):
             return Decision(False, None, f"{pattern!r} is an internal subject")
         return _first_superset(pattern, t, self._subjects, "subjects")
 

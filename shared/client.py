@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shared.subjects import match
+from shared.tasks import cancel_and_wait
 
 
 class RequestError(Exception):
@@ -269,10 +270,7 @@ class GatewayClient:
 
     async def close(self) -> None:
         await self.ws.close()
-        if self._reader:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        await cancel_and_wait(self._reader)
 
     @property
     def close_code(self) -> int | None:

@@ -15,7 +15,7 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from shared.capabilities import Capabilities
-from shared.errors import CloseCode, Disconnect, ErrorCode, ProtocolError
+from shared.errors import DisconnectError, Disconnects, ErrorCode, ReplyError
 
 PROTOCOL_VERSION = 1
 Inbox = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -114,26 +114,18 @@ _op_decoder = msgspec.json.Decoder(ClientOp)
 
 
 def decode_client_frame(frame: bytes | str) -> ClientOp:
-    """Decode one client envelope or raise ProtocolError/Disconnect with its code."""
+    """Decode one client envelope or raise ReplyError/DisconnectError with its code."""
     try:
         head = _head_decoder.decode(frame)
     except (msgspec.DecodeError, RecursionError, UnicodeError) as e:  # deep or not UTF-8
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed envelope: {e}") from None
+        raise ReplyError(ErrorCode.BAD_REQUEST, f"malformed envelope: {e}") from None
     inbox = head.inbox if isinstance(head.inbox, str) and len(head.inbox) <= 128 else None
     if type(head.v) is not int or head.v != PROTOCOL_VERSION:
-        err = Disconnect(
-            ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {PROTOCOL_VERSION} only",
-            CloseCode.PROTOCOL_ERROR,
-        )
-        err.inbox = inbox
-        raise err
+        raise DisconnectError(Disconnects.UNSUPPORTED_VERSION, inbox)
     try:
         return _op_decoder.decode(frame)  # type: ignore[no-any-return]
     except (msgspec.DecodeError, RecursionError, UnicodeError) as e:
-        err2 = ProtocolError(ErrorCode.BAD_REQUEST, str(e))
-        err2.inbox = inbox
-        raise err2 from None
+        raise ReplyError(ErrorCode.BAD_REQUEST, str(e), inbox) from None
 
 
 # ---------------------------------------------------------------- server → client

@@ -1,17 +1,20 @@
 """Errors and codes shared by both processes.
 
     Exception
-     └── ProtocolError            one request failed; carries an ErrorCode
-          └── Disconnect          the connection must end; also carries a CloseCode
-    InvalidToken                  a JWT failed verification (HTTP 401 / no upgrade)
-    CapabilityError (ValueError)  a capability document is malformed; names the pattern
+     ├── ReplyError               one request failed; the connection stays (an `error` frame)
+     ├── DisconnectError          the connection must end; carries a Disconnect from DISCONNECTS
+     ├── InvalidToken             a JWT failed verification (HTTP 401 / no upgrade)
+     └── CapabilityError (ValueError)  a capability document is malformed; names the pattern
 
-Reply errors keep the connection; disconnects close it with their code.
+A reply error and a disconnect are siblings, told apart by type. Every way the server ends a
+connection is one row of the `Disconnects` table below: its close code, the error code of the
+final `error` frame (if any) and the reason, so no two places spell the same close apart.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, replace
 
 
 class ErrorCode(enum.StrEnum):
@@ -32,6 +35,9 @@ class ErrorCode(enum.StrEnum):
 
 
 class CloseCode(enum.IntEnum):
+    """WebSocket close codes. Reconnect after: 1000 (client's own), 1001, 1011, 1013.
+    Terminal until the user acts: 1002, 1008, 1009, 4401 (log in again), 4403."""
+
     NORMAL = 1000
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
@@ -43,22 +49,55 @@ class CloseCode(enum.IntEnum):
     USER_DISABLED = 4403
 
 
-class ProtocolError(Exception):
+class ReplyError(Exception):
     """A request failed; the connection stays open."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, inbox: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
-        self.inbox: str | None = None  # the request's inbox, echoed on the error frame
+        self.inbox = inbox  # the request's inbox, echoed on the error frame
 
 
-class Disconnect(ProtocolError):
-    """The connection must be closed with `close_code` after the error frame."""
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """How a connection ends: its close code, the final error frame's code, the reason."""
 
-    def __init__(self, code: ErrorCode, reason: str, close_code: CloseCode) -> None:
-        super().__init__(code, reason)
-        self.close_code = close_code
+    close_code: int
+    reason: str
+    error: ErrorCode | None = None
+
+    def because(self, detail: str) -> Disconnect:
+        """The same disconnect with the particular cause appended to its reason."""
+        return replace(self, reason=f"{self.reason}: {detail}")
+
+
+class Disconnects:
+    """Every disconnect the server initiates (PROTOCOL.md, close codes)."""
+
+    CLIENT_CLOSED = Disconnect(CloseCode.NORMAL, "client closed")
+    SHUTDOWN = Disconnect(CloseCode.GOING_AWAY, "server shutting down")
+    POLL_IDLE = Disconnect(CloseCode.GOING_AWAY, "nobody polled for 60 s")
+    UNSUPPORTED_VERSION = Disconnect(
+        CloseCode.PROTOCOL_ERROR, "protocol version 1 only", ErrorCode.UNSUPPORTED_VERSION
+    )
+    HEARTBEAT = Disconnect(CloseCode.POLICY, "heartbeat timeout")
+    BAD_FRAMES = Disconnect(CloseCode.POLICY, "too many bad frames")
+    BACKPRESSURE = Disconnect(CloseCode.TRY_AGAIN_LATER, "backpressure", ErrorCode.BACKPRESSURE)
+    TOKEN_EXPIRED = Disconnect(CloseCode.TOKEN, "token expired", ErrorCode.TOKEN_EXPIRED)
+    TOKEN_REVOKED = Disconnect(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+    USER_DISABLED = Disconnect(
+        CloseCode.USER_DISABLED, "user disabled or deleted", ErrorCode.USER_DISABLED
+    )
+
+
+class DisconnectError(Exception):
+    """Raised where a request must end its connection (after the error frame, if any)."""
+
+    def __init__(self, disconnect: Disconnect, inbox: str | None = None) -> None:
+        super().__init__(disconnect.reason)
+        self.disconnect = disconnect
+        self.inbox = inbox
 
 
 class InvalidToken(Exception):

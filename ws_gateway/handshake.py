@@ -18,8 +18,7 @@ from websockets.http11 import Request, Response
 
 from shared.auth import Claims, bearer_token
 from shared.errors import InvalidToken
-from shared.users import UserRecord
-from ws_gateway.hub import Hub
+from ws_gateway.hub import Hub, UserRead
 
 log = logging.getLogger("ws_gateway.handshake")
 
@@ -29,7 +28,7 @@ WS_PATHS = frozenset({"/ws", "/"})
 @dataclass(frozen=True, slots=True)
 class Admitted:
     claims: Claims
-    user: UserRecord
+    user: UserRead
 
 
 class GatewayConnection(ServerConnection):
@@ -83,7 +82,7 @@ async def admit(hub: Hub, headers: Headers) -> Admitted:
     if await hub.is_revoked(claims.jti):
         raise Refused(http.HTTPStatus.UNAUTHORIZED, "token revoked")
     user = await hub.load_user(claims.sub)
-    if user is None or user.disabled:
+    if user.record is None or user.record.disabled:
         raise Refused(http.HTTPStatus.FORBIDDEN, "user disabled or deleted")
     if hub.user_sessions(claims.sub) >= hub.settings.max_connections_per_user:
         raise Refused(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connections for this user")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.js import api
@@ -20,10 +21,12 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
-from shared.auth import TokenVerifier
+from shared import kvwire
+from shared.auth import Claims, TokenVerifier
 from shared.capabilities import CompiledCapabilities
-from shared.errors import CloseCode, ErrorCode
+from shared.errors import Disconnects
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 from shared.users import (
     REVOKED_BUCKET,
     USERS_BUCKET,
@@ -31,13 +34,33 @@ from shared.users import (
     compile_or_nothing,
     decode_user,
 )
+from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter
-from ws_gateway.kvfeed import KvFeed, KvFeeds, kv_op
+from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
-from ws_gateway.reader import Delivery, Start, StreamReader
+from ws_gateway.reader import Delivery, StreamReader
+from ws_gateway.rules import Start
 from ws_gateway.session import Session
+from ws_gateway.transport import Transport
 
 log = logging.getLogger("ws_gateway.hub")
+
+
+@dataclass(frozen=True, slots=True)
+class UserRead:
+    """A user's record as read, with the auth_users revision it was read at (0: none)."""
+
+    record: UserRecord | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """The record, revision and compiled capabilities of a user with a session here."""
+
+    record: UserRecord
+    revision: int
+    caps: CompiledCapabilities
 
 
 class Hub:
@@ -46,6 +69,7 @@ class Hub:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=5)
         self.verifier = verifier
+        self.checkpoint = Checkpoints()
         self.router = CoreRouter(nc)
         self.flusher = Flusher()
         self.kv_feeds = KvFeeds(nc, self.js, self.delivering)
@@ -61,11 +85,15 @@ class Hub:
         self._revoked: dict[str, float] = {}
         self._revoked_whole = False
         self._revoked_pruned = time.time()
-        self._loading: dict[str, asyncio.Future[UserRecord | None]] = {}
+        self._loading: dict[str, asyncio.Future[UserRead]] = {}
         # The record and compiled capabilities of every user with a session here, kept
         # current by the auth_users watch: one KV read and one compile per user, not per
         # connection.
-        self.users: dict[str, tuple[UserRecord, CompiledCapabilities]] = {}
+        self.users: dict[str, Known] = {}
+        # The newest auth_users revision seen per user id, sessions or not (one int per
+        # key of the bucket): a handshake whose read is older than it re-reads, so a
+        # change that lands while a handshake reads is never lost.
+        self._seen: dict[str, int] = {}
         self.nats_ready = nc.is_connected
         # False from a NATS disconnect until every user's record has been re-read:
         # nothing is delivered on capabilities that may have changed meanwhile.
@@ -78,8 +106,8 @@ class Hub:
             w = StreamReader(
                 self.nc,
                 self.js,
-                f"KV_{bucket}",
-                f"$KV.{bucket}.>",
+                kvwire.stream_of(bucket),
+                kvwire.subject_of(bucket, ">"),
                 Start(api.DeliverPolicy.NEW),
                 on_change,
                 batch=256,
@@ -90,12 +118,7 @@ class Hub:
         await self._list_revoked()
 
     async def close(self) -> None:
-        if self._revalidation is not None:
-            self._revalidation.cancel()
-            try:
-                await self._revalidation
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._revalidation)
         for w in self._watchers:
             await w.close()
         self._watchers.clear()
@@ -150,25 +173,47 @@ class Hub:
     # ------------------------------------------------------------------ registry
 
     def compiled(self, user: UserRecord) -> CompiledCapabilities:
-        cached = self.users.get(user.id)
-        if cached is not None and cached[0] is user:
-            return cached[1]
+        known = self.users.get(user.id)
+        if known is not None and known.record is user:
+            return known.caps
         return compile_or_nothing(user)
 
-    def open(self, session: Session) -> None:
-        """Register and start a session; then check its token again: a logout the watch
-        delivered after the handshake's check would otherwise never reach it."""
-        if session.uid not in self.by_user or session.uid not in self.users:
-            self.users[session.uid] = (session.user, session.caps)
+    async def open(
+        self, claims: Claims, read: UserRead, transport: Transport
+    ) -> Session:
+        """A session for an admitted handshake, registered and started (or already closing,
+        if the user was disabled meanwhile).
+
+        Registered first, so the auth_users watch applies every later change to it; then,
+        if the watch saw a newer record than the handshake read, read again: a change that
+        landed during the handshake is applied before anything is delivered. Last, the
+        token is checked again: a logout the watch delivered after the handshake's check
+        would otherwise never reach it."""
+        assert read.record is not None
+        session = Session(self, claims, read.record, read.revision, transport)
         self.sessions.add(session)
         self.by_user[session.uid].add(session)
-        self.by_jti[session.claims.jti].add(session)
+        self.by_jti[claims.jti].add(session)
+        if self._seen.get(session.uid, 0) > session.user_revision:
+            fresh = await self._read_user(session.uid)
+            await self.checkpoint("open.reread")
+            session.apply_user(fresh.record, fresh.revision)
+        if session.closed:
+            return session
+        known = self.users.get(session.uid)
+        if known is None or known.revision < session.user_revision:
+            self.users[session.uid] = Known(session.user, session.user_revision, session.caps)
         session.start()
         self._close_if_revoked(session)
+        return session
 
     def _close_if_revoked(self, session: Session) -> None:
         if session.claims.jti in self._revoked:
-            session.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+            session.close(Disconnects.TOKEN_REVOKED)
+
+    def closed(self, session: Session) -> None:
+        """The session has released everything."""
+        self.closing.discard(session)
 
     def unregister(self, session: Session) -> None:
         if session in self.sessions:
@@ -197,20 +242,21 @@ class Hub:
 
     # ------------------------------------------------------------------ lookups
 
-    async def load_user(self, uid: str) -> UserRecord | None:
+    async def load_user(self, uid: str) -> UserRead:
         """The user's record; concurrent loads of one user share one KV read."""
-        cached = self.users.get(uid)
-        if cached is not None:
-            return cached[0]
+        known = self.users.get(uid)
+        if known is not None:
+            return UserRead(known.record, known.revision)
         pending = self._loading.get(uid)
         if pending is not None:
             return await asyncio.shield(pending)
-        fut: asyncio.Future[UserRecord | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[UserRead] = asyncio.get_running_loop().create_future()
         self._loading[uid] = fut
         try:
-            record = await self._read_user(uid)
-            fut.set_result(record)
-            return record
+            read = await self._read_user(uid)
+            await self.checkpoint("admit.read")
+            fut.set_result(read)
+            return read
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()
@@ -218,12 +264,16 @@ class Hub:
         finally:
             del self._loading[uid]
 
-    async def _read_user(self, uid: str) -> UserRecord | None:
+    async def _read_user(self, uid: str) -> UserRead:
         try:
             entry = await (await self._bucket(USERS_BUCKET)).get(uid)
-        except KeyNotFoundError:
-            return None
-        return decode_user(entry.value) if entry.value else None
+        except KeyNotFoundError as e:
+            # deleted (nats-py's KeyDeletedError carries the marker's entry) or never was
+            marker = getattr(e, "entry", None)
+            return UserRead(None, (marker.revision or 0) if marker is not None else 0)
+        revision = entry.revision or 0
+        record = decode_user(entry.value) if entry.value else None
+        return UserRead(record, revision)
 
     async def _bucket(self, name: str) -> KeyValue:
         # Handles are kept: `js.key_value()` is a stream-info request of its own, which
@@ -269,39 +319,41 @@ class Hub:
     # ------------------------------------------------------------------ watches
 
     def _on_user_change(self, d: Delivery) -> bool:
-        uid = d.subject[len(f"$KV.{USERS_BUCKET}.") :]
-        sessions = self.by_user.get(uid)
-        if not sessions:
+        uid = d.subject[kvwire.key_offset(USERS_BUCKET) :]
+        self._seen[uid] = max(self._seen.get(uid, 0), d.stream_seq)
+        if not self.by_user.get(uid):
             return True
         record: UserRecord | None = None
-        if kv_op(d) == "put" and d.data:
+        if kvwire.kv_op(d.headers) == "put" and d.data:
             try:
                 record = decode_user(d.data)
             except Exception:
                 log.warning("undecodable user record", extra={"user": uid})
                 record = None
-        self._apply(uid, record, d.time_ns / 1e9)
+        self._apply(uid, UserRead(record, d.stream_seq), d.time_ns / 1e9)
         return True
 
-    def _apply(self, uid: str, record: UserRecord | None, changed_at: float | None) -> None:
-        cached = self.users.get(uid)
-        if record is not None and cached is not None and record == cached[0]:
+    def _apply(self, uid: str, read: UserRead, changed_at: float | None) -> None:
+        self._seen[uid] = max(self._seen.get(uid, 0), read.revision)
+        known = self.users.get(uid)
+        if known is not None and read.revision <= known.revision:
             return  # already applied (the re-read after a reconnect, then the watch)
+        record = read.record
         caps = None
         if record is not None and not record.disabled:
             caps = compile_or_nothing(record)
-            self.users[uid] = (record, caps)
+            self.users[uid] = Known(record, read.revision, caps)
         else:
             self.users.pop(uid, None)
         for s in list(self.by_user.get(uid, ())):
-            s.apply_user(record, changed_at, caps)
+            s.apply_user(record, read.revision, changed_at, caps)
 
     def _on_revoked(self, d: Delivery) -> bool:
-        jti = d.subject[len(f"$KV.{REVOKED_BUCKET}.") :]
-        if kv_op(d) != "put":
+        jti = d.subject[kvwire.key_offset(REVOKED_BUCKET) :]
+        if kvwire.kv_op(d.headers) != "put":
             self._revoked.pop(jti, None)
             return True
         self._revoked[jti] = d.time_ns / 1e9
         for s in list(self.by_jti.get(jti, ())):
-            s.close(CloseCode.TOKEN, "token revoked", ErrorCode.UNAUTHORIZED)
+            s.close(Disconnects.TOKEN_REVOKED)
         return True

@@ -7,6 +7,10 @@ catch-up consumer while the shared feed's live changes are buffered for it; at `
 the buffer is replayed from just after the last revision the catch-up covered and the
 member goes live. No gap (the member joined the feed before the catch-up started), no
 duplicate (everything at or below the catch-up's cutoff is dropped from the buffer).
+
+A subscription *acquires* a feed (reference counted: the consumer is created with the first
+and deleted with the last), then adds its member; ending it removes the member at once and
+releases the feed.
 """
 
 from __future__ import annotations
@@ -14,33 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Literal
 
 from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from shared import envelope
-from ws_gateway.reader import Delivery, Start, StreamReader
+from shared import envelope, kvwire
+from ws_gateway.reader import Delivery, StreamReader
+from ws_gateway.rules import Start
 
 log = logging.getLogger("ws_gateway.kvfeed")
 
-KvOp = Literal["put", "delete", "purge"]
-
-
-def kv_op(d: Delivery) -> KvOp:
-    headers = d.headers or {}
-    op = headers.get("KV-Operation")
-    marker = headers.get("Nats-Marker-Reason")
-    if op == "DEL" or marker == "Remove":
-        return "delete"
-    if op == "PURGE" or marker in ("MaxAge", "Purge"):
-        return "purge"
-    return "put"
-
 
 def encode_change(bucket: str, key: str, d: Delivery) -> bytes:
-    op = kv_op(d)
+    op = kvwire.kv_op(d.headers)
     return envelope.kv_msg(bucket, key, op, d.stream_seq, d.data if op == "put" else None)
 
 
@@ -50,7 +41,7 @@ class Member:
     __slots__ = ("buffer", "cutoff", "deliver", "live", "wanted")
 
     def __init__(self, deliver: Callable[[bytes], bool], wanted: Callable[[str], bool]) -> None:
-        self.deliver = deliver  # push to the session's outbox
+        self.deliver = deliver  # to the subscription: nothing once it has ended
         self.wanted = wanted  # False when another kv_sub of the session delivers this key
         self.live = False
         self.cutoff = 0  # revisions at or below this came from the catch-up
@@ -76,12 +67,13 @@ class KvFeed:
     ) -> None:
         self.bucket, self.pattern = bucket, pattern
         self.members: set[Member] = set()
-        self._prefix_len = len(f"$KV.{bucket}.")
+        self.refs = 0  # subscriptions holding the feed, live or still setting up
+        self._key_at = kvwire.key_offset(bucket)
         self.reader = StreamReader(
             nc,
             js,
-            f"KV_{bucket}",
-            f"$KV.{bucket}.{pattern}",
+            kvwire.stream_of(bucket),
+            kvwire.subject_of(bucket, pattern),
             Start(api.DeliverPolicy.NEW),
             self._on_message,
             batch=256,
@@ -92,7 +84,7 @@ class KvFeed:
         self.on_gone: Callable[[KvFeed], None] | None = None
 
     def _on_message(self, d: Delivery) -> bool:
-        key = d.subject[self._prefix_len :]
+        key = d.subject[self._key_at :]
         frame = encode_change(self.bucket, key, d)
         seq = d.stream_seq
         for m in tuple(self.members):
@@ -109,7 +101,7 @@ class KvFeed:
 
 
 class KvFeeds:
-    """The process's feeds, by (bucket, pattern), reference-counted by their members."""
+    """The process's feeds, by (bucket, pattern), reference-counted by their subscriptions."""
 
     def __init__(
         self, nc: NATS, js: JetStreamContext, gate: Callable[[], bool] | None = None
@@ -122,36 +114,42 @@ class KvFeeds:
     def __len__(self) -> int:
         return len(self.feeds)
 
-    async def join(self, bucket: str, pattern: str, member: Member) -> KvFeed:
+    async def acquire(self, bucket: str, pattern: str) -> KvFeed:
+        """A reference to the feed of (bucket, pattern), its consumer created. Give it back
+        with `release`, whatever happens. Raises NotFoundError for a missing bucket."""
         key = (bucket, pattern)
         feed = self.feeds.get(key)
-        if feed is None:
-            feed = KvFeed(self._nc, self._js, bucket, pattern, self._gate)
-            feed.on_gone = self._gone
-            self.feeds[key] = feed
-            feed.members.add(member)
-            try:
-                await feed.reader.start()
-            except BaseException as e:
-                self.feeds.pop(key, None)
-                feed.ready.set_exception(e)
-                feed.ready.exception()
-                raise
-            feed.ready.set_result(None)
-        else:
-            feed.members.add(member)
+        if feed is not None:
+            feed.refs += 1
             try:
                 await asyncio.shield(feed.ready)
-            except Exception:
-                feed.members.discard(member)
+            except BaseException:
+                feed.refs -= 1
                 raise
+            return feed
+        feed = KvFeed(self._nc, self._js, bucket, pattern, self._gate)
+        feed.on_gone = self._gone
+        feed.refs = 1
+        self.feeds[key] = feed
+        try:
+            await feed.reader.start()  # all or nothing: a failed start released its consumer
+        except BaseException as e:
+            if self.feeds.get(key) is feed:
+                del self.feeds[key]
+            cause = e if isinstance(e, Exception) else ConnectionError("feed start cancelled")
+            feed.ready.set_exception(cause)
+            feed.ready.exception()
+            raise
+        feed.ready.set_result(None)
         return feed
 
-    async def leave(self, feed: KvFeed, member: Member) -> None:
-        feed.members.discard(member)
-        if feed.members or self.feeds.get((feed.bucket, feed.pattern)) is not feed:
+    async def release(self, feed: KvFeed) -> None:
+        """Give back one reference; the last one deletes the feed's consumer."""
+        feed.refs -= 1
+        if feed.refs > 0:
             return
-        del self.feeds[(feed.bucket, feed.pattern)]
+        if self.feeds.get((feed.bucket, feed.pattern)) is feed:
+            del self.feeds[(feed.bucket, feed.pattern)]
         await feed.reader.close()
 
     def _gone(self, feed: KvFeed) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from shared.tasks import cancel_and_wait
 from ws_gateway import metrics
 
 log = logging.getLogger("ws_gateway.outbox")
@@ -237,13 +238,8 @@ class Outbox:
         best effort within the write timeout: the client may be why we are closing."""
         self.stop_accepting()
         self._queue.clear()
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if final is not None:
             try:
                 async with asyncio.timeout(self._write_timeout):

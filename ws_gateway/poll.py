@@ -27,7 +27,8 @@ import time
 from aiohttp import web
 from websockets.datastructures import Headers
 
-from shared.errors import CloseCode, InvalidToken
+from shared.errors import Disconnects, InvalidToken
+from shared.tasks import cancel_and_wait
 from ws_gateway.handshake import Refused, admit, token_from
 from ws_gateway.hub import Hub
 from ws_gateway.outbox import SlowTransport
@@ -62,15 +63,15 @@ def _problem(status: int, code: str, detail: str, **extra: object) -> web.Respon
     )
 
 
-def _always() -> bool:
-    return True
-
-
 class PollTransport:
-    """Numbered frames waiting for the client; the Session writes here via its Outbox."""
+    """Numbered frames waiting for the client; the Session writes here via its Outbox.
+    A poll buffer never blocks: the flusher writes it directly (a full buffer raises
+    SlowTransport: backpressure), so no writer task waits per session."""
 
-    def __init__(self, sid: str, uid: str) -> None:
-        self.sid, self.uid = sid, uid
+    name = "poll"
+
+    def __init__(self, sid: str, uid: str, remote: str) -> None:
+        self.sid, self.uid, self.remote = sid, uid, remote
         self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
         self.size = 0
         self.next_no = 1
@@ -83,6 +84,9 @@ class PollTransport:
 
     async def send(self, data: bytes) -> None:
         self.send_now(data)
+
+    def can_send(self) -> bool:
+        return True
 
     def send_now(self, data: bytes) -> None:
         if self.size + len(data) > MAX_BUFFER_BYTES:
@@ -128,15 +132,10 @@ class PollServer:
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def stop(self) -> None:
-        if self._reaper:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._reaper)
         for t in list(self.transports.values()):
             if t.session is not None:
-                await t.session.close(CloseCode.GOING_AWAY, "server shutting down")
+                await t.session.close(Disconnects.SHUTDOWN)
         if self._runner:
             await self._runner.cleanup()
 
@@ -148,7 +147,7 @@ class PollServer:
                 if t.closed_at is not None and now - t.closed_at > GONE_KEEP:
                     del self.transports[sid]
                 elif t.closed_at is None and now - t.last_poll > IDLE_CLOSE and t.session:
-                    t.session.close(CloseCode.GOING_AWAY, "nobody polled for 60 s")
+                    t.session.close(Disconnects.POLL_IDLE)
 
     # ------------------------------------------------------------------ helpers
 
@@ -194,24 +193,12 @@ class PollServer:
             admitted = await admit(self.hub, _headers(request))
         except Refused as e:
             return _problem(e.status.value, "unauthorized", e.reason)
-        t = PollTransport(sid, admitted.claims.sub)
+        if sid in self.transports:  # taken while this one was being admitted
+            return _problem(409, "bad_request", "sid in use: choose another")
         remote = request.headers.get("X-Real-IP") or (request.remote or "")
-        session = Session(
-            self.hub,
-            admitted.claims,
-            admitted.user,
-            t.send,
-            t.close,
-            remote=remote,
-            transport="poll",
-            # A poll buffer never blocks: the flusher writes it directly, and no writer task
-            # waits per session (a full buffer raises SlowTransport: backpressure).
-            can_send=_always,
-            send_now=t.send_now,
-        )
-        t.session = session
+        t = PollTransport(sid, admitted.claims.sub, remote)
         self.transports[sid] = t
-        self.hub.open(session)
+        t.session = await self.hub.open(admitted.claims, admitted.user, t)
         return web.json_response({"sid": sid, "wait": POLL_WAIT})
 
     async def send(self, request: web.Request) -> web.StreamResponse:
@@ -222,9 +209,10 @@ class PollServer:
             return _problem(410, "closed", t.close_reason, close_code=t.close_code)
         body = await request.read()
         t.last_poll = time.monotonic()
-        for line in body.split(b"\n"):
-            if line.strip():
-                await t.session.handle_frame(line.decode("utf-8", "replace"))
+        lines = [line.decode("utf-8", "replace") for line in body.split(b"\n") if line.strip()]
+        # Handled in order after those of any other /poll/send of this session still in
+        # hand: a request never overtakes one sent before it (an unsub its kv_sub).
+        await t.session.handle_frames(lines)
         return web.Response(status=204)
 
     async def receive(self, request: web.Request) -> web.StreamResponse:
@@ -263,5 +251,5 @@ class PollServer:
         if isinstance(t, web.Response):
             return t
         if t.session is not None:
-            await t.session.close(CloseCode.NORMAL, "client closed")
+            await t.session.close(Disconnects.CLIENT_CLOSED)
         return web.Response(status=204)

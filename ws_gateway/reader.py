@@ -10,7 +10,6 @@ recreates it from the last stream sequence it delivered + 1: no gap, no duplicat
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,8 +22,12 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
+from shared.tasks import cancel_and_wait
+from ws_gateway.rules import Start
+
 log = logging.getLogger("ws_gateway.reader")
 
+STREAM_NOT_FOUND = 10059  # JetStream's err_code; 10014 is "consumer not found"
 PULL_EXPIRES = 30.0
 IDLE_HEARTBEAT = 5.0
 EPHEMERAL_INACTIVE = 300.0  # survives NATS outages of a few minutes without a resume
@@ -57,17 +60,12 @@ def parse_ack_reply(reply: str) -> tuple[str, int, int, int, int]:
     return t[5], int(t[6]), int(t[7]), int(t[9]), int(t[10])
 
 
+class DurableConflict(Exception):
+    """The durable asked for exists with another filter: it is not ours to bind."""
+
+
 OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
 WaitRoom = Callable[[int], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Start:
-    """Where a new consumer starts: NEW, ALL, LAST_PER_SUBJECT, BY_START_SEQUENCE/TIME."""
-
-    policy: api.DeliverPolicy
-    seq: int | None = None
-    time: dt.datetime | None = None
 
 
 class StreamReader:
@@ -100,6 +98,7 @@ class StreamReader:
         self.consumer: str | None = None
         self.last_seq = 0  # last stream sequence handed to on_message
         self.initial_pending = 0
+        self.info: api.ConsumerInfo | None = None  # as created or bound
         self._bound_at = 0
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -113,47 +112,60 @@ class StreamReader:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> api.ConsumerInfo:
-        """Create (or bind to) the consumer and start pulling. Raises NotFoundError."""
-        info = await self._ensure_consumer(self._start)
-        self.initial_pending = info.num_pending or 0
-        self._bound_at = info.delivered.stream_seq if info.delivered else 0
-        inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(
-            inbox, cb=self._handle, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
+    async def start(self, *, pull: bool = True) -> StreamReader:
+        """Create (or bind to) the consumer, then start pulling (`pull=False`: only when
+        `pull()` is called). Raises NotFoundError, DurableConflict.
+
+        All or nothing: if it fails or is cancelled part way, what it made is released
+        (an ephemeral consumer deleted, a durable parked) before the error propagates."""
+        try:
+            self.info = info = await self._ensure_consumer(self._start)
+            self.initial_pending = info.num_pending or 0
+            self._bound_at = info.delivered.stream_seq if info.delivered else 0
+            inbox = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(
+                inbox, cb=self._handle, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
         self._inbox = inbox
-        self._task = asyncio.get_running_loop().create_task(self._pull_loop())
-        return info
+        if pull:
+            self.pull()
+        return self
+
+    def pull(self) -> None:
+        """Start pulling (once): nothing is fetched before, so nothing is dropped."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._pull_loop())
 
     async def close(self) -> None:
+        """Stop pulling and release the consumer (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except Exception:
-                pass
-        if self.durable and self._nc.is_connected:
+            except Exception as e:
+                self._log_release("unsubscribe", e)
+        if self.durable and self.consumer and self._nc.is_connected:  # bound by us
             try:
                 await self._park_durable()
             except Exception as e:
-                log.info(
-                    "durable park failed",
-                    extra={"consumer": self.durable, "error": type(e).__name__},
-                )
+                self._log_release("durable park", e)
         if self.consumer and not self.durable and self._nc.is_connected:
             try:
                 await self._js.delete_consumer(self.stream, self.consumer)
-            except Exception:
-                pass  # ephemeral: the server removes it after its inactive threshold anyway
+            except Exception as e:  # the server removes it after its inactive threshold
+                self._log_release("consumer delete", e)
+
+    def _log_release(self, what: str, e: Exception) -> None:
+        log.info(
+            f"{what} failed",
+            extra={"stream": self.stream, "consumer": self.consumer, "error": type(e).__name__},
+        )
 
     # ------------------------------------------------------------------ consumer
 
@@ -189,11 +201,11 @@ class StreamReader:
             try:
                 info: api.ConsumerInfo = await self._js.consumer_info(self.stream, self.durable)
                 if info.config.filter_subject != self.filter_subject:
-                    raise ValueError("durable exists with another filter")
+                    raise DurableConflict("durable exists with another filter")
                 self.consumer = self.durable
                 return info
             except NotFoundError as e:
-                if "stream" in str(e).lower() and "consumer" not in str(e).lower():
+                if e.err_code == STREAM_NOT_FOUND:
                     raise
             try:
                 made: api.ConsumerInfo = await self._js.add_consumer(
@@ -242,8 +254,8 @@ class StreamReader:
         if self.consumer:
             try:
                 await self._js.delete_consumer(self.stream, self.consumer)
-            except Exception:
-                pass
+            except Exception as e:
+                self._log_release("consumer delete", e)
         # Resume after what was handed on; with nothing handed on yet, after where the
         # consumer began (a NEW consumer recreated as NEW would skip the outage's changes).
         # A LAST_PER_SUBJECT snapshot with nothing delivered is simply taken again.
@@ -380,6 +392,3 @@ class StreamReader:
         self._request_done.set()
         self._activity.set()
         self._wake.set()
-
-    async def ack(self, reply: str) -> None:
-        await self._nc.publish(reply, b"+ACK")

@@ -17,12 +17,11 @@ from websockets.protocol import State
 
 from shared import natsio
 from shared.auth import TokenVerifier
-from shared.errors import CloseCode
+from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
 from shared.settings import Settings
 from ws_gateway.handshake import GatewayConnection, process_request
 from ws_gateway.hub import Hub
 from ws_gateway.poll import PollServer
-from ws_gateway.session import Session
 
 log = logging.getLogger("ws_gateway.server")
 
@@ -36,6 +35,39 @@ def limit_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
     if size > 0 and sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+class WsTransport:
+    """A session's WebSocket: writes without awaiting while the socket buffer has room (what
+    websockets.broadcast does), else awaits it; closes with a bounded wait."""
+
+    name = "ws"
+
+    def __init__(self, ws: ServerConnection, remote: str) -> None:
+        self._ws = ws
+        self._protocol = ws.protocol
+        self._transport = ws.transport
+        self.remote = remote
+
+    async def send(self, data: bytes) -> None:
+        await self._ws.send(data, text=True)
+
+    def can_send(self) -> bool:
+        return (
+            self._protocol.state is State.OPEN
+            and self._transport.get_write_buffer_size() < WRITE_HIGH
+        )
+
+    def send_now(self, data: bytes) -> None:
+        self._protocol.send_text(data)
+        self._ws.send_data()
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await self._ws.close(code, reason[:120])
+        except TimeoutError:
+            self._transport.abort()
 
 
 class Gateway:
@@ -114,28 +146,7 @@ class Gateway:
     async def _handler(self, ws: ServerConnection) -> None:
         admitted = cast(GatewayConnection, ws).admitted
         assert self.hub is not None and admitted is not None
-
-        async def send(data: bytes) -> None:
-            await ws.send(data, text=True)
-
-        async def close_transport(code: int, reason: str) -> None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await ws.close(code, reason[:120])
-            except TimeoutError:
-                ws.transport.abort()
-
-        protocol, transport = ws.protocol, ws.transport
-        limit_send_buffer(transport, self.settings.socket_send_buffer)
-
-        def can_send() -> bool:
-            return protocol.state is State.OPEN and transport.get_write_buffer_size() < WRITE_HIGH
-
-        def send_now(data: bytes) -> None:
-            # what websockets.broadcast does: frame it and hand it to the transport now
-            protocol.send_text(data)
-            ws.send_data()
-
+        limit_send_buffer(ws.transport, self.settings.socket_send_buffer)
         remote = ws.request.headers.get("X-Real-IP") if ws.request else None
         # The handshake's request and response (headers, cookies, the token) are not
         # needed past this point; an idle connection should not keep ~2.5 KB of them.
@@ -143,31 +154,28 @@ class Gateway:
         if ws.request is not None:
             ws.request.headers.clear()
         ws.response = None
-        session = Session(
-            self.hub,
-            admitted.claims,
-            admitted.user,
-            send,
-            close_transport,
-            remote=remote or str(ws.remote_address[0] if ws.remote_address else ""),
-            can_send=can_send,
-            send_now=send_now,
+        transport = WsTransport(
+            ws, remote or str(ws.remote_address[0] if ws.remote_address else "")
         )
-        self.hub.open(session)
-        code: int = CloseCode.NORMAL
-        reason = "client closed"
+        session = await self.hub.open(admitted.claims, admitted.user, transport)
+        disconnect = Disconnects.CLIENT_CLOSED
         try:
             async for frame in ws:
-                await session.handle_frame(frame)
+                if session.closed:
+                    break
+                if isinstance(frame, bytes):
+                    session.refuse_frame(ReplyError(ErrorCode.BAD_REQUEST, "text frames only"))
+                else:
+                    await session.handle_frame(frame)
                 if session.closed:
                     break
         except ConnectionClosed as e:
             if e.rcvd is not None:
-                code, reason = e.rcvd.code, e.rcvd.reason or "client closed"
+                disconnect = Disconnect(e.rcvd.code, e.rcvd.reason or "client closed")
         finally:
             if ws.close_code is not None and not session.closed and ws.close_code != 1000:
-                code = ws.close_code
-            await session.close(code, reason)
+                disconnect = Disconnect(ws.close_code, disconnect.reason)
+            await session.close(disconnect)
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, drain NATS."""
@@ -176,10 +184,7 @@ class Gateway:
         if self.poll is not None:
             await self.poll.stop()
         if self.hub is not None:
-            closing = [
-                s.close(CloseCode.GOING_AWAY, "server shutting down")
-                for s in list(self.hub.sessions)
-            ]
+            closing = [s.close(Disconnects.SHUTDOWN) for s in list(self.hub.sessions)]
             if closing:
                 await asyncio.gather(*closing, return_exceptions=True)
         if self.server is not None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from shared import envelope as env
 from shared.capabilities import decode as decode_caps
-from shared.errors import CloseCode, Disconnect, ErrorCode, ProtocolError
+from shared.errors import CloseCode, DisconnectError, ErrorCode, ReplyError
 
 
 def frame(**fields: Any) -> bytes:
@@ -142,10 +142,9 @@ BAD_FRAMES = [
 
 @pytest.mark.parametrize("raw", BAD_FRAMES)
 def test_malformed_frames_are_bad_request(raw: bytes | str) -> None:
-    """Frames that are not one JSON object raise ProtocolError bad_request, nothing else."""
-    with pytest.raises(ProtocolError) as ei:
+    """Frames that are not one JSON object raise ReplyError bad_request, nothing else."""
+    with pytest.raises(ReplyError) as ei:
         env.decode_client_frame(raw)
-    assert not isinstance(ei.value, Disconnect)
     assert ei.value.code == ErrorCode.BAD_REQUEST
 
 
@@ -195,9 +194,8 @@ BAD_REQUESTS = [
 def test_bad_requests_raise_bad_request_and_echo_inbox(fields: dict[str, Any]) -> None:
     """Ill-formed requests are bad_request, echoing a string inbox so the client can match."""
     fields = {"inbox": "req-7", **fields}
-    with pytest.raises(ProtocolError) as ei:
+    with pytest.raises(ReplyError) as ei:
         env.decode_client_frame(frame(**fields))
-    assert not isinstance(ei.value, Disconnect)
     assert ei.value.code == ErrorCode.BAD_REQUEST
     expected_inbox = fields["inbox"] if isinstance(fields["inbox"], str) else None
     assert ei.value.inbox == expected_inbox
@@ -207,7 +205,7 @@ def test_bad_requests_raise_bad_request_and_echo_inbox(fields: dict[str, Any]) -
 def test_non_string_or_oversized_inbox_is_not_echoed() -> None:
     """An inbox that is not a string of at most 128 chars is never echoed back."""
     for inbox in (5, ["x"], {"a": 1}, "i" * 129):
-        with pytest.raises(ProtocolError) as ei:
+        with pytest.raises(ReplyError) as ei:
             env.decode_client_frame(frame(op="nope", inbox=inbox))
         assert ei.value.inbox is None
 
@@ -230,12 +228,14 @@ def test_non_string_or_oversized_inbox_is_not_echoed() -> None:
     )
 )
 def test_decoder_raises_only_protocol_errors(raw: bytes | str) -> None:
-    """Whatever arrives, the decoder returns a ClientOp or raises a ProtocolError."""
+    """Whatever arrives, the decoder returns a ClientOp, a bad_request ReplyError, or the
+    unsupported-version disconnect."""
     try:
         op = env.decode_client_frame(raw)
-    except ProtocolError as e:
-        assert e.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNSUPPORTED_VERSION)
-        assert isinstance(e, Disconnect) == (e.code == ErrorCode.UNSUPPORTED_VERSION)
+    except ReplyError as e:
+        assert e.code == ErrorCode.BAD_REQUEST
+    except DisconnectError as e:
+        assert e.disconnect.error == ErrorCode.UNSUPPORTED_VERSION
     else:
         assert isinstance(op, env.ClientOp)
         assert op.v == 1
@@ -251,18 +251,18 @@ def test_batch_bounds_are_inclusive(batch: int) -> None:
 @pytest.mark.parametrize("v", [True, False, "1", 2, 0, -1, 1.0, 1.5, None, [1], {"v": 1}])
 def test_unsupported_version_disconnects(v: object) -> None:
     """Any v other than the integer 1 is unsupported_version with close code 1002."""
-    with pytest.raises(Disconnect) as ei:
+    with pytest.raises(DisconnectError) as ei:
         env.decode_client_frame(frame(v=v, op="sub", target="a", inbox="i9"))
-    assert ei.value.code == ErrorCode.UNSUPPORTED_VERSION
-    assert ei.value.close_code == CloseCode.PROTOCOL_ERROR == 1002
+    assert ei.value.disconnect.error == ErrorCode.UNSUPPORTED_VERSION
+    assert ei.value.disconnect.close_code == CloseCode.PROTOCOL_ERROR == 1002
     assert ei.value.inbox == "i9"
 
 
 def test_version_is_checked_before_the_op() -> None:
     """A v2 frame with an op this version does not know is still a version error."""
-    with pytest.raises(Disconnect) as ei:
+    with pytest.raises(DisconnectError) as ei:
         env.decode_client_frame(frame(v=2, op="future_op", whatever=True))
-    assert ei.value.code == ErrorCode.UNSUPPORTED_VERSION
+    assert ei.value.disconnect.error == ErrorCode.UNSUPPORTED_VERSION
     assert ei.value.inbox is None
 
 

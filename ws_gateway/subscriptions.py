@@ -1,0 +1,393 @@
+"""A session's subscriptions (core, KV, JetStream) and their one lifecycle.
+
+    SETTING_UP ──start() done──▶ LIVE ──end()──▶ ENDED
+        └──────────────end()─────────────────────┘
+
+Only a LIVE subscription delivers: every delivery path (the core router, a KV feed, a
+catch-up or JetStream reader) goes through `deliver()`, which checks the state, and a
+reader starts pulling only once its subscription is live. `end()` is the one way out, in
+any state: idempotent, it stops delivery at once (synchronously) and releases everything
+the subscription holds. What a setup still in flight acquires after `end()` is released
+as soon as its await returns, and the setup then stops with `Ended` and delivers nothing.
+
+Each resource is taken with `_hold(step, acquire, release)`: the release is recorded the
+moment the acquisition returns, so `end()` and a failed or ended setup release exactly what
+was taken, each thing once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared import envelope, kvwire
+from shared.capabilities import SubscriptionRef
+from shared.errors import ErrorCode, ReplyError
+from shared.subjects import tokens
+from ws_gateway import metrics
+from ws_gateway.checkpoints import Checkpoints
+from ws_gateway.core import CoreRouter, Shared
+from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
+from ws_gateway.reader import Delivery, DurableConflict, StreamReader
+from ws_gateway.rules import Tokens, js_position, js_start, kv_resume
+
+log = logging.getLogger("ws_gateway.subscriptions")
+
+T = TypeVar("T")
+
+
+class State(enum.Enum):
+    SETTING_UP = "setting up"
+    LIVE = "live"
+    ENDED = "ended"
+
+
+class Ended(Exception):
+    """The subscription was ended while it was being set up: nothing more to say."""
+
+
+class Node(Protocol):
+    """The process's shared machinery that subscriptions use (the hub)."""
+
+    nc: NATS
+    js: JetStreamContext
+    router: CoreRouter
+    kv_feeds: KvFeeds
+    checkpoint: Checkpoints
+
+    def delivering(self) -> bool: ...
+
+
+class Owner(Protocol):
+    """The session a subscription belongs to, as the subscription sees it."""
+
+    uid: str
+    core_patterns: dict[str, Tokens]
+
+    def push(self, frame: bytes) -> bool: ...
+
+    async def wait_room(self, n: int) -> None: ...
+
+    def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
+
+    def subscription_lost(self, sub: Subscription) -> None: ...
+
+
+class Subscription:
+    """One subscription of a session; see the module docstring for its lifecycle."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ref: SubscriptionRef, owner: Owner, node: Node) -> None:
+        self.ref = ref
+        self.state = State.SETTING_UP
+        self._owner = owner
+        self._node = node
+        self._held: list[tuple[object, Callable[[], Awaitable[None]]]] = []
+        self._stops: list[Callable[[], None]] = []  # synchronous: stop delivering now
+        self._early: set[asyncio.Task[None]] = set()  # releases run before the end
+        self._ending: asyncio.Task[None] | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state is State.LIVE
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Set up, go live and send `ok`. Raises ReplyError if the setup failed, Ended if
+        the subscription was ended meanwhile; either way nothing is held afterwards."""
+        try:
+            data = await self._setup()
+            await self._step("live")
+        except Exception:
+            ended = self._ending is not None  # ended from outside: its failure is moot
+            await self._abandon()
+            if ended:
+                raise Ended from None
+            raise
+        except BaseException:
+            await self._abandon()
+            raise
+        self.state = State.LIVE
+        metrics.SUBSCRIPTIONS.labels(self.kind).inc()
+        self._on_live()
+        self._owner.push(envelope.ok(self.ref.inbox, self.ref.target, data))
+        self._after_ok()
+
+    def end(self) -> asyncio.Task[None]:
+        """End it, in any state (idempotent): nothing is delivered from this instant; the
+        returned task finishes when everything it held is released."""
+        if self._ending is None:
+            was_live = self.state is State.LIVE
+            self.state = State.ENDED
+            if was_live:
+                metrics.SUBSCRIPTIONS.labels(self.kind).dec()
+            self._run_stops()
+            self._ending = asyncio.get_running_loop().create_task(self._release_all())
+        return self._ending
+
+    async def _abandon(self) -> None:
+        """A setup that failed or was ended: release what it took, deliver nothing."""
+        if self.state is not State.ENDED:
+            self.state = State.ENDED
+            self._run_stops()
+        await asyncio.shield(self._release_all())
+
+    def _run_stops(self) -> None:
+        while self._stops:
+            self._stops.pop()()
+
+    async def _release_all(self) -> None:
+        while self._held:
+            _, release = self._held.pop()
+            await self._release(release)
+        while self._early:
+            await asyncio.gather(*self._early, return_exceptions=True)
+
+    async def _release(self, release: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await release()
+        except Exception as e:
+            log.info("release failed", extra={"inbox": self.ref.inbox, "error": repr(e)})
+
+    async def _hold(
+        self, step: str, acquire: Awaitable[T], release: Callable[[T], Awaitable[None]]
+    ) -> T:
+        """Await `acquire` and record its release before anything else can happen; raise
+        Ended if the subscription was ended meanwhile (the caller's setup then stops)."""
+        value = await acquire
+        self._held.append((value, lambda: release(value)))
+        await self._step(step)
+        return value
+
+    async def _step(self, step: str) -> None:
+        """A point where the setup has just awaited: the test hook may hold it here."""
+        await self._node.checkpoint(f"{self.kind}.{step}")
+        if self.state is State.ENDED:
+            raise Ended
+
+    def _release_now(self, value: object) -> None:
+        """Release one held thing before the end (a catch-up that is done)."""
+        for i, (held, release) in enumerate(self._held):
+            if held is value:
+                del self._held[i]
+                task = asyncio.get_running_loop().create_task(self._release(release))
+                self._early.add(task)
+                task.add_done_callback(self._early.discard)
+                return
+
+    def deliver(self, frame: bytes) -> bool:
+        """The only way a frame of this subscription reaches its session."""
+        if self.state is not State.LIVE:
+            return False
+        return self._owner.push(frame)
+
+    # ------------------------------------------------------------------ per kind
+
+    async def _setup(self) -> Any:
+        """Acquire what the subscription needs; the `ok`'s data."""
+        raise NotImplementedError
+
+    def _on_live(self) -> None:
+        """Start delivering (synchronously, as the state becomes LIVE)."""
+
+    def _after_ok(self) -> None:
+        """Anything to send right after the `ok`."""
+
+    def on_nats_reconnect(self) -> None:
+        """NATS came back: pull requests in flight died with the link."""
+
+
+class CoreSubscription(Subscription):
+    kind = "sub"
+
+    async def _setup(self) -> None:
+        router = self._node.router
+        self._shared: Shared = await self._hold(
+            "join", router.acquire(self.ref.pattern), router.release
+        )
+
+    def _on_live(self) -> None:
+        router, shared, owner = self._node.router, self._shared, self._owner
+        router.attach(shared, owner)
+        self._stops.append(lambda: router.detach(shared, owner))
+
+
+class KvSubscription(Subscription):
+    """A member of the process's shared feed, plus a catch-up reader until `synced`."""
+
+    kind = "kv_sub"
+
+    def __init__(
+        self, ref: SubscriptionRef, owner: Owner, node: Node, since: int | None
+    ) -> None:
+        super().__init__(ref, owner, node)
+        self.since = since
+        self.tokens = tokens(ref.pattern)
+        self.feed: KvFeed | None = None
+        self.catchup: StreamReader | None = None
+        self._member: Member | None = None
+        self._synced = False
+        self._cutoff = 0
+
+    async def _setup(self) -> dict[str, Any]:
+        bucket, pattern = self.ref.target, self.ref.pattern
+        feeds = self._node.kv_feeds
+        try:
+            feed = await self._hold("feed", feeds.acquire(bucket, pattern), feeds.release)
+            # Join the shared live feed first, then read the current values: every change
+            # after the catch-up's cutoff is then in the member's buffer (no gap).
+            member = Member(self.deliver, self._wanted)
+            feed.members.add(member)
+            self._stops.append(lambda: feed.members.discard(member))
+            self.feed, self._member = feed, member
+            info = await self._node.js.stream_info(kvwire.stream_of(bucket))
+            await self._step("stream_info")
+        except NotFoundError:
+            raise ReplyError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
+        first, last = info.state.first_seq, info.state.last_seq
+        resume = kv_resume(self.since, first, last)
+        self._cutoff = last
+        self._key_at = kvwire.key_offset(bucket)
+        reader = StreamReader(
+            self._node.nc,
+            self._node.js,
+            kvwire.stream_of(bucket),
+            kvwire.subject_of(bucket, pattern),
+            resume.start,
+            self._on_catchup,
+            batch=256,
+            wait_room=self._owner.wait_room,
+            on_lost=lambda e: self._owner.subscription_lost(self),
+            gate=self._node.delivering,
+        )
+        self.catchup = await self._hold("catchup", reader.start(pull=False), _close_reader)
+        return {"position": resume.position, "recovered": resume.recovered}
+
+    def _wanted(self, key: str) -> bool:
+        return self._owner.kv_wanted(self, key)
+
+    def _on_live(self) -> None:
+        if self.catchup is not None:
+            self.catchup.pull()
+
+    def _after_ok(self) -> None:
+        if self.catchup is not None and self.catchup.initial_pending == 0:
+            self._sync()
+
+    def _on_catchup(self, d: Delivery) -> bool:
+        if self.state is not State.LIVE:
+            return False  # not handed on: ended, nothing more is delivered
+        if self._synced:
+            return True  # the shared feed delivers from here on
+        delivered = self.deliver(encode_change(self.ref.target, d.subject[self._key_at :], d))
+        self._cutoff = max(self._cutoff, d.stream_seq)
+        if d.pending == 0:
+            self._sync()
+        return delivered
+
+    def _sync(self) -> None:
+        if self._synced or self.state is not State.LIVE:
+            return
+        self._synced = True
+        self.deliver(envelope.kv_synced(self.ref.target, self.ref.inbox, self._cutoff))
+        assert self._member is not None
+        self._member.go_live(self._cutoff)
+        catchup, self.catchup = self.catchup, None
+        self._release_now(catchup)
+
+    def on_nats_reconnect(self) -> None:
+        if self.catchup is not None:
+            self.catchup.mark_lost()
+
+
+class JsSubscription(Subscription):
+    kind = "js_sub"
+
+    def __init__(
+        self, ref: SubscriptionRef, owner: Owner, node: Node, data: envelope.JsSubData
+    ) -> None:
+        super().__init__(ref, owner, node)
+        self.data = data
+        self.reader: StreamReader | None = None
+        self.unacked: dict[int, str] = {}
+        self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
+
+    async def _setup(self) -> dict[str, Any]:
+        stream, d = self.ref.target, self.data
+        try:
+            info = await self._node.js.stream_info(stream)
+        except NotFoundError:
+            raise ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
+        await self._step("stream_info")
+        first, last = info.state.first_seq, info.state.last_seq
+        start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
+        reader = StreamReader(
+            self._node.nc,
+            self._node.js,
+            stream,
+            self.ref.pattern,
+            start,
+            self._on_message,
+            batch=d.batch,
+            ack=d.ack,
+            durable=f"u_{self._owner.uid}_{d.durable}" if d.durable else None,
+            wait_room=self._owner.wait_room,
+            on_lost=lambda e: self._owner.subscription_lost(self),
+            gate=self._node.delivering,
+        )
+        try:
+            self.reader = await self._hold("reader", reader.start(pull=False), _close_reader)
+        except DurableConflict as e:
+            raise ReplyError(ErrorCode.BAD_REQUEST, str(e)) from None
+        except NotFoundError:
+            raise ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
+        except BadRequestError:
+            raise ReplyError(
+                ErrorCode.BAD_REQUEST, "filter does not fit the stream's subjects"
+            ) from None
+        cinfo = reader.info
+        delivered = cinfo.delivered.stream_seq if cinfo and cinfo.delivered else 0
+        return {"position": js_position(start, delivered or 0, last), "recovered": recovered}
+
+    def _on_live(self) -> None:
+        if self.reader is not None:
+            self.reader.pull()
+
+    def _on_message(self, m: Delivery) -> bool:
+        if self.state is not State.LIVE:
+            return False
+        if self.data.ack:
+            self.unacked[m.stream_seq] = m.reply
+        return self.deliver(self._encoder.encode(m.stream_seq, m.subject, m.data, m.time_ns))
+
+    async def ack(self, seq: int) -> None:
+        """Acknowledge one delivered message, confirmed by the server."""
+        reply = self.unacked.pop(seq, None)
+        if reply is None:
+            raise ReplyError(ErrorCode.NOT_FOUND, f"seq {seq} is not awaiting an ack")
+        try:
+            # A confirmed ack: the ack floor has moved when this returns, so a durable
+            # parked right after (client leaving) resumes after it, not before.
+            await self._node.nc.request(reply, b"+ACK", timeout=2)
+        except Exception:
+            if self.live:
+                self.unacked[seq] = reply
+            raise ReplyError(ErrorCode.UNAVAILABLE, "ack not confirmed: retry") from None
+
+    def on_nats_reconnect(self) -> None:
+        if self.reader is not None:
+            self.reader.mark_lost()
+
+
+async def _close_reader(reader: StreamReader) -> None:
+    await reader.close()

@@ -1,0 +1,23 @@
+"""What a session writes to: a WebSocket or a long-polling buffer, behind one interface.
+
+The session never asks which one it has (PROTOCOL.md: the session logic must not know).
+Both can be written without awaiting (`send_now`, while `can_send`), which the per-tick
+flusher does; `send` awaits room, with the outbox's write timeout around it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Transport(Protocol):
+    name: str  # for logs: "ws" or "poll"
+    remote: str  # the client's address, for logs
+
+    async def send(self, data: bytes) -> None: ...
+
+    def can_send(self) -> bool: ...
+
+    def send_now(self, data: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
