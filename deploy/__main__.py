@@ -11,6 +11,7 @@ import sys
 
 from deploy import stack
 from deploy.render import Layout, render
+from shared.natsio import ensure_dev_credentials
 from shared.settings import load
 
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         match args.command:
             case "render":
+                ensure_dev_credentials(settings)  # as `start` does: NATS users in the config
                 render(settings, layout)
                 print(layout.supervisord_conf)
                 return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import grp
 import hashlib
+import json
 import os
 import pwd
 import re
@@ -22,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.natsio import PASSWORD_ENV, Role, configured_passwords, role_passwords
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +140,95 @@ def stack_env(settings: Settings, layout: Layout) -> dict[str, str]:
     }
 
 
+# Subject permissions of each role's NATS user (security review finding 16). NATS checks a
+# publish or subscribe against `allow` (anything else is denied), then `deny`; a wildcard
+# subscription that covers a denied subject is delivered nothing on it.
+JS_ADMIN = [  # stream (and so bucket) creation and removal: provision only
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.STREAM.SNAPSHOT.>",
+    "$JS.API.STREAM.RESTORE.>",
+    "$JS.API.STREAM.PEER.>",
+    "$JS.API.STREAM.LEADER.>",
+    "$JS.API.META.>",
+    "$JS.API.SERVER.>",
+    "$JS.API.ACCOUNT.>",
+]
+PERMISSIONS: dict[Role, dict[str, dict[str, list[str]]]] = {
+    # Reads only: KV gets, stream info, its own consumers (create, info, next, delete), acks.
+    # It subscribes to whatever users' capabilities allow, and its inboxes.
+    "gateway": {
+        "publish": {
+            "allow": [
+                "$JS.API.INFO",
+                "$JS.API.STREAM.INFO.>",
+                "$JS.API.STREAM.NAMES",
+                "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.MSG.GET.>",
+                "$JS.API.DIRECT.GET.>",
+                "$JS.API.CONSUMER.>",
+                "$JS.ACK.>",
+                "$JS.FC.>",
+            ],
+            "deny": ["$KV.>", "$SYS.>", *JS_ADMIN],
+        },
+        "subscribe": {"allow": [">"], "deny": ["$SYS.>", "cmd.>", "$KV.auth_credentials.>"]},
+    },
+    # Writes: KV puts and deletes, JetStream publishes (chat, audit), events, commands;
+    # JetStream reads; replies only on its inboxes. No streams created, no $SYS.
+    "api": {
+        "publish": {"allow": [">"], "deny": ["$SYS.>", *JS_ADMIN]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    },
+    # The admin CLI (`python -m http_api provision|seed-demo|create-user`): creates and
+    # updates streams and buckets, writes users. Still no $SYS.
+    "provision": {
+        "publish": {"allow": [">"], "deny": ["$SYS.>"]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    },
+}
+
+
+def _nats_string(v: str) -> str:
+    return json.dumps(v)  # a JSON string is a valid NATS config string
+
+
+def nats_authorization(passwords: dict[Role, str] | None) -> str:
+    """The `authorization` block of the NATS configs: a user per role with its
+    permissions; empty without passwords (no auth: configs rendered for tests)."""
+    if passwords is None:
+        return "# no NATS credentials configured: every client is trusted"
+    lines = ["authorization {", "  users = ["]
+    for role, perms in PERMISSIONS.items():
+        lines.append(
+            f"    {{user: {role}, password: {_nats_string(passwords[role])}, permissions: {{"
+        )
+        for kind, rules in perms.items():
+            parts = ", ".join(
+                f"{k}: [{', '.join(_nats_string(x) for x in v)}]" for k, v in rules.items()
+            )
+            lines.append(f"      {kind}: {{{parts}}}")
+        lines.append("    }}")
+    lines += ["  ]", "}"]
+    return "\n".join(lines)
+
+
+def _program_env(settings: Settings, role: Role) -> str:
+    """A program's own `environment` line: its role's NATS password when set in the settings
+    (production), so no program holds another role's. Dev: the generated credentials file."""
+    password = configured_passwords(settings)[role]
+    if not password:
+        return f"; NATS user {role}: password from VAR_DIR/nats/credentials.json (dev), or none"
+    # supervisord's parser has no escapes: a password quotes with a quote it lacks.
+    quote = next((q for q in "\"'" if q not in password), None)
+    if quote is None:
+        raise SystemExit(f"{PASSWORD_ENV[role]} may not hold both kinds of quotes")
+    return f"environment = {PASSWORD_ENV[role]}={quote}{password}{quote}"
+
+
 def _supervisor_env(env: dict[str, str]) -> str:
     def quote(v: str) -> str:
         return '"' + v.replace('"', '\\"') + '"'
@@ -178,9 +269,13 @@ def _nginx_size(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, text: str, *, private: bool = False) -> None:
+    """Write atomically; `private`: 0600 from the start (it holds passwords)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.unlink(missing_ok=True)
+    if private:
+        tmp.touch(mode=0o600)
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
@@ -198,6 +293,8 @@ def render(settings: Settings, layout: Layout) -> None:
     routes = "\n".join(
         f"    nats-route://127.0.0.1:{settings.nats_cluster_port + i}" for i in range(nodes)
     )
+    passwords = role_passwords(settings)
+    authorization = nats_authorization(passwords)
     for i in range(nodes):
         _write(
             layout.nats_dir / f"n{i}.conf",
@@ -210,8 +307,10 @@ def render(settings: Settings, layout: Layout) -> None:
                     "cluster_port": settings.nats_cluster_port + i,
                     "routes": routes,
                     "store_dir": layout.nats_dir / f"n{i}",
+                    "authorization": authorization,
                 },
             ),
+            private=passwords is not None,
         )
 
     # nginx.
@@ -261,6 +360,8 @@ def render(settings: Settings, layout: Layout) -> None:
                 "root": layout.root,
                 "base_port": settings.base_port,
                 "environment": _supervisor_env(stack_env(settings, layout)),
+                "api_environment": _program_env(settings, "api"),
+                "gateway_environment": _program_env(settings, "gateway"),
                 "nats_server": nats_server_binary(),
                 "nats_dir": layout.nats_dir,
                 "nats_nodes": nodes,
@@ -275,4 +376,5 @@ def render(settings: Settings, layout: Layout) -> None:
                 "conf_dir": layout.var,
             },
         ),
+        private=passwords is not None,
     )

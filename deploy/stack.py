@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from deploy.render import STACK_MARKER, Layout, nginx_binary, render, stack_env
+from shared.natsio import PASSWORD_ENV, Role, ensure_dev_credentials
 from shared.settings import DEFAULT_DEMO_PASSWORD, Settings
 
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
@@ -219,9 +220,17 @@ def _nats_healthy(settings: Settings) -> bool:
     )
 
 
+def _only_role(env: dict[str, str], role: Role | None) -> dict[str, str]:
+    """`env` without the NATS passwords of every role but `role`."""
+    keep = PASSWORD_ENV[role] if role else None
+    return {k: v for k, v in env.items() if k == keep or k not in PASSWORD_ENV.values()}
+
+
 def _run_admin(layout: Layout, env: dict[str, str], *args: str, deadline: float) -> None:
-    """`python -m http_api <args>`, retried until the deadline (NATS may still elect)."""
+    """`python -m http_api <args>`, retried until the deadline (NATS may still elect); as
+    the NATS user `provision`, with no other role's password."""
     cmd = [sys.executable, "-m", "http_api", *args]
+    env = _only_role(env, "provision")
     while True:
         remaining = max(1.0, deadline - time.monotonic())
         try:
@@ -316,6 +325,9 @@ def _preflight(settings: Settings, layout: Layout) -> dict[str, str]:
         print(f"ending processes left by an earlier run of this stack: {leftovers}")
         _end(leftovers)
     _check_ports_free(settings)
+    # NATS users' passwords before the NATS config that lists them: generated once into
+    # VAR_DIR in dev; in production every role's password must be set (refused otherwise).
+    ensure_dev_credentials(settings)
     render(settings, layout)
     if not settings.production:
         from shared.auth import ensure_dev_keys
@@ -340,7 +352,11 @@ def start(settings: Settings, layout: Layout, timeout: float) -> int:
         )
         return 0
     env = _preflight(settings, layout)
-    subprocess.run([SUPERVISORD, "-c", str(layout.supervisord_conf)], env=env, check=True)
+    # supervisord (and so every program) gets no role's password: each program has its own
+    # in the rendered config.
+    subprocess.run(
+        [SUPERVISORD, "-c", str(layout.supervisord_conf)], env=_only_role(env, None), check=True
+    )
     deadline = time.monotonic() + timeout
     try:
         _poll("supervisord", lambda: supervisord_running(layout), deadline)
@@ -362,7 +378,9 @@ def run(settings: Settings, layout: Layout, timeout: float) -> int:
     if supervisord_running(layout):
         raise StackError("the stack is already running in the background: `make stop` first")
     env = _preflight(settings, layout)
-    proc = subprocess.Popen([SUPERVISORD, "-n", "-c", str(layout.supervisord_conf)], env=env)
+    proc = subprocess.Popen(
+        [SUPERVISORD, "-n", "-c", str(layout.supervisord_conf)], env=_only_role(env, None)
+    )
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
 
 import nats
 from nats.aio.client import Client as NATS
@@ -13,6 +18,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from shared import kvwire
 from shared.settings import Settings
 
 log = logging.getLogger("shared.natsio")
@@ -49,15 +55,133 @@ STREAMS: tuple[Stream, ...] = (
 )
 
 
+# ---------------------------------------------------------------- credentials
+
+# One NATS user per role, each with its own subject permissions (deploy/render.py):
+# gateway (reads, consumers), api (writes), provision (creates streams and buckets).
+Role = Literal["gateway", "api", "provision"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
+def role_of(name: str) -> Role | None:
+    """The role of a connection by its name: `ws_gateway:<port>`, `http_api`, and the admin
+    CLI `http_api-admin` (provision, seed users); any other name has none."""
+    if name.startswith("ws_gateway"):
+        return "gateway"
+    if name.startswith("http_api-admin"):
+        return "provision"
+    if name.startswith("http_api"):
+        return "api"
+    return None
+
+
+def dev_credentials_path(settings: Settings) -> Path:
+    return Path(settings.var_dir) / "nats" / "credentials.json"
+
+
+# The setting (environment variable) holding each role's password.
+PASSWORD_ENV: dict[Role, str] = {
+    "gateway": "NATS_GATEWAY_PASSWORD",
+    "api": "NATS_API_PASSWORD",
+    "provision": "NATS_PROVISION_PASSWORD",
+}
+
+
+def configured_passwords(settings: Settings) -> dict[Role, str]:
+    """Each role's password as set in the settings ("" where unset)."""
+    return {
+        "gateway": settings.nats_gateway_password,
+        "api": settings.nats_api_password,
+        "provision": settings.nats_provision_password,
+    }
+
+
+def _read_dev_credentials(path: Path) -> dict[Role, str] | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(r), str) for r in ROLES):
+        raise SystemExit(f"{path} is not a NATS credentials file: delete it to regenerate")
+    return {r: str(raw[r]) for r in ROLES}
+
+
+def ensure_dev_credentials(settings: Settings) -> dict[Role, str]:
+    """Generate one password per role into <var_dir>/nats/credentials.json (0600) on first
+    use, like the dev JWT keys; a role's password set in the settings wins. Never in
+    production: there every role's password comes from the settings."""
+    configured = configured_passwords(settings)
+    if settings.production:
+        missing = [PASSWORD_ENV[r] for r in ROLES if not configured[r]]
+        if missing:
+            raise SystemExit("refusing to start in production: set " + ", ".join(missing))
+        return configured
+    path = dev_credentials_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = _read_dev_credentials(path)
+        if stored is None:
+            stored = {r: secrets.token_urlsafe(24) for r in ROLES}
+            tmp = path.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.chmod(0o600)
+            tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(path)
+    return {r: configured[r] or stored[r] for r in ROLES}
+
+
+def role_passwords(settings: Settings) -> dict[Role, str] | None:
+    """Every role's password, as the NATS server is configured with them; None: no NATS
+    auth (nothing set and no dev credentials file: the test suite's own nats-server)."""
+    configured = configured_passwords(settings)
+    if all(configured.values()):
+        return configured
+    stored = None if settings.production else _read_dev_credentials(dev_credentials_path(settings))
+    if stored is None:
+        if any(configured.values()):
+            missing = [PASSWORD_ENV[r] for r in ROLES if not configured[r]]
+            raise SystemExit(
+                "invalid settings: set every role's password or none: " + ", ".join(missing)
+            )
+        return None
+    return {r: configured[r] or stored[r] for r in ROLES}
+
+
+def credentials(settings: Settings, role: Role | None) -> tuple[str, str] | None:
+    """(user, password) this connection presents: NATS_USER/NATS_PASSWORD if set, else its
+    role's password (settings, or the dev credentials file); None: connect without."""
+    if settings.nats_user:
+        return settings.nats_user, settings.nats_password
+    if role is None:
+        return None
+    password = configured_passwords(settings)[role]
+    if not password and not settings.production:
+        stored = _read_dev_credentials(dev_credentials_path(settings))
+        password = stored[role] if stored else ""
+    if not password:
+        if settings.production:
+            raise SystemExit(f"refusing to start in production: set {PASSWORD_ENV[role]}")
+        return None
+    return role, password
+
+
+# ---------------------------------------------------------------- connection
+
+
 async def connect(
     settings: Settings,
     name: str,
     *,
+    role: Role | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     connect_timeout: float = 30.0,
 ) -> NATS:
-    """Connect to any of the configured servers; once connected, reconnect forever."""
+    """Connect to any of the configured servers; once connected, reconnect forever.
+
+    As `role` (default: by `name`, `role_of`) when credentials are configured."""
+    user, password = credentials(settings, role or role_of(name)) or (None, None)
 
     # While NATS is down every reconnect attempt (each 0.5 s) reports an error: one line
     # for the first of a kind, then a count when the link is back, not 240 lines a minute.
@@ -104,6 +228,8 @@ async def connect(
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,
+                user=user,
+                password=password,
             )
         except Exception as e:
             if asyncio.get_running_loop().time() > deadline:
@@ -124,29 +250,112 @@ async def settle(nc: NATS, timeout: float = 5.0) -> None:
     await nc.flush(timeout=int(max(1, timeout)))
 
 
-async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Create every bucket and stream of ARCHITECTURE.md; safe to run any number of times."""
-    replicas = settings.nats_replicas
+async def _follow_ttl(js: JetStreamContext, b: Bucket) -> None:
+    """An existing bucket's TTL follows the settings (auth_revoked: TOKEN_TTL + 60): a TTL
+    kept from the bucket's creation would forget revocations of tokens still valid. No
+    request when it has it already; the config travels as the server's JSON (as in
+    `_apply_limits`), so fields nats-py does not know stay."""
+    assert b.ttl is not None
+    stream = kvwire.stream_of(b.name)
+    info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}")
+    config: dict[str, object] = info["config"]
+    want = int(b.ttl * 1e9)
+    old = config.get("max_age")
+    if old == want:
+        return
+    if isinstance(old, int) and old > want:
+        # Tokens issued under the longer TTL outlive revocations kept for the shorter one.
+        log.warning(
+            "bucket ttl lowered",
+            extra={"event": "bucket_ttl_lowered", "bucket": b.name, "old": old, "new": want},
+        )
+    window = config.get("duplicate_window")
+    config["max_age"] = want
+    config["duplicate_window"] = min(window, want) if isinstance(window, int) and window else want
+    await js._api_request(f"{js._prefix}.STREAM.UPDATE.{stream}", json.dumps(config).encode())
+    log.info(
+        "bucket ttl updated",
+        extra={"event": "bucket_ttl_updated", "bucket": b.name, "old": old, "new": want},
+    )
+
+
+def limits(settings: Settings) -> dict[str, dict[str, int]]:
+    """The storage limits of every stream (bucket `b` is the stream `KV_b`), as fields of
+    JetStream's stream config (`max_age` in nanoseconds; 0 = none). A full bucket refuses
+    writes (KV discards new); a full stream drops its oldest messages."""
+    out: dict[str, dict[str, int]] = {}
     for b in buckets(settings):
+        auth = b.name.startswith("auth_")
+        out[kvwire.stream_of(b.name)] = {
+            "max_bytes": settings.nats_auth_max_bytes if auth else settings.nats_data_max_bytes,
+            "max_msg_size": settings.nats_max_value_bytes,
+            "max_msgs_per_subject": b.history,
+            "max_consumers": settings.nats_max_consumers,
+        }
+    ages = {"chat": settings.nats_chat_max_age, "audit": settings.nats_audit_max_age}
+    for s in STREAMS:
+        out[s.name] = {
+            "max_bytes": settings.nats_stream_max_bytes,
+            "max_msg_size": settings.nats_max_value_bytes,
+            "max_consumers": settings.nats_max_consumers,
+            "max_age": int(ages.get(s.name, s.max_age or 0.0) * 1e9),
+        }
+    return out
+
+
+async def _apply_limits(js: JetStreamContext, stream: str, want: dict[str, int]) -> None:
+    """Bring an existing stream to these limits; no request when it has them already (so
+    the API, whose NATS user may not update streams, can run `provision` after the admin
+    CLI). The config travels as the server's JSON, so fields nats-py does not know stay."""
+    info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}")
+    config: dict[str, object] = info["config"]
+    changed = {k: v for k, v in want.items() if config.get(k) != v}
+    if not changed:
+        return
+    old = {k: config.get(k) for k in changed}
+    config.update(changed)
+    await js._api_request(f"{js._prefix}.STREAM.UPDATE.{stream}", json.dumps(config).encode())
+    log.info(
+        "stream limits updated",
+        extra={"event": "limits_updated", "stream": stream, "old": old, "new": changed},
+    )
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> None:
+    """Create every bucket and stream of ARCHITECTURE.md, with the limits of the settings
+    (`limits`), and bring existing ones to them; safe to run any number of times."""
+    replicas = settings.nats_replicas
+    caps = limits(settings)
+    for b in buckets(settings):
+        cap = caps[kvwire.stream_of(b.name)]
         config = api.KeyValueConfig(
             bucket=b.name,
             history=b.history,
             ttl=b.ttl,
             replicas=replicas,
             storage=api.StorageType.FILE,
+            max_bytes=cap["max_bytes"],
+            max_value_size=cap["max_msg_size"],
         )
         try:
             await js.key_value(b.name)
         except BucketNotFoundError:
             await js.create_key_value(config)
             log.info("created bucket %s", b.name)
+            continue
+        if b.ttl is not None:
+            await _follow_ttl(js, b)
     for s in STREAMS:
+        cap = caps[s.name]
         config2 = api.StreamConfig(
             name=s.name,
             subjects=list(s.subjects),
             num_replicas=replicas,
             storage=api.StorageType.FILE,
-            max_age=s.max_age,
+            max_age=cap["max_age"] / 1e9 or None,
+            max_bytes=cap["max_bytes"],
+            max_msg_size=cap["max_msg_size"],
+            max_consumers=cap["max_consumers"],
             duplicate_window=120.0,  # the Idempotency-Key window of chat.send
         )
         try:
@@ -154,3 +363,5 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         except NotFoundError:
             await js.add_stream(config2)
             log.info("created stream %s", s.name)
+    for stream, want in caps.items():
+        await _apply_limits(js, stream, want)

@@ -16,6 +16,8 @@ import nats
 import pytest
 
 from deploy import stack as ops
+from shared import natsio
+from shared.settings import Settings
 from tests.deploy.stackrun import Stack, chat_send, chat_send_acked, login, nats_node_down
 from tests.deploy.test_restart import ResumingReader
 from tests.reliability.conftest import Figures, Secrets
@@ -149,8 +151,14 @@ def _keep_logs(stack: Stack, tmp_path: Path, secrets_seen: Secrets) -> None:
             secrets_seen.extra_logs.append(p)
 
 
-async def _leader(urls: list[str], stream: str) -> str:
-    nc = await nats.connect(servers=urls, connect_timeout=2)
+async def _nats(s: Settings, **options: Any) -> nats.NATS:
+    """A client of the stack's NATS as the admin CLI's user (NATS asks for credentials)."""
+    user, password = natsio.credentials(s, "provision") or (None, None)
+    return await nats.connect(servers=list(s.nats_url), user=user, password=password, **options)
+
+
+async def _leader(s: Settings, stream: str) -> str:
+    nc = await _nats(s, connect_timeout=2)
     try:
         info = await nc.jetstream(timeout=5).stream_info(stream)
         assert info.cluster is not None and info.cluster.leader
@@ -168,7 +176,6 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
     stack.start()
     kills = 4
     s, layout = stack.settings, stack.layout
-    urls = list(s.nats_url)
     acked_articles: dict[str, str] = {}
     acked_chat: dict[int, str] = {}
     attempts = 0
@@ -213,7 +220,7 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
             await write(10)
             for k in range(kills):
                 stream = "KV_articles" if k % 2 == 0 else "chat"
-                leader = await _leader(urls, stream)
+                leader = await _leader(s, stream)
                 async with nats_node_down(s, layout, int(leader[1:]), rejoin_timeout=60):
                     outages.append(await write(10))
                 await write(5)
@@ -225,7 +232,7 @@ async def test_cluster_leader_kills_lose_no_acknowledged_write(
                         lost_articles.append(aid)
             async with http.get("/api/articles", headers=h) as resp:
                 titles = [a["title"] for a in (await resp.json())["items"]]
-        nc = await nats.connect(servers=urls)
+        nc = await _nats(s)
         try:
             js = nc.jetstream(timeout=5)
             lost_chat = []
