@@ -36,7 +36,7 @@ DEMO_USER_CAPABILITIES = Capabilities(
         "todos.delete",
     ],
 )
-# Everything, `users.manage` included.
+# Everything, `users.manage` and `articles.moderate` (others' articles) included.
 ADMIN_CAPABILITIES = Capabilities(
     subjects=[">"], buckets={"*": [">"]}, streams={"*": [">"]}, commands=[">"]
 )

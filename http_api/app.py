@@ -34,12 +34,13 @@ from http_api.state import (
     SETTINGS,
     STORE,
     VERIFIER,
+    WRITES_BY_USER,
     Handler,
     Route,
 )
 from http_api.store import Store
 from shared import natsio
-from shared.auth import TokenIssuer, TokenVerifier
+from shared.auth import TokenIssuer, TokenVerifier, session_cookie_name
 from shared.settings import Settings
 
 log = logging.getLogger("http_api.app")
@@ -85,12 +86,15 @@ def create_app(
     app[VERIFIER] = TokenVerifier.from_settings(settings)
     app[LOGIN_BY_USER] = RateLimiter(settings.login_attempts_per_minute)
     app[LOGIN_BY_ADDRESS] = RateLimiter(settings.login_attempts_per_minute * ADDRESS_LIMIT_FACTOR)
+    app[WRITES_BY_USER] = RateLimiter(
+        settings.api_writes_per_minute, burst=settings.api_writes_burst
+    )
     table: dict[Handler, Route] = {}
     for route in ROUTE_TABLE:
         app.router.add_route(route.method, route.path, route.handler)
         table[route.handler] = route
     app[ROUTES] = table
-    app[OPENAPI] = openapi.encoded(ROUTE_TABLE)
+    app[OPENAPI] = openapi.encoded(ROUTE_TABLE, session_cookie_name(settings))
     app.cleanup_ctx.append(nats_context)
     app.on_shutdown.append(_draining)
     return app

@@ -11,6 +11,8 @@ from http_api.state import Principal
 from shared.capabilities import Decision
 
 USERS_MANAGE = "users.manage"
+# Update or delete any article, not only one's own (with articles.update / articles.delete).
+ARTICLES_MODERATE = "articles.moderate"
 
 
 def _require(decision: Decision) -> Decision:

@@ -6,6 +6,9 @@
 | `http_api_request_duration_seconds` | histogram | `method`, `route` |
 | `http_api_login_failures_total` | counter | `reason` (`credentials`, `disabled`, `rate_limited`) |
 | `http_api_event_failures_total` | counter | `kind` (`event`, `audit`) |
+
+`method` is GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or `other`: clients choose it, and
+each distinct value would be a series for the life of the process.
 """
 
 from __future__ import annotations

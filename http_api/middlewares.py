@@ -1,19 +1,24 @@
 """Request pipeline: problem JSON + metrics + one log line (outermost), then auth.
 
-Auth accepts `Authorization: Bearer <jwt>` or the `session` cookie (the bearer header wins
-when both are present). A token must verify, must not be revoked (`auth_revoked` has its
-jti) and must name an existing user (else 401); a disabled user gets 403. A
-cookie-authenticated unsafe request must carry an `Origin` in `settings.allowed_origins`
-(CSRF); bearer requests need none, since a cross-site page cannot set that header.
+Auth accepts `Authorization: Bearer <jwt>` or the session cookie (`session`, or
+`__Host-session` with COOKIE_SECURE; the bearer header wins when both are present). A token
+must verify, must not be revoked (`auth_revoked` has its jti) and must name an existing user
+(else 401); a disabled user gets 403. A cookie-authenticated unsafe request must carry an
+`Origin` in `settings.allowed_origins` (CSRF); bearer requests need none, since a cross-site
+page cannot set that header. Every authenticated unsafe request is then charged to the
+user's write budget (`api_writes_per_minute`, `api_writes_burst`, per process): beyond it
+429 + Retry-After, before the handler runs, so a refused write changes nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import time
 
 from aiohttp import hdrs, web
+from nats.js.errors import APIError
 
 from http_api import problems
 from http_api.problems import Problem
@@ -21,19 +26,26 @@ from http_api.state import (
     METRICS,
     PRINCIPAL,
     ROUTES,
+    SAFE_METHODS,
     SETTINGS,
     STORE,
     VERIFIER,
+    WRITES_BY_USER,
     Handler,
     Principal,
 )
-from shared.auth import bearer_token
+from shared.auth import bearer_token, session_cookie_name
 from shared.errors import InvalidToken
 from shared.users import compile_or_nothing
 
 log = logging.getLogger("http_api.access")
-SESSION_COOKIE = "session"
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The metrics' `method` label: the client chooses the method, and every distinct label value
+# is a new series kept for the life of the process.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
 
 
 def route_label(request: web.Request) -> str:
@@ -54,6 +66,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise problems.from_http_exception(e) from None
     except Problem as p:
         response = problems.response(p)
+    except APIError as e:
+        # A server-side limit or outage, never the client's fault: 507 or 503, logged.
+        log.warning(
+            "jetstream refused",
+            extra={"route": route_label(request), "err_code": e.err_code, "code": e.code},
+        )
+        response = problems.response(problems.from_jetstream(e))
     except Exception:
         log.exception(
             "unhandled error",
@@ -63,8 +82,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     elapsed = time.perf_counter() - start
     route = route_label(request)
     metrics = request.app[METRICS]
-    metrics.requests.labels(request.method, route, str(response.status)).inc()
-    metrics.latency.labels(request.method, route).observe(elapsed)
+    method = method_label(request.method)
+    metrics.requests.labels(method, route, str(response.status)).inc()
+    metrics.latency.labels(method, route).observe(elapsed)
     who = request.get(PRINCIPAL)
     log.info(
         "%s %s %d",
@@ -91,7 +111,7 @@ def bearer_or_cookie(request: web.Request) -> tuple[str | None, bool]:
         if token is None:
             raise Problem(401, "Authorization must be 'Bearer <token>'")
         return token, False
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = request.cookies.get(session_cookie_name(request.app[SETTINGS]))
     return (cookie, True) if cookie else (None, False)
 
 
@@ -136,16 +156,33 @@ async def authenticate(request: web.Request) -> Principal:
     if found is None:
         raise Problem(401, "user no longer exists", headers={"WWW-Authenticate": "Bearer"})
     user = found.value
-    if user.disabled:
+    if user.disabled:  # said as such, before the logout-everywhere mark a disable also sets
         raise Problem(403, "user is disabled", slug="user_disabled")
+    if claims.iat < await store.revoked_before(user.id):
+        raise Problem(401, "token revoked", headers={"WWW-Authenticate": "Bearer"})
     if via_cookie and request.method not in SAFE_METHODS:
         check_origin(request)
     return Principal(user, compile_or_nothing(user), claims, via_cookie)
+
+
+def charge_write(request: web.Request, p: Principal) -> None:
+    """429 + Retry-After when the user's write budget in this process is spent."""
+    wait = request.app[WRITES_BY_USER].hit(p.user.id, time.monotonic())
+    if wait > 0:
+        log.warning("write rate limited", extra={"event": "write_rate_limited", "user": p.user.id})
+        raise Problem(
+            429,
+            "too many changes; retry later",
+            headers={hdrs.RETRY_AFTER: str(max(1, math.ceil(wait)))},
+        )
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.app[ROUTES].get(request.match_info.handler)
     if route is not None and route.auth:
-        request[PRINCIPAL] = await authenticate(request)
+        p = await authenticate(request)
+        request[PRINCIPAL] = p
+        if route.counts_as_write:
+            charge_write(request, p)
     return await handler(request)

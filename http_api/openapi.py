@@ -28,7 +28,18 @@ def _content(ct: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {ct: {"schema": schema}}
 
 
-def build(routes: list[Route]) -> dict[str, Any]:
+# Every 429 we send says when to retry (whole seconds, at least 1).
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+    }
+}
+
+
+def build(routes: list[Route], cookie_name: str = "session") -> dict[str, Any]:
+    """The document; `cookie_name`: the session cookie's (`shared.auth.session_cookie_name`)."""
     types: list[Any] = [ProblemBody]
     for r in routes:
         for t in (
@@ -59,7 +70,7 @@ def build(routes: list[Route]) -> dict[str, Any]:
         ]
         for where, items in (("query", r.query), ("header", r.headers)):
             for q in items:
-                s: dict[str, Any] = {"type": "string"}
+                s: dict[str, Any] = dict(q.schema) if q.schema else {"type": "string"}
                 if q.enum:
                     s["enum"] = list(q.enum)
                 params.append(
@@ -77,8 +88,12 @@ def build(routes: list[Route]) -> dict[str, Any]:
                 r.response_content_type, schema(r.response, r.extra.get("response_variants", ()))
             )
         responses: dict[str, Any] = {str(r.status): ok}
-        for status in sorted({*r.errors, 500}):
+        # A write may meet the caller's write budget (middlewares.charge_write).
+        statuses = {*r.errors, 500, *((429, 507) if r.counts_as_write else ())}
+        for status in sorted(statuses):
             responses[str(status)] = {"description": DEFAULTS[status][1], "content": problem}
+            if status == 429:
+                responses[str(status)]["headers"] = _RETRY_AFTER
         op: dict[str, Any] = {
             "operationId": r.handler.__name__,
             "summary": r.summary,
@@ -109,11 +124,11 @@ def build(routes: list[Route]) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "session"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": cookie_name},
             },
         },
     }
 
 
-def encoded(routes: list[Route]) -> bytes:
-    return msgspec.json.encode(build(routes))
+def encoded(routes: list[Route], cookie_name: str = "session") -> bytes:
+    return msgspec.json.encode(build(routes, cookie_name))

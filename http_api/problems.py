@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 from aiohttp import web
+from nats.js.errors import APIError
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:natsgate:problem:"
@@ -36,6 +37,7 @@ DEFAULTS: dict[int, tuple[str, str]] = {
     502: ("bad_gateway", "Bad gateway"),
     503: ("unavailable", "Service unavailable"),
     504: ("timeout", "Gateway timeout"),
+    507: ("storage_full", "Insufficient storage"),
 }
 
 
@@ -104,3 +106,14 @@ def response(problem: Problem) -> web.Response:
     for k, v in problem.headers.items():
         resp.headers[k] = v
     return resp
+
+
+# JetStream's codes for a full account, stream or bucket (nats-server's errors.json).
+STORAGE_FULL = frozenset({10002, 10023, 10026, 10028, 10047, 10077})
+
+
+def from_jetstream(e: APIError) -> Problem:
+    """A JetStream refusal that reached the edge: storage full (507) or unavailable (503)."""
+    if e.err_code in STORAGE_FULL:
+        return Problem(507, "storage is full: nothing was written")
+    return Problem(503, "JetStream is unavailable: retry later", headers={"Retry-After": "1"})

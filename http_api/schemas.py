@@ -14,14 +14,15 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.capabilities import Capabilities
-from shared.users import USER_ID_RE, USERNAME_RE, UserRecord
+from shared.users import USERNAME_RE, UserRecord
 
 MAX_TITLE = 200
 MAX_ARTICLE_BODY_BYTES = 100 * 1024
 
-# One NATS token that is also a valid KV key: ids, rooms, todo item ids.
+# One NATS token that is also a valid KV key: article ids, rooms, todo item ids (user ids
+# are narrower: USER_ID_RE has no `_`).
 # `(?!\n)$`: a bare `$` also matches before a trailing newline (msgspec uses re.search).
-TOKEN_PATTERN = USER_ID_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 # The document's regex dialect is ECMA-262, which has no `\Z`: the same anchor as TOKEN_PATTERN.
 USERNAME_PATTERN = USERNAME_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="letters, digits, '_' or '-'")]
@@ -70,6 +71,18 @@ class UserCreate(_In):
     display_name: DisplayName = ""
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     disabled: bool = False
+    # Checked by the handler (400), not here: USER_ID_RE is the rule, and an id the gateway
+    # could confuse with another user's is refused like any other malformed name.
+    id: (
+        Annotated[
+            str,
+            Meta(
+                description="keep an id given by another system (1-64 letters, digits or "
+                "'-'; no '_'); default: a new one, 'u' + 16 hex"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class UserUpdate(_In, omit_defaults=True):
@@ -131,6 +144,10 @@ class ArticleOut(Article):
 
 class ArticleList(Struct):
     items: list[ArticleOut]
+    next_cursor: Annotated[
+        str | None,
+        Meta(description="pass as `cursor` for the next page; null on the last page"),
+    ] = None
 
 
 class Deleted(Struct):

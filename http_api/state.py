@@ -28,12 +28,17 @@ from shared.users import UserRecord
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Methods that change nothing: no CSRF check, no write budget.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @dataclass(frozen=True, slots=True)
 class QueryParam:
     name: str
     description: str
     required: bool = False
     enum: tuple[str, ...] | None = None
+    schema: dict[str, Any] | None = None  # the OpenAPI schema; default a string (or enum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,11 @@ class Route:
     headers: tuple[QueryParam, ...] = ()
     response_content_type: str = "application/json"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def counts_as_write(self) -> bool:
+        """Charged to the caller's write budget (`api_writes_per_minute`): may answer 429."""
+        return self.auth and self.method not in SAFE_METHODS
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +87,7 @@ ISSUER = web.AppKey("issuer", TokenIssuer)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 LOGIN_BY_USER = web.AppKey("login_by_user", RateLimiter)
 LOGIN_BY_ADDRESS = web.AppKey("login_by_address", RateLimiter)
+WRITES_BY_USER = web.AppKey("writes_by_user", RateLimiter)
 ROUTES = web.AppKey("routes", dict[Handler, Route])
 # Set up by the NATS cleanup context:
 NC = web.AppKey("nc", NATS)

@@ -8,11 +8,15 @@ writers holding the same revision can never both succeed.
      └── StoreError
           ├── Conflict    the key's revision is not the expected one
           └── Exists      create of a key that already exists
+               └── IdTaken    create_user with the id of another user
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -27,6 +31,8 @@ from shared import kvwire
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
+    USER_ID_RE,
+    USER_MARK,
     USERS_BUCKET,
     Credential,
     UserRecord,
@@ -51,6 +57,10 @@ class Conflict(StoreError):
 
 class Exists(StoreError):
     """The key already exists."""
+
+
+class IdTaken(Exists):
+    """A new user's id is already another user's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +89,39 @@ class _Bucket(Generic[T]):
         if entry.value is None or entry.revision is None:
             return None
         return Versioned(self._decoder.decode(entry.value), entry.revision)
+
+    async def values(self, keys: Sequence[str]) -> list[tuple[str, Versioned[T]]]:
+        """The current values of `keys`, read concurrently, in the same order; a key deleted
+        since it was listed, or holding an undecodable value, is left out."""
+
+        async def one(key: str) -> Versioned[T] | None:
+            try:
+                return await self.get(key)
+            except msgspec.DecodeError:
+                log.warning(
+                    "undecodable value skipped",
+                    extra={"event": "kv_bad_value", "bucket": self.name, "key": key},
+                )
+                return None
+
+        found = await asyncio.gather(*(one(key) for key in keys))
+        return [(key, v) for key, v in zip(keys, found, strict=True) if v is not None]
+
+    async def keys(self) -> list[str]:
+        """Every live key, sorted. Headers only: NATS sends no values, so this costs the key
+        strings (one message each), whatever the values weigh."""
+        watcher = await self._kv.watchall(ignore_deletes=True, meta_only=True)
+        out: list[str] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=10.0)  # type: ignore[no-untyped-call]
+                if entry is None:  # every current key is delivered
+                    break
+                out.append(entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        out.sort()
+        return out
 
     async def list(self) -> list[tuple[str, Versioned[T]]]:
         """Every live key with its latest value, in key order."""
@@ -154,11 +197,15 @@ class Store:
 
     async def create_user(self, user: UserRecord, password_hash: str) -> int:
         """Credentials first (KV create: usernames are unique), then the record."""
+        if not USER_ID_RE.fullmatch(user.id):  # every path that creates users comes here
+            raise ValueError(f"invalid user id {user.id!r}")
         await self.credentials.create(user.username, Credential(user.id, password_hash))
         try:
             return await self.users.create(user.id, user)
-        except Exception:
+        except Exception as e:
             await self.credentials.delete(user.username)
+            if isinstance(e, Exists):
+                raise IdTaken(user.id) from None
             raise
 
     async def set_password(self, user: UserRecord, password_hash: str) -> int:
@@ -181,12 +228,44 @@ class Store:
         """Key = jti, value = expiry (Unix seconds, as text); the bucket's TTL forgets it."""
         return await self._revoked.put(jti, str(exp).encode())
 
+    async def rotate(self, jti: str, exp: int, grace_until: int) -> int:
+        """A refreshed token: revoked for new uses now; sockets using it may go on until
+        `grace_until` (Unix seconds) to send their own refresh (value `<exp> <grace>`)."""
+        return await self._revoked.put(jti, f"{exp} {grace_until}".encode())
+
     async def is_revoked(self, jti: str) -> bool:
         try:
             await self._revoked.get(jti)
         except KeyNotFoundError:
             return False
         return True
+
+    async def revoked_before(self, uid: str) -> int:
+        """T of the user's mark (every token with iat < T is revoked); 0 when none."""
+        try:
+            entry = await self._revoked.get(USER_MARK + uid)
+        except KeyNotFoundError:
+            return 0
+        try:
+            return int(entry.value or b"0")
+        except ValueError:
+            log.warning("malformed revocation mark", extra={"event": "revocation_mark_bad"})
+            return 0
+
+    async def revoke_all(self, uid: str) -> int:
+        """Revoke every token of `uid` issued so far, in the API and in every gateway (their
+        sockets are closed 4401). T is the next whole second, so that a token issued in
+        this second is covered; returns T."""
+        mark = max(int(time.time()) + 1, await self.revoked_before(uid))
+        await self._revoked.put(USER_MARK + uid, str(mark).encode())
+        log.info("tokens revoked", extra={"event": "tokens_revoked", "user": uid})
+        return mark
+
+    async def token_revoked(self, jti: str, uid: str, iat: int) -> bool:
+        """The token id is revoked, or the user's mark postdates the token."""
+        if await self.is_revoked(jti):
+            return True
+        return iat < await self.revoked_before(uid)
 
     # ------------------------------------------------------------ health
 

@@ -8,6 +8,7 @@ extensions we do not understand (`crit`).
 from __future__ import annotations
 
 import fcntl
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -42,6 +43,26 @@ class Claims:
     exp: int
 
 
+def session_cookie_name(settings: Settings) -> str:
+    """The session cookie's name, for the API (sets it) and the gateway (reads it).
+
+    With `COOKIE_SECURE` it is `__Host-session`: browsers accept that name only with Secure,
+    Path=/ and no Domain, so a sibling subdomain cannot plant (toss) a session of its own.
+    """
+    return "__Host-session" if settings.cookie_secure else "session"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Created 0600 by open(2) itself: no moment at which another local user could open it.
+    # A leftover from a crashed run is removed first, and O_EXCL refuses whatever appears
+    # at the path meanwhile (a symlink included), so an fd opened earlier on an old, more
+    # readable file never sees the new key.
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def ensure_dev_keys(settings: Settings) -> None:
     """Generate a dev key pair on first use (never in production)."""
     priv, pub = settings.private_key_path, settings.public_key_path
@@ -58,14 +79,14 @@ def ensure_dev_keys(settings: Settings) -> None:
             return
         key = Ed25519PrivateKey.generate()
         tmp = priv.with_suffix(".tmp")
-        tmp.write_bytes(
+        _write_private(
+            tmp,
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
-            )
+            ),
         )
-        tmp.chmod(0o600)
         pub_tmp = pub.with_name(pub.name + ".tmp")
         pub_tmp.write_bytes(
             key.public_key().public_bytes(

@@ -34,13 +34,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# Control characters (C0, DEL, C1) and Unicode line/paragraph separators, as escapes:
+# a client-chosen string (a close reason, a method, a header) must not start a line of its own.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def escape(text: str) -> str:
+    """`text` on one line: control characters become backslash escapes (`\\n`, `\\x1b`)."""
+    return text.translate(_ESCAPES)
+
+
 class PrettyFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        line = f"{ts} {record.levelname:<7} {record.name}: {record.getMessage()} {extra}".rstrip()
+        extra = " ".join(f"{escape(k)}={escape(str(v))}" for k, v in _fields(record).items())
+        msg = escape(record.getMessage())
+        line = f"{ts} {record.levelname:<7} {record.name}: {msg} {extra}".rstrip()
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # A traceback spans lines by nature; each is indented, so none can pass for a
+            # record (records start with the time at column 0), and each is escaped.
+            tb = self.formatException(record.exc_info)
+            line += "".join(f"\n  {escape(t)}" for t in tb.splitlines())
         return line
 
 

@@ -14,8 +14,14 @@ log = logging.getLogger("shared.users")
 USERS_BUCKET = "auth_users"
 CREDENTIALS_BUCKET = "auth_credentials"  # key = username → Credential; never exposed
 REVOKED_BUCKET = "auth_revoked"  # key = token jti → expiry; never exposed
+# The auth_revoked key of a user's "every token issued before T is revoked" mark. Token
+# ids (secrets.token_urlsafe) never contain a dot, so it cannot collide with one.
+USER_MARK = "user."
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # one NATS token and one KV key token
+# One NATS token and one KV key token, without `_`: the gateway names a durable consumer
+# `u_<uid>_<name>` and names may contain `_`, so a uid with one (`u1_x` + `d` against `u1` +
+# `x_d`) would share a durable with another user. Generated ids (`u` + 16 hex) never have it.
+USER_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}\Z")
 
 
 class UserRecord(msgspec.Struct, omit_defaults=False):

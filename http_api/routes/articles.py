@@ -1,20 +1,25 @@
 """Articles in KV `articles` (key = id).
 
 Read: the caller's KV capability on bucket `articles` for that key (the list is filtered
-key by key). Write: commands `articles.create` / `articles.update` / `articles.delete`.
+key by key, and paged: `limit`, `cursor`, `next_cursor`). Create: command `articles.create`.
+Update and delete: command `articles.update` / `articles.delete`, the read capability on
+that key, and being its author, unless the caller also holds `articles.moderate`. Only a
+caller who may change the article learns its revision: every 403 and 404 comes before a 412.
 `ETag` is the KV revision; `If-Match` on PUT/DELETE is enforced by KV's own revision check,
 so of two writers holding the same ETag exactly one wins and the other gets 412.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import secrets
 
 from aiohttp import hdrs, web
 
-from http_api.authz import require_command, require_kv
+from http_api.authz import ARTICLES_MODERATE, require_command, require_kv
 from http_api.bodies import json_response, read_json
 from http_api.events import now
 from http_api.problems import Problem
@@ -27,11 +32,13 @@ from http_api.schemas import (
     ArticleOut,
     Deleted,
 )
-from http_api.state import EVENTS, STORE, QueryParam, Route, principal
+from http_api.state import EVENTS, STORE, Principal, QueryParam, Route, principal
 from http_api.store import ARTICLES_BUCKET, Conflict, Exists, Versioned
 
 log = logging.getLogger("http_api.articles")
 _ID_ATTEMPTS = 3
+DEFAULT_PAGE = 50  # articles per page of GET /api/articles
+MAX_PAGE = 200
 _ID_RE = re.compile(TOKEN_PATTERN)
 
 
@@ -74,21 +81,88 @@ def _article_id(request: web.Request) -> str:
     return aid
 
 
-async def _get(request: web.Request, aid: str, expected: int | None = None) -> Versioned[Article]:
-    """The article; 404 if there is none, 412 if it is not at the `expected` revision."""
+async def _get(request: web.Request, aid: str) -> Versioned[Article]:
+    """The article; 404 if there is none."""
     found = await request.app[STORE].articles.get(aid)
     if found is None:
         raise Problem(404, "no such article")
-    if expected is not None and expected != found.revision:
-        raise Problem(412, f"the article is at revision {found.revision}, not {expected}")
     return found
 
 
+async def _changeable(
+    request: web.Request, p: Principal, command: str
+) -> tuple[str, Versioned[Article]]:
+    """(id, article) that `p` may change with `command`, else 403 or 404 (never 412: the
+    caller learns the revision only through `_check_revision`, after this)."""
+    require_command(p, command)
+    aid = _article_id(request)
+    require_kv(p, ARTICLES_BUCKET, aid)  # decided by the key alone: no existence oracle
+    found = await _get(request, aid)
+    if found.value.author != p.user.id and not p.caps.allows_command(ARTICLES_MODERATE):
+        raise Problem(403, f"only its author, or a holder of {ARTICLES_MODERATE}, may change it")
+    return aid, found
+
+
+def _check_revision(found: Versioned[Article], expected: int | None) -> None:
+    if expected is not None and expected != found.revision:
+        raise Problem(412, f"the article is at revision {found.revision}, not {expected}")
+
+
+def _query_one(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise Problem(400, f"{name} is given more than once")
+    return values[0] if values else None
+
+
+def page_limit(request: web.Request) -> int:
+    raw = _query_one(request, "limit")
+    if raw is None:
+        return DEFAULT_PAGE
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_PAGE):
+        raise Problem(400, f"limit must be an integer from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def encode_cursor(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def decode_cursor(request: web.Request) -> str | None:
+    """The key the page starts after; the cursor is opaque to clients (base64url of a key)."""
+    raw = _query_one(request, "cursor")
+    if raw is None:
+        return None
+    try:
+        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        key = ""
+    if not _ID_RE.fullmatch(key) or encode_cursor(key) != raw:
+        raise Problem(400, "cursor is not one this API returned")
+    return key
+
+
 async def list_articles(request: web.Request) -> web.StreamResponse:
+    """One page, in key order. Cost per request: one headers-only pass over the bucket's keys
+    (the key strings in memory, no values), then one KV get per article on the page (at most
+    MAX_PAGE). A page can hold fewer than `limit` items when articles are deleted meanwhile;
+    `next_cursor` is null on the last page."""
     p = principal(request)
-    rows = await request.app[STORE].articles.list()
-    items = [_out(v.value, v.revision) for key, v in rows if p.caps.allows_kv(ARTICLES_BUCKET, key)]
-    return json_response(ArticleList(items))
+    limit = page_limit(request)
+    after = decode_cursor(request)
+    articles = request.app[STORE].articles
+    page: list[str] = []
+    more = False
+    for key in await articles.keys():
+        if (after is not None and key <= after) or not p.caps.allows_kv(ARTICLES_BUCKET, key):
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(key)
+    items = [_out(v.value, v.revision) for _, v in await articles.values(page)]
+    next_cursor = encode_cursor(page[-1]) if more else None
+    return json_response(ArticleList(items, next_cursor))
 
 
 async def create_article(request: web.Request) -> web.StreamResponse:
@@ -128,12 +202,11 @@ async def get_article(request: web.Request) -> web.StreamResponse:
 
 async def update_article(request: web.Request) -> web.StreamResponse:
     p = principal(request)
-    require_command(p, "articles.update")
-    aid = _article_id(request)
+    aid, found = await _changeable(request, p, "articles.update")
     expected = if_match(request)
     body = await read_json(request, ArticleIn)
     _check_body(body)
-    found = await _get(request, aid, expected)
+    _check_revision(found, expected)
     old = found.value
     article = Article(aid, body.title, body.body, old.author, old.created_at, now())
     try:
@@ -147,9 +220,8 @@ async def update_article(request: web.Request) -> web.StreamResponse:
 
 async def delete_article(request: web.Request) -> web.StreamResponse:
     p = principal(request)
-    require_command(p, "articles.delete")
-    aid = _article_id(request)
-    found = await _get(request, aid, if_match(request))
+    aid, found = await _changeable(request, p, "articles.delete")
+    _check_revision(found, if_match(request))
     try:
         revision = await request.app[STORE].articles.delete(aid, last=found.revision)
     except Conflict:
@@ -166,10 +238,19 @@ ROUTES = [
         "GET",
         "/api/articles",
         list_articles,
-        "Articles the caller may read (KV capability on bucket articles)",
+        "Articles the caller may read (KV capability on bucket articles), one page in id "
+        "order; the next page: the same request with cursor = next_cursor",
         "articles",
         response=ArticleList,
-        errors=(401, 403),
+        errors=(400, 401, 403),
+        query=(
+            QueryParam(
+                "limit",
+                f"articles per page (default {DEFAULT_PAGE})",
+                schema={"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+            ),
+            QueryParam("cursor", "next_cursor of the previous page (opaque)"),
+        ),
     ),
     Route(
         "POST",
@@ -195,7 +276,8 @@ ROUTES = [
         "PUT",
         "/api/articles/{id}",
         update_article,
-        "Replace title and body (articles.update); If-Match → 412 on mismatch",
+        "Replace title and body (articles.update; its author or articles.moderate); "
+        "If-Match → 412 on mismatch",
         "articles",
         body=ArticleIn,
         response=ArticleOut,
@@ -206,7 +288,8 @@ ROUTES = [
         "DELETE",
         "/api/articles/{id}",
         delete_article,
-        "Delete an article (articles.delete); If-Match → 412 on mismatch",
+        "Delete an article (articles.delete; its author or articles.moderate); "
+        "If-Match → 412 on mismatch",
         "articles",
         response=Deleted,
         headers=_IF_MATCH,

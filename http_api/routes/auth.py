@@ -2,8 +2,15 @@
 
 Login answers the same 401 after the same argon2 work for an unknown user and a wrong
 password; it is rate limited per username and per client address (429 + Retry-After).
-Refresh does not revoke the old token: a socket still using it must be able to send its
-`refresh` op first.
+Refresh rotates: the old token id is revoked as the new token is issued, with a grace
+(`token_rotation_grace`) for the gateways only, so that a socket still using it can send
+its `refresh` op first; the API and new handshakes refuse the old token at once.
+
+`auth_revoked` keys: a token id (revokes that token; value `<exp>` or, rotated,
+`<exp> <grace_until>`), and `user.<uid>` = T (Unix seconds, whole): every token of the
+user with `iat < T` is revoked (`revoke_all`: `POST /logout?all=1`, a password change, a
+disable, a capability reset). A token id (`secrets.token_urlsafe`) has no dot, so the two
+never collide. Tokens issued after a mark carry `iat >= T` (see `_issue`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from aiohttp import hdrs, web
 
 from http_api.bodies import json_response, read_json
-from http_api.middlewares import SESSION_COOKIE, check_origin, client_address
+from http_api.middlewares import check_origin, client_address
 from http_api.problems import Problem
 from http_api.schemas import Actor, LoginIn, LoginOut, Me
 from http_api.state import (
@@ -27,26 +34,32 @@ from http_api.state import (
     PASSWORDS,
     SETTINGS,
     STORE,
+    QueryParam,
     Route,
     principal,
 )
+from shared.auth import session_cookie_name
 from shared.capabilities import render
 from shared.users import USERNAME_RE, UserRecord
 
 log = logging.getLogger("http_api.auth")
-
 
 def me_of(user: UserRecord) -> Me:
     """The caller's view: capabilities with `{uid}` substituted (as in `cap_update`)."""
     return Me(user.id, user.username, user.display_name, render(user.capabilities, user.id))
 
 
-def _issue(request: web.Request, user: UserRecord) -> web.Response:
+async def _issue(request: web.Request, user: UserRecord) -> web.Response:
     settings = request.app[SETTINGS]
-    token, claims = request.app[ISSUER].issue(user.id)
+    # Never before the user's mark, or a login right after a password change (in the same
+    # second) would be revoked already. At most a second ahead: within the JWT leeway.
+    mark = await request.app[STORE].revoked_before(user.id)
+    token, claims = request.app[ISSUER].issue(user.id, now=max(time.time(), float(mark)))
     response = json_response(LoginOut(token=token, expires_at=claims.exp, user=me_of(user)))
+    # With COOKIE_SECURE the name is `__Host-session`, which browsers keep only as set here:
+    # Secure, Path=/ and no Domain.
     response.set_cookie(
-        SESSION_COOKIE,
+        session_cookie_name(settings),
         token,
         max_age=claims.exp - claims.iat,
         path="/",
@@ -98,21 +111,42 @@ async def login(request: web.Request) -> web.StreamResponse:
         await store.set_password(user, await passwords.hash(body.password))
     log.info("login", extra={"event": "login", "user": user.id})
     await request.app[EVENTS].audit(Actor(user.id, user.username), "auth", "login", user.id)
-    return _issue(request, user)
+    return await _issue(request, user)
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     p = principal(request)
-    await request.app[STORE].revoke(p.claims.jti, p.claims.exp)
-    log.info("logout", extra={"event": "logout", "user": p.user.id})
-    await request.app[EVENTS].audit(p.actor, "auth", "logout", p.user.id)
+    everywhere = request.query.getall("all", [])
+    if everywhere not in ([], ["0"], ["1"]):
+        raise Problem(400, "all must be 0 or 1, given at most once")
+    store = request.app[STORE]
+    await store.revoke(p.claims.jti, p.claims.exp)
+    if everywhere == ["1"]:
+        await store.revoke_all(p.user.id)
+    log.info("logout", extra={"event": "logout", "user": p.user.id, "all": everywhere == ["1"]})
+    action = "logout_all" if everywhere == ["1"] else "logout"
+    await request.app[EVENTS].audit(p.actor, "auth", action, p.user.id)
     response = web.Response(status=204)
-    response.del_cookie(SESSION_COOKIE, path="/", samesite="Strict")
+    settings = request.app[SETTINGS]
+    # The expiring cookie must meet the same `__Host-` rules, or the browser ignores it.
+    response.del_cookie(
+        session_cookie_name(settings),
+        path="/",
+        secure=settings.cookie_secure,
+        httponly=True,
+        samesite="Strict",
+    )
     return response
 
 
 async def refresh(request: web.Request) -> web.StreamResponse:
-    return _issue(request, principal(request).user)
+    """A new token; the presented one is revoked (rotation), its sockets after the grace."""
+    p = principal(request)
+    response = await _issue(request, p.user)
+    grace_until = int(time.time() + request.app[SETTINGS].token_rotation_grace)
+    await request.app[STORE].rotate(p.claims.jti, p.claims.exp, grace_until)
+    log.info("token refreshed", extra={"event": "token_refreshed", "user": p.user.id})
+    return response
 
 
 async def me(request: web.Request) -> web.StreamResponse:
@@ -135,16 +169,23 @@ ROUTES = [
         "POST",
         "/api/auth/logout",
         logout,
-        "Revoke the token and clear the cookie",
+        "Revoke the token (with all=1: every token of the user) and clear the cookie",
         "auth",
         status=204,
-        errors=(401, 403),
+        errors=(400, 401, 403),
+        query=(
+            QueryParam(
+                "all",
+                "1: log out everywhere (every token of this user issued so far is revoked)",
+                enum=("0", "1"),
+            ),
+        ),
     ),
     Route(
         "POST",
         "/api/auth/refresh",
         refresh,
-        "A new token for the same user",
+        "A new token for the same user; the presented one is revoked",
         "auth",
         response=LoginOut,
         errors=(401, 403),

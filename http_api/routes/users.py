@@ -1,5 +1,8 @@
 """Users: CRUD gated by the command capability `users.manage` (a user may GET itself).
 
+Ids are generated (`u` + 16 hex) unless the creator gives one (an import); either way they
+match `shared.users.USER_ID_RE`, which has no `_` (400 otherwise).
+
 PUT replaces only the fields it carries. Capability documents are validated with
 `shared.capabilities` (422 naming the bad pattern). Every change lands in KV `auth_users`,
 which every gateway watches: capability changes take effect live on open sockets.
@@ -18,7 +21,7 @@ from http_api.bodies import json_response, read_json
 from http_api.problems import Problem
 from http_api.schemas import Deleted, Explain, UserCreate, UserList, UserOut, UserUpdate
 from http_api.state import EVENTS, PASSWORDS, STORE, QueryParam, Route, principal
-from http_api.store import Conflict, Exists, Versioned
+from http_api.store import Conflict, Exists, IdTaken, Versioned
 from shared.capabilities import Capabilities, CompiledCapabilities, SubscriptionRef, validate
 from shared.errors import CapabilityError
 from shared.users import USER_ID_RE, UserRecord
@@ -63,9 +66,13 @@ async def create_user(request: web.Request) -> web.StreamResponse:
     p = principal(request)
     require_command(p, USERS_MANAGE)
     body = await read_json(request, UserCreate)
+    uid = new_user_id() if isinstance(body.id, msgspec.UnsetType) else body.id
+    if not USER_ID_RE.fullmatch(uid):
+        # `_` included: the gateway's durable names `u_<uid>_<name>` must stay unambiguous.
+        raise Problem(400, "id must be 1-64 letters, digits or '-'")
     check_capabilities(body.capabilities)
     user = UserRecord(
-        id=new_user_id(),
+        id=uid,
         username=body.username,
         display_name=body.display_name or body.username,
         disabled=body.disabled,
@@ -74,6 +81,8 @@ async def create_user(request: web.Request) -> web.StreamResponse:
     hash = await request.app[PASSWORDS].hash(body.password)
     try:
         revision = await request.app[STORE].create_user(user, hash)
+    except IdTaken:
+        raise Problem(409, f"user id {uid!r} is taken") from None
     except Exists:
         raise Problem(409, f"username {body.username!r} is taken") from None
     out = UserOut.of(user, revision)
@@ -122,6 +131,11 @@ async def update_user(request: web.Request) -> web.StreamResponse:
             found = await _get(request, uid)
     else:
         raise Problem(409, "the user changed concurrently; retry")
+    if "password" in fields or changes.get("disabled") is True:
+        # Logged out everywhere: a stolen token must not outlive a password change, and a
+        # disabled user keeps nothing. (Capability changes need no revocation: gateways
+        # apply them live, the API reads them on every request.)
+        await store.revoke_all(uid)
     out = UserOut.of(user, revision)
     await request.app[EVENTS].write(
         p.actor, "users", uid, "updated", out, revision=revision, fields=fields

@@ -162,13 +162,14 @@ async def test_concurrent_puts_with_the_same_if_match(api: Api) -> None:
 
 
 async def test_delete(api: Api, nc: NATS) -> None:
+    # The author deletes (bob, another demo user, may not since articles have owners).
     a = await create(api)
     url = f"/api/articles/{a['id']}"
     events = await nc.subscribe(f"articles.{a['id']}.deleted")
-    resp = await api.client.delete(url, headers=api.auth("bob") | {"If-Match": '"999999"'})
+    resp = await api.client.delete(url, headers=api.auth("alice") | {"If-Match": '"999999"'})
     assert resp.status == 412
     resp = await api.client.delete(
-        url, headers=api.auth("bob") | {"If-Match": f'"{a["revision"]}"'}
+        url, headers=api.auth("alice") | {"If-Match": f'"{a["revision"]}"'}
     )
     assert resp.status == 200
     body = await resp.json()
@@ -179,9 +180,143 @@ async def test_delete(api: Api, nc: NATS) -> None:
     assert resp.status == 404
     resp = await api.client.get("/api/articles", headers=api.auth("bob"))
     assert (await resp.json())["items"] == []  # only a delete marker left in the bucket
-    resp = await api.client.delete(url, headers=api.auth("bob"))
+    resp = await api.client.delete(url, headers=api.auth("alice"))
     assert resp.status == 404
     await api.add_user("reader", Capabilities(buckets={"articles": [">"]}))
     b = await create(api)
     resp = await api.client.delete(f"/api/articles/{b['id']}", headers=api.auth("reader"))
     assert resp.status == 403
+
+
+# ------------------------------------------------------------------ ownership (review 11)
+
+
+async def _unchanged(api: Api, a: dict[str, Any]) -> None:
+    resp = await api.client.get(f"/api/articles/{a['id']}", headers=api.auth("alice"))
+    assert resp.status == 200
+    now = await resp.json()
+    assert (now["revision"], now["title"]) == (a["revision"], a["title"])
+
+
+async def test_only_the_author_or_a_moderator_changes_an_article(api: Api) -> None:
+    """bob (articles.update/delete, reads every article) cannot change alice's article, with
+    or without the right If-Match; a holder of articles.moderate can, authorship kept."""
+    a = await create(api, "alice's")
+    url = f"/api/articles/{a['id']}"
+    right, stale = {"If-Match": f'"{a["revision"]}"'}, {"If-Match": '"999999"'}
+    for precondition in ({}, right, stale):
+        headers = api.auth("bob") | precondition
+        resp = await api.client.put(url, json={"title": "bob's now"}, headers=headers)
+        assert resp.status == 403, precondition  # never a 412 naming the revision
+        assert "revision" not in (await resp.json())["detail"]
+        resp = await api.client.delete(url, headers=headers)
+        assert resp.status == 403, precondition
+    await _unchanged(api, a)
+    caps = Capabilities(
+        buckets={"articles": [">"]},
+        commands=["articles.update", "articles.delete", "articles.moderate"],
+    )
+    await api.add_user("mod", caps)
+    resp = await api.client.put(url, json={"title": "x"}, headers=api.auth("mod") | stale)
+    assert resp.status == 412  # allowed to change it: may learn the revision
+    resp = await api.client.put(url, json={"title": "moderated"}, headers=api.auth("mod") | right)
+    assert resp.status == 200
+    assert (await resp.json())["author"] == api.users["alice"].id
+    # The demo admin moderates too (its commands capability is `>`).
+    resp = await api.client.delete(url, headers=api.auth("admin"))
+    assert resp.status == 200
+
+
+async def test_writers_without_read_capability_learn_nothing(api: Api) -> None:
+    """A moderator whose KV capability hides a key gets the same 403 for an article that
+    exists (with a stale or a right If-Match) and for one that does not: no revision, no
+    existence."""
+    a = await create(api)
+    caps = Capabilities(
+        buckets={"articles": ["someone-else"]},
+        commands=["articles.update", "articles.delete", "articles.moderate"],
+    )
+    await api.add_user("blind", caps)
+    auth = api.auth("blind")
+    answers = []
+    for aid, precondition in (
+        (a["id"], {"If-Match": '"999999"'}),
+        (a["id"], {"If-Match": f'"{a["revision"]}"'}),
+        ("doesNotExist", {"If-Match": '"999999"'}),
+    ):
+        url = f"/api/articles/{aid}"
+        put = await api.client.put(url, json={"title": "x"}, headers=auth | precondition)
+        delete = await api.client.delete(url, headers=auth | precondition)
+        # The detail names the key asked for, and nothing else differs.
+        details = [(await r.json())["detail"].replace(aid, "<id>") for r in (put, delete)]
+        answers.append((put.status, delete.status, *details))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][:2] == (403, 403)
+    await _unchanged(api, a)
+
+
+# ------------------------------------------------------------------ pages (review 12)
+
+
+async def _page(api: Api, user: str, query: str = "") -> tuple[list[str], str | None]:
+    resp = await api.client.get(f"/api/articles{query}", headers=api.auth(user))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    return [x["id"] for x in body["items"]], body["next_cursor"]
+
+
+async def test_list_pages_with_limit_and_cursor(api: Api) -> None:
+    """limit=2 over 5 articles: pages of 2, 2, 1 in id order, each article once, the last
+    page's next_cursor null."""
+    ids = sorted([(await create(api, f"t{i}"))["id"] for i in range(5)])
+    seen: list[str] = []
+    pages = []
+    cursor: str | None = None
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page, cursor = await _page(api, "bob", query)
+        pages.append(len(page))
+        seen += page
+        if cursor is None:
+            break
+    assert pages == [2, 2, 1]
+    assert seen == ids
+
+
+async def test_list_default_page_is_50_and_pages_skip_unreadable_keys(api: Api) -> None:
+    ids = sorted([(await create(api, f"t{i}"))["id"] for i in range(51)])
+    page, cursor = await _page(api, "bob")
+    assert page == ids[:50] and cursor is not None
+    assert await _page(api, "bob", f"?cursor={cursor}") == (ids[50:], None)
+    # A reader of every other article: full pages of what it may read, nothing else.
+    readable = ids[::2]
+    await api.add_user("dave", Capabilities(buckets={"articles": readable}))
+    page, cursor = await _page(api, "dave", "?limit=20")
+    assert page == readable[:20] and cursor is not None
+    page, cursor = await _page(api, "dave", f"?limit=20&cursor={cursor}")
+    assert (page, cursor) == (readable[20:], None)
+
+
+async def test_list_bad_paging_parameters_are_400(api: Api) -> None:
+    await create(api)
+    await create(api)
+    first, cursor = await _page(api, "bob", "?limit=1")
+    assert cursor is not None
+    for query in (
+        "?limit=0",
+        "?limit=201",
+        "?limit=-1",
+        "?limit=1.5",
+        "?limit=abc",
+        "?limit=",
+        "?limit=%EF%BC%91",  # a full-width digit: isdigit() but not ASCII
+        "?limit=1&limit=2",
+        "?cursor=!!!",
+        "?cursor=YS5i",  # base64url of "a.b": not a key we make
+        f"?cursor={cursor}=",  # padded: not the form we return
+        f"?cursor={cursor}&cursor={cursor}",
+    ):
+        resp = await api.client.get(f"/api/articles{query}", headers=api.auth("bob"))
+        assert resp.status == 400, query
+        assert resp.content_type == "application/problem+json"
+    assert (await _page(api, "bob", "?limit=200"))[0][:1] == first

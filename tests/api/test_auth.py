@@ -158,8 +158,11 @@ async def test_cookie_auth_and_csrf_origin(api: Api) -> None:
     assert resp.status == 403
     resp = await api.client.post("/api/auth/refresh", headers={"Origin": ORIGIN})
     assert resp.status == 200
-    # Bearer wins over the cookie and needs no Origin.
+    fresh = (await resp.json())["token"]
+    # Bearer wins over the cookie and needs no Origin; the refreshed-away token is revoked.
     resp = await api.client.post("/api/auth/refresh", headers=bearer(login["token"]))
+    assert resp.status == 401
+    resp = await api.client.post("/api/auth/refresh", headers=bearer(fresh))
     assert resp.status == 200
     resp = await api.client.post("/api/auth/logout", headers={"Origin": ORIGIN})
     assert resp.status == 204
@@ -177,12 +180,13 @@ async def test_login_from_another_site_is_refused(api: Api) -> None:
 
 
 async def test_refresh_issues_a_new_working_token(api: Api) -> None:
-    """Refresh gives another token for the same user; the old one still works until exp."""
+    """Refresh gives another token for the same user and rotates: the old one is revoked."""
     old = (await api.login("alice"))["token"]
     resp = await api.client.post("/api/auth/refresh", headers=bearer(old))
     assert resp.status == 200
     new = (await resp.json())["token"]
     assert new != old
-    for token in (old, new):
-        me = await api.client.get("/api/auth/me", headers=bearer(token))
-        assert (await me.json())["username"] == "alice"
+    me = await api.client.get("/api/auth/me", headers=bearer(new))
+    assert (await me.json())["username"] == "alice"
+    me = await api.client.get("/api/auth/me", headers=bearer(old))
+    assert me.status == 401

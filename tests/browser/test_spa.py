@@ -174,7 +174,7 @@ async def test_articles_resume_after_a_gateway_restart(person: PersonFactory, st
         "els => els.map(e => [e.dataset.id, Number(e.dataset.revision)]).sort()"
     )
     stored = await alice.page.evaluate(
-        """() => window.natsgate.api.get('/articles')
+        """() => window.natsgate.api.get('/articles?limit=200')
             .then(r => r.items.map(a => [a.id, a.revision]).sort())"""
     )
     assert shown == stored

@@ -27,6 +27,7 @@ from shared.auth import (
     ensure_dev_keys,
     load_private_key,
     load_public_key,
+    session_cookie_name,
 )
 from shared.errors import InvalidToken
 from shared.settings import load
@@ -328,6 +329,28 @@ def test_ensure_dev_keys_creates_a_matching_pair_once(tmp_path: Path) -> None:
     assert (priv.read_bytes(), pub.read_bytes()) == before
     leftovers = [p.name for p in priv.parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_a_reader_of_a_leftover_tmp_file_never_sees_the_new_key(tmp_path: Path) -> None:
+    """A world-readable key `.tmp` left by a crashed run, opened by another local user: the
+    new private key is written to a fresh 0600 file, never through that open file."""
+    s = load({}, var_dir=str(tmp_path))
+    tmp = s.private_key_path.with_suffix(".tmp")
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"")
+    tmp.chmod(0o644)
+    with tmp.open("rb") as reader:
+        ensure_dev_keys(s)
+        assert reader.read() == b""
+    assert stat.S_IMODE(s.private_key_path.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" in s.private_key_path.read_bytes()
+
+
+def test_session_cookie_name_is_host_prefixed_when_secure() -> None:
+    """`__Host-session` only with COOKIE_SECURE: browsers drop a `__Host-` cookie without
+    Secure, so a plain-HTTP dev stack keeps `session`."""
+    assert session_cookie_name(load({}, cookie_secure=True)) == "__Host-session"
+    assert session_cookie_name(load({})) == "session"
 
 
 def test_dev_keys_issue_and_verify_through_settings(tmp_path: Path) -> None:
