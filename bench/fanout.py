@@ -52,8 +52,7 @@ async def main(args: argparse.Namespace) -> None:
         {"id": "bench", "username": "bench", "capabilities": caps}, UserRecord)))
     token, _ = issuer.issue("bench")
     env = {**os.environ, "NATS_URL": srv.url, "VAR_DIR": str(tmp / "var"),
-           "MAX_CONNECTIONS_PER_USER": "100000", "LOG_LEVEL": "WARNING",
-           "SEND_QUEUE_SIZE": "4096"}
+           "MAX_CONNECTIONS_PER_USER": "100000", "LOG_LEVEL": "WARNING"}
     gw = subprocess.Popen([sys.executable, "-m", "ws_gateway", "--host", "127.0.0.1",  # noqa: ASYNC220
                            "--port", str(port)], cwd=ROOT, env=env)
     try:

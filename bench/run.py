@@ -158,8 +158,7 @@ class Bench:
         self.settings = load({}, nats_url=(self.nats.url,), var_dir=str(self.tmp / "var"))
         await natsio.provision(js, self.settings)
         self.env = {**os.environ, "NATS_URL": self.nats.url, "VAR_DIR": str(self.tmp / "var"),
-                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING",
-                    "SEND_QUEUE_SIZE": str(self.args.send_queue)}
+                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING"}
         if self.kind == "ours":
             kv = await js.key_value(USERS_BUCKET)
             caps = {"subjects": ["bench.>"], "buckets": {"articles": [">"]},
@@ -622,8 +621,8 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
         f"({args.messages_big:,} at N ≥ 5,000) at max publish rate after 50 warm-up messages, "
         f"the median of {args.repeat} runs (1 at N ≥ 5,000); "
         f"latency runs of {args.latency_messages} messages at {args.rate:g} msg/s",
-        f"- ours: `python -m ws_gateway` (bearer JWT on every upgrade, capability checks, "
-        f"PROTOCOL.md envelopes), SEND_QUEUE_SIZE={args.send_queue}; peer: nats-server's "
+        "- ours: `python -m ws_gateway` (bearer JWT on every upgrade, capability checks, "
+        "PROTOCOL.md envelopes), default limits (SEND_QUEUE_BYTES 1 MiB); peer: nats-server's "
         "`websocket { no_tls: true }` listener with NATS protocol clients, no auth; ceiling: "
         "`bench/ceiling.py`",
         "- how to read it: server, nats-server and the load clients share the same 2 "
@@ -823,7 +822,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load client: bench/loadclient.js (needs `npm install` in bench/) or "
                    "bench/loadclient.py; default node when bench/node_modules/ws is there")
     p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per proc")
-    p.add_argument("--send-queue", type=int, default=4096, help="ours: SEND_QUEUE_SIZE")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--png", default="fanout.png")
     p.add_argument("--keep", action="store_true", help="keep the temp dir with server logs")

@@ -91,7 +91,7 @@ def is_internal_bucket(bucket: str) -> bool:
 def is_internal_stream(stream: str) -> bool:
     # KV buckets and object stores are streams too; reaching them as streams would bypass
     # the bucket rules (KV_auth_credentials holds password hashes).
-    return stream.startswith(("KV_", "OBJ_"))
+    return stream.startswith(("KV_", "OBJ_", "$"))
 
 
 _NAME_BAD = frozenset(" .*>\t\r\n\x00/\\")
@@ -213,6 +213,9 @@ class CompiledCapabilities:
     def allows_stream(self, stream: str, filter: str) -> Decision:
         if is_internal_stream(stream):
             return Decision(False, None, f"stream {stream!r} is internal")
+        if is_internal_tokens(tokens(filter)):
+            # e.g. $KV.auth_credentials.> on a stream that happens to hold it
+            return Decision(False, None, f"filter {filter!r} lies in internal subjects")
         return self._allows_named(self._streams, "streams", stream, filter)
 
     def allows_command(self, name: str) -> Decision:

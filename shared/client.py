@@ -173,7 +173,8 @@ class PollTransport:
                         await self._gone(r)
                         return
                     if r.status != 200:
-                        self._close_code = 1006
+                        # 401: the token was revoked or expired (as a socket's 4401)
+                        self._close_code = 4401 if r.status == 401 else 1006
                         self._closed.set()
                         return
                     body = await r.text()
@@ -258,8 +259,12 @@ class GatewayClient:
         if record:
             client.envelopes = asyncio.Queue()
         client._reader = asyncio.get_running_loop().create_task(client._read())
-        async with asyncio.timeout(open_timeout):
-            await asyncio.shield(client._first)
+        try:
+            async with asyncio.timeout(open_timeout):
+                await asyncio.shield(client._first)
+        except BaseException:
+            await client.close()  # closed before its first cap_update: release the transport
+            raise
         return client
 
     async def __aenter__(self) -> GatewayClient:
@@ -350,7 +355,12 @@ class GatewayClient:
         await self.request("ping")
 
     async def refresh(self, token: str) -> dict[str, Any]:
-        return await self.request("refresh", data={"token": token})
+        """Hand the session a new token; long polling then sends it on every request (the
+        old one is revoked by the rotation that issued the new one)."""
+        reply = await self.request("refresh", data={"token": token})
+        if isinstance(self.ws, PollTransport) and "Authorization" in self.ws.headers:
+            self.ws.headers["Authorization"] = f"Bearer {token}"
+        return reply
 
     # ------------------------------------------------------------------ receiving
 
@@ -387,6 +397,10 @@ class GatewayClient:
                 sub = self.subs.pop(r["inbox"], None)
                 if sub:
                     sub.revoked.set()
+                # Revoked while being set up: listed here, and never answered with an ok.
+                waiting = self._pending.get(r["inbox"])
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(RequestError("revoked", "capability revoked"))
             self.cap_updates.put_nowait(env)
             if not self._first.done():
                 self._first.set_result(env)

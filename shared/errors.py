@@ -89,6 +89,12 @@ class Disconnects:
     USER_DISABLED = Disconnect(
         CloseCode.USER_DISABLED, "user disabled or deleted", ErrorCode.USER_DISABLED
     )
+    UNAVAILABLE = Disconnect(
+        CloseCode.TRY_AGAIN_LATER, "NATS unreachable: reconnect later", ErrorCode.UNAVAILABLE
+    )
+    AUTH_WATCH_LOST = Disconnect(
+        CloseCode.GOING_AWAY, "revocation watch lost: reconnect later", ErrorCode.UNAVAILABLE
+    )
 
 
 class DisconnectError(Exception):

@@ -45,7 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_monitor_port: int = 8222  # node i: nats_monitor_port + i
     nats_cluster_port: int = 6222  # node i routes on nats_cluster_port + i
     # gateway limits
-    send_queue_size: int = 1024
+    # Bytes queued per connection before it is closed 1013 (backpressure); pulled sources
+    # (JetStream, KV catch-up) ask NATS only for what fits.
+    send_queue_bytes: int = 1 << 20
     write_timeout: float = 0.25
     # Kernel send buffer of each client socket (bytes; 0: the kernel's autotuning, up to
     # 4 MiB on Linux). Bounded, a client that stops reading is detected after ~0.5 MiB
@@ -53,6 +55,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     socket_send_buffer: int = 256 * 1024
     max_frame_bytes: int = 65536
     max_subscriptions: int = 256
+    # kv_sub + js_sub of one user in one gateway process (each holds a JetStream consumer
+    # or a share of one); `limit` beyond.
+    max_readers_per_user: int = 64
+    # Durable js_subs one user may keep per stream (they outlive connections), and how
+    # long an unused durable is kept by the server.
+    max_durables_per_user: int = 16
+    durable_inactive: float = 3 * 86400.0
     client_ops_per_second: float = 50.0
     client_ops_burst: int = 100
     max_bad_frames: int = 10
@@ -67,6 +76,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     demo_password: str = DEFAULT_DEMO_PASSWORD
     log_level: str = "INFO"
     log_format: Literal["pretty", "json"] = "pretty"
+    # api bounds (issue 14)
+    # Unsafe requests (POST/PUT/PATCH/DELETE) per authenticated user and API process: a
+    # sustained rate, with bursts of up to `api_writes_burst` at once; beyond it 429.
+    api_writes_per_minute: int = 120
+    api_writes_burst: int = 120
+    # token and poll bounds (issue 14)
+    token_rotation_grace: float = 30.0  # a refreshed token's sockets may send `refresh` this long
+    poll_closed_keep_max: int = 1000  # closed long-poll sessions kept fetchable, per process
+    poll_closed_keep_bytes: int = 64 << 20  # their buffered bytes, per process
+    # NATS credentials and storage limits (issue 14)
+    # One NATS user per role (gateway, api, provision: deploy/nats/*.conf). Empty in dev:
+    # `make start` generates them into <var_dir>/nats/credentials.json (0600). Production
+    # sets them, and each process needs only its own role's; nothing set = no NATS auth.
+    nats_gateway_password: str = ""
+    nats_api_password: str = ""
+    nats_provision_password: str = ""
+    # Explicit credentials of this process (any role or user), over the role's password.
+    nats_user: str = ""
+    nats_password: str = ""
+    # Storage limits of every bucket and stream (provisioning applies them to existing ones).
+    nats_auth_max_bytes: int = 64 * 1024 * 1024  # each auth_* bucket
+    nats_data_max_bytes: int = 256 * 1024 * 1024  # each data bucket (articles, todos)
+    nats_stream_max_bytes: int = 256 * 1024 * 1024  # each stream (chat, audit)
+    nats_max_value_bytes: int = 1024 * 1024  # one KV value or stream message
+    nats_max_consumers: int = 1000  # per stream and bucket
+    nats_chat_max_age: float = 30 * 86400.0  # seconds
+    nats_audit_max_age: float = 90 * 86400.0
 
     @property
     def production(self) -> bool:

@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from shared.auth import Claims, bearer_token
+from shared.auth import Claims, bearer_token, session_cookie_name
 from shared.errors import InvalidToken
 from ws_gateway.hub import Hub, UserRead
 
@@ -46,8 +46,11 @@ class Refused(Exception):
         self.reason = reason
 
 
-def token_from(headers: Headers, allowed_origins: tuple[str, ...]) -> str:
-    """The bearer token, or the session cookie when the Origin is allowed."""
+def token_from(
+    headers: Headers, allowed_origins: tuple[str, ...], cookie_name: str = "session"
+) -> str:
+    """The bearer token, or the session cookie (`shared.auth.session_cookie_name`) when the
+    Origin is allowed."""
     auth = headers.get("Authorization")
     if auth:
         token = bearer_token(auth)
@@ -60,7 +63,7 @@ def token_from(headers: Headers, allowed_origins: tuple[str, ...]) -> str:
             jar = SimpleCookie(cookie_header)
         except CookieError:
             jar = SimpleCookie()
-        morsel = jar.get("session")
+        morsel = jar.get(cookie_name)
         if morsel is not None and morsel.value:
             # A browser sends cookies on cross-site WebSocket upgrades too; only the
             # Origin tells a page of ours from someone else's (CSWSH).
@@ -72,14 +75,17 @@ def token_from(headers: Headers, allowed_origins: tuple[str, ...]) -> str:
 
 
 async def admit(hub: Hub, headers: Headers) -> Admitted:
-    token = token_from(headers, hub.settings.allowed_origins)
+    settings = hub.settings
+    token = token_from(headers, settings.allowed_origins, session_cookie_name(settings))
     try:
         claims = hub.verifier.verify(token)
     except InvalidToken as e:
         raise Refused(http.HTTPStatus.UNAUTHORIZED, str(e)) from None
     if not hub.nats_ready:
         raise Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "NATS unreachable")
-    if await hub.is_revoked(claims.jti):
+    if not hub.watching:  # fail closed: no session without the revocation watches
+        raise Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "revocation watch lost")
+    if await hub.revoked(claims):
         raise Refused(http.HTTPStatus.UNAUTHORIZED, "token revoked")
     user = await hub.load_user(claims.sub)
     if user.record is None or user.record.disabled:
@@ -99,9 +105,11 @@ async def process_request(hub: Hub, ws: ServerConnection, request: Request) -> R
     if path == "/healthz":
         return _text(http.HTTPStatus.OK, "ok\n")
     if path == "/readyz":
-        if hub.nats_ready:
+        if hub.ready:
             return _text(http.HTTPStatus.OK, "ready\n")
-        return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unreachable\n")
+        if not hub.nats_ready:
+            return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unreachable\n")
+        return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "revocation watch lost\n")
     if path == "/metrics":
         return _text(http.HTTPStatus.OK, generate_latest().decode(), CONTENT_TYPE_LATEST)
     if path not in WS_PATHS:

@@ -5,11 +5,22 @@ Sessions by user and by token id; the core fan-out router; one watch per process
 (logout), dispatched to the sessions concerned. The revoked token ids are also kept in
 memory (the bucket listed at start and after every NATS reconnect, the watch keeping it
 current), so a handshake costs no KV read: a reconnect storm of N clients is not N reads.
+
+`auth_revoked` holds two kinds of key. A token id (`secrets.token_urlsafe`: no dot) revokes
+that token; its value is the token's expiry, optionally followed by a grace deadline (a
+token replaced by refresh: its open sockets may still send `refresh` until then). A key
+`user.<uid>` holds a time T (Unix seconds): every token of that user issued before T
+(`iat < T`) is revoked (log out everywhere, password change, disable).
+
+Fail closed: if either watch is lost for good (its stream missing past the reader's
+grace), the hub closes every session, reports not ready and refuses new ones until the
+watch is re-established (retried with backoff) and the revoked tokens listed again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -24,11 +35,12 @@ from nats.js.kv import KeyValue
 from shared import kvwire
 from shared.auth import Claims, TokenVerifier
 from shared.capabilities import CompiledCapabilities
-from shared.errors import Disconnects
+from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.users import (
     REVOKED_BUCKET,
+    USER_MARK,
     USERS_BUCKET,
     UserRecord,
     compile_or_nothing,
@@ -44,6 +56,8 @@ from ws_gateway.session import Session
 from ws_gateway.transport import Transport
 
 log = logging.getLogger("ws_gateway.hub")
+
+REWATCH_BACKOFF_MAX = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +92,14 @@ class Hub:
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)
         self.by_jti: dict[str, set[Session]] = defaultdict(set)
-        self._watchers: list[StreamReader] = []
+        self._watchers: dict[str, StreamReader] = {}
+        # Buckets whose watch was lost for good; not ready until the set is empty and the
+        # revoked tokens were listed again (`_rewatch`).
+        self._watch_lost: set[str] = set()
+        self._rewatch: asyncio.Task[None] | None = None
+        # uid -> T: every token of uid with iat < T is revoked (the `user.<uid>` marks).
+        self._marks: dict[str, int] = {}
+        self._grace: dict[str, asyncio.TimerHandle] = {}  # jti -> close of its sockets
         self._buckets: dict[str, KeyValue] = {}
         # jti -> when it was revoked (wall clock). Only trusted while `_revoked_whole`: from
         # the first listing until NATS drops, and again once re-listed after the reconnect.
@@ -94,6 +115,7 @@ class Hub:
         # key of the bucket): a handshake whose read is older than it re-reads, so a
         # change that lands while a handshake reads is never lost.
         self._seen: dict[str, int] = {}
+        self._readers: dict[str, int] = {}  # kv_sub + js_sub held per user (take_reader)
         self.nats_ready = nc.is_connected
         # False from a NATS disconnect until every user's record has been re-read:
         # nothing is delivered on capabilities that may have changed meanwhile.
@@ -101,28 +123,95 @@ class Hub:
         self._revalidation: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        watches = ((USERS_BUCKET, self._on_user_change), (REVOKED_BUCKET, self._on_revoked))
-        for bucket, on_change in watches:
-            w = StreamReader(
-                self.nc,
-                self.js,
-                kvwire.stream_of(bucket),
-                kvwire.subject_of(bucket, ">"),
-                Start(api.DeliverPolicy.NEW),
-                on_change,
-                batch=256,
-            )
-            await w.start()
-            self._watchers.append(w)
+        for bucket in (USERS_BUCKET, REVOKED_BUCKET):
+            await self._watch(bucket)
         # After the watch started: a revocation is either listed or delivered by it.
         await self._list_revoked()
 
+    async def _watch(self, bucket: str) -> None:
+        on_change = self._on_user_change if bucket == USERS_BUCKET else self._on_revoked
+        w = StreamReader(
+            self.nc,
+            self.js,
+            kvwire.stream_of(bucket),
+            kvwire.subject_of(bucket, ">"),
+            Start(api.DeliverPolicy.NEW),
+            on_change,
+            batch=256,
+            on_lost=functools.partial(self._on_watch_lost, bucket),
+        )
+        await w.start()
+        old = self._watchers.pop(bucket, None)
+        self._watchers[bucket] = w
+        if old is not None:
+            await old.close()
+
     async def close(self) -> None:
         await cancel_and_wait(self._revalidation)
-        for w in self._watchers:
+        await cancel_and_wait(self._rewatch)
+        for timer in self._grace.values():
+            timer.cancel()
+        self._grace.clear()
+        for w in self._watchers.values():
             await w.close()
         self._watchers.clear()
         await self.kv_feeds.close()
+
+    # ------------------------------------------------------------------ auth watches lost
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and both auth watches running: new sessions may be admitted."""
+        return self.nats_ready and self.watching
+
+    @property
+    def watching(self) -> bool:
+        return not self._watch_lost and (self._rewatch is None or self._rewatch.done())
+
+    def _on_watch_lost(self, bucket: str, e: Exception) -> None:
+        """The reader gave up (stream missing past its grace): no revocation or capability
+        change would reach a session any more. Fail closed until it is back."""
+        log.warning(
+            "auth watch lost",
+            extra={
+                "event": "auth_watch_lost",
+                "bucket": bucket,
+                "error": type(e).__name__,
+                "sessions": len(self.sessions),
+            },
+        )
+        self._watch_lost.add(bucket)
+        self._revoked_whole = False
+        if bucket == USERS_BUCKET:
+            # A recreated bucket numbers its revisions from 1 again.
+            self._seen.clear()
+            self.users.clear()
+        for s in list(self.sessions):
+            s.close(Disconnects.AUTH_WATCH_LOST)
+        if self._rewatch is None or self._rewatch.done():
+            self._rewatch = asyncio.get_running_loop().create_task(self._rewatch_loop())
+
+    async def _rewatch_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                for bucket in sorted(self._watch_lost):
+                    await self._watch(bucket)
+                    self._watch_lost.discard(bucket)
+                await self._list_revoked()
+                break
+            except Exception as e:
+                log.info(
+                    "auth watch retry",
+                    extra={
+                        "event": "auth_watch_retry",
+                        "buckets": sorted(self._watch_lost),
+                        "error": type(e).__name__,
+                    },
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REWATCH_BACKOFF_MAX)
+        log.warning("auth watches re-established", extra={"event": "auth_watch_restored"})
 
     def _feed_gone(self, feed: KvFeed) -> None:
         for s in list(self.sessions):
@@ -133,6 +222,25 @@ class Hub:
     def delivering(self) -> bool:
         return self._delivering
 
+    def take_reader(self, uid: str) -> None:
+        """A slot for one more JetStream-reading subscription (js_sub, kv_sub) of `uid` in
+        this process: each holds a consumer or a share of one. `limit` beyond the cap."""
+        held = self._readers.get(uid, 0)
+        if held >= self.settings.max_readers_per_user:
+            raise ReplyError(
+                ErrorCode.LIMIT,
+                f"at most {self.settings.max_readers_per_user} kv_sub and js_sub per user "
+                "on this gateway",
+            )
+        self._readers[uid] = held + 1
+
+    def give_reader(self, uid: str) -> None:
+        held = self._readers.get(uid, 0) - 1
+        if held > 0:
+            self._readers[uid] = held
+        else:
+            self._readers.pop(uid, None)
+
     async def on_disconnect(self) -> None:
         self.nats_ready = False
         self._delivering = False
@@ -141,7 +249,7 @@ class Hub:
 
     async def on_reconnect(self) -> None:
         self.nats_ready = True
-        for w in self._watchers:
+        for w in self._watchers.values():
             w.mark_lost()
         # nats-py awaits this callback inside its reconnect; the re-read needs the
         # connection, so it runs beside it, owned by the hub.
@@ -195,7 +303,12 @@ class Hub:
         self.by_user[session.uid].add(session)
         self.by_jti[claims.jti].add(session)
         if self._seen.get(session.uid, 0) > session.user_revision:
-            fresh = await self._read_user(session.uid)
+            try:
+                fresh = await self._read_user(session.uid)
+            except Exception as e:  # NATS away: the session cannot start on a known record
+                log.info("user re-read failed", extra={"user": session.uid, "error": repr(e)})
+                session.close(Disconnects.UNAVAILABLE)
+                return session
             await self.checkpoint("open.reread")
             session.apply_user(fresh.record, fresh.revision)
         if session.closed:
@@ -205,11 +318,17 @@ class Hub:
             self.users[session.uid] = Known(session.user, session.user_revision, session.caps)
         session.start()
         self._close_if_revoked(session)
+        if not self.watching:  # lost while this handshake was admitted
+            session.close(Disconnects.AUTH_WATCH_LOST)
         return session
 
     def _close_if_revoked(self, session: Session) -> None:
-        if session.claims.jti in self._revoked:
+        if self._token_revoked(session.claims):
             session.close(Disconnects.TOKEN_REVOKED)
+
+    def _token_revoked(self, claims: Claims) -> bool:
+        """From the mirror: the token id is revoked, or the user's mark postdates the token."""
+        return claims.jti in self._revoked or claims.iat < self._marks.get(claims.sub, 0)
 
     def closed(self, session: Session) -> None:
         """The session has released everything."""
@@ -293,11 +412,29 @@ class Hub:
         except NoKeysError:
             keys = []
         now = time.time()
-        for jti in keys:
-            self._revoked.setdefault(jti, now)
+        for key in keys:
+            if key.startswith(USER_MARK):
+                uid = key[len(USER_MARK) :]
+                mark = await self._read_mark(kv, key)
+                if mark:
+                    self._marks[uid] = max(self._marks.get(uid, 0), mark)
+            else:
+                self._revoked.setdefault(key, now)
         self._revoked_whole = True
 
+    @staticmethod
+    async def _read_mark(kv: KeyValue, key: str) -> int:
+        """The T of a `user.<uid>` mark; 0 when there is none (or it is unreadable)."""
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return 0
+        return _parse_mark(entry.value)
+
     async def is_revoked(self, jti: str) -> bool:
+        """Whether this token id is revoked (by id only: `revoked()` also applies the
+        user's mark; a session refreshed to a token older than the mark is closed by
+        `rekey`)."""
         if self._revoked_whole:
             self._prune_revoked()
             return jti in self._revoked
@@ -307,6 +444,25 @@ class Hub:
             return False
         return entry.value is not None
 
+    def known_revoked(self, claims: Claims) -> bool:
+        """Whether the token is revoked as far as the mirror knows, for the requests of an
+        admitted long-poll session (whatever the watches delivered since its handshake). A
+        token replaced by refresh still counts until its grace ends, as its sockets do."""
+        self._prune_revoked()
+        if claims.jti in self._grace:
+            return claims.iat < self._marks.get(claims.sub, 0)
+        return self._token_revoked(claims)
+
+    async def revoked(self, claims: Claims) -> bool:
+        """Whether the token is revoked, by its id or by its user's mark."""
+        if self._revoked_whole:
+            self._prune_revoked()
+            return self._token_revoked(claims)
+        if await self.is_revoked(claims.jti):
+            return True
+        kv = await self._bucket(REVOKED_BUCKET)
+        return claims.iat < await self._read_mark(kv, USER_MARK + claims.sub)
+
     def _prune_revoked(self) -> None:
         """Forget revocations older than the bucket's TTL: their tokens have expired."""
         now = time.time()
@@ -315,6 +471,7 @@ class Hub:
         self._revoked_pruned = now
         horizon = now - (self.settings.token_ttl + 60)
         self._revoked = {j: t for j, t in self._revoked.items() if t > horizon}
+        self._marks = {u: t for u, t in self._marks.items() if t > horizon}
 
     # ------------------------------------------------------------------ watches
 
@@ -349,11 +506,60 @@ class Hub:
             s.apply_user(record, read.revision, changed_at, caps)
 
     def _on_revoked(self, d: Delivery) -> bool:
-        jti = d.subject[kvwire.key_offset(REVOKED_BUCKET) :]
-        if kvwire.kv_op(d.headers) != "put":
+        key = d.subject[kvwire.key_offset(REVOKED_BUCKET) :]
+        put = kvwire.kv_op(d.headers) == "put"
+        if key.startswith(USER_MARK):
+            self._on_mark(key[len(USER_MARK) :], _parse_mark(d.data) if put else 0)
+            return True
+        jti = key
+        if not put:
             self._revoked.pop(jti, None)
             return True
         self._revoked[jti] = d.time_ns / 1e9
-        for s in list(self.by_jti.get(jti, ())):
-            s.close(Disconnects.TOKEN_REVOKED)
+        grace = _parse_grace(d.data) - time.time()
+        if grace > 0 and jti not in self._grace:
+            # Replaced by refresh: its sockets may still send the new token until then.
+            loop = asyncio.get_running_loop()
+            self._grace[jti] = loop.call_later(grace, self._grace_over, jti)
+        elif grace <= 0:
+            self._close_jti(jti, Disconnects.TOKEN_REVOKED)
         return True
+
+    def _grace_over(self, jti: str) -> None:
+        self._grace.pop(jti, None)
+        if jti in self._revoked:
+            self._close_jti(jti, Disconnects.TOKEN_REVOKED.because("replaced by refresh"))
+
+    def _close_jti(self, jti: str, disconnect: Disconnect) -> None:
+        for s in list(self.by_jti.get(jti, ())):
+            s.close(disconnect)
+
+    def _on_mark(self, uid: str, mark: int) -> None:
+        if not mark:
+            self._marks.pop(uid, None)
+            return
+        mark = max(mark, self._marks.get(uid, 0))
+        self._marks[uid] = mark
+        for s in list(self.by_user.get(uid, ())):
+            if s.claims.iat < mark:
+                s.close(Disconnects.TOKEN_REVOKED)
+
+
+def _parse_mark(value: bytes | None) -> int:
+    """T of a `user.<uid>` mark (Unix seconds as text); 0 when malformed."""
+    try:
+        return int(value or b"0")
+    except ValueError:
+        log.warning("malformed revocation mark", extra={"event": "revocation_mark_bad"})
+        return 0
+
+
+def _parse_grace(value: bytes | None) -> float:
+    """The grace deadline of a revoked token id (`<exp> <grace_until>`); 0: none."""
+    parts = (value or b"").split()
+    if len(parts) < 2:
+        return 0.0
+    try:
+        return float(parts[1])
+    except ValueError:
+        return 0.0

@@ -1,7 +1,10 @@
 """A bounded per-connection outbox with one writer task, flushed once per loop tick.
 
 Producers (NATS callbacks) call `push()`, which never awaits: the frame is queued or, if
-the queue is full, the connection is marked slow and closed with `backpressure`. Pushed
+the queue would exceed its byte bound, the connection is marked slow and closed with
+`backpressure`. The bound is in bytes (SEND_QUEUE_BYTES, 1 MiB by default, as Centrifugo's
+per-client queue), not envelopes: a thousand 100 KiB articles are 100 MiB, a burst of two
+thousand 200-byte chat lines is 400 KiB. Pushed
 outboxes are flushed together by the process's `Flusher` once per event-loop tick: what
 each one queued is joined into one newline-delimited frame (PROTOCOL.md, Envelope) and
 written straight to the socket when its buffer has room — no task switch per connection.
@@ -69,6 +72,7 @@ class Outbox:
     """
 
     __slots__ = (
+        "_buffered",
         "_can_send",
         "_closed",
         "_dirty",
@@ -78,23 +82,25 @@ class Outbox:
         "_room_waiter",
         "_send",
         "_send_now",
+        "_size",
         "_task",
         "_wake",
         "_write_timeout",
         "_writing",
-        "maxsize",
+        "max_bytes",
     )
 
     def __init__(
         self,
         send: SendFn,
         on_slow: SlowFn,
-        maxsize: int,
+        max_bytes: int,
         write_timeout: float,
         *,
         flusher: Flusher | None = None,
         can_send: CanSendFn | None = None,
         send_now: SendNowFn | None = None,
+        buffered: Callable[[], int] | None = None,
     ) -> None:
         self._send = send
         self._flusher = flusher if can_send and send_now else None
@@ -103,7 +109,9 @@ class Outbox:
         self._dirty = False
         self._writing = False
         self._on_slow = on_slow
-        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self._buffered = buffered  # what the transport holds beyond the socket (long poll)
+        self._size = 0  # bytes queued
         self._write_timeout = write_timeout
         self._queue: list[bytes] = []  # drained whole: a list is smaller than a deque
         self._wake: asyncio.Future[None] | None = None
@@ -133,19 +141,28 @@ class Outbox:
         self._start_writer()
         self._resolve(self._wake)
 
+    def _held(self) -> int:
+        return self._size + (self._buffered() if self._buffered is not None else 0)
+
     def _after_write(self) -> None:
-        if self._room_waiter is not None and self.room() >= self.maxsize // 2:
+        if self._room_waiter is not None and self._held() <= self.max_bytes // 2:
             self._resolve(self._room_waiter)
 
+    def room_freed(self) -> None:
+        """The transport handed buffered bytes to the client (a long poll's GET)."""
+        self._after_write()
+
     def push(self, frame: bytes) -> bool:
-        """Queue one envelope. False (and the connection is being closed) when full."""
+        """Queue one envelope. False (and the connection is being closed) when full. One
+        envelope larger than the whole bound is still taken into an empty queue."""
         if self._closed:
             return False
-        if len(self._queue) >= self.maxsize:
+        if self._size + len(frame) > self.max_bytes and self._queue:
             self._closed = True
             self._on_slow("send queue full")
             return False
         self._queue.append(frame)
+        self._size += len(frame)
         if self._flusher is not None and not self._writing:
             if not self._dirty:
                 self._dirty = True
@@ -159,6 +176,7 @@ class Outbox:
         if len(queue) == 1:
             data = queue[0]
             queue.clear()
+            self._size = 0
             return data
         size = 0
         for i, frame in enumerate(queue):
@@ -166,9 +184,11 @@ class Outbox:
             if size >= MAX_BATCH_BYTES:
                 data = b"\n".join(queue[: i + 1])
                 del queue[: i + 1]
+                self._size -= size - (i + 1)
                 return data
         data = b"\n".join(queue)
         queue.clear()
+        self._size = 0
         return data
 
     def flush_now(self) -> int:
@@ -196,16 +216,19 @@ class Outbox:
         self._after_write()
         return frames
 
-    def room(self) -> int:
-        return self.maxsize - len(self._queue)
+    @property
+    def queued_bytes(self) -> int:
+        return self._size
 
-    async def wait_room(self, n: int) -> None:
-        """Wait until at least `n` envelopes fit (used by pulled, slowable sources)."""
-        n = min(n, self.maxsize // 2)
-        while not self._closed and self.room() < n:
+    async def wait_room(self, whole: bool = False) -> int:
+        """Wait until the queue is at most half full (`whole`: empty), then the room left in
+        bytes: what a pulled, slowable source may ask NATS for next."""
+        limit = 0 if whole else self.max_bytes // 2
+        while not self._closed and self._held() > limit:
             if self._room_waiter is None or self._room_waiter.done():
                 self._room_waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room_waiter)
+        return self.max_bytes - self._held()
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,6 +261,7 @@ class Outbox:
         best effort within the write timeout: the client may be why we are closing."""
         self.stop_accepting()
         self._queue.clear()
+        self._size = 0
         await cancel_and_wait(self._task)
         self._task = None
         if final is not None:

@@ -46,6 +46,21 @@ class Delivery:
     redelivered: bool
 
 
+async def durables_of(js: JetStreamContext, stream: str, prefix: str) -> int:
+    """How many consumers of `stream` are named with `prefix` (one page of names per
+    1,024 consumers: paid only when a new durable is about to be created)."""
+    count, offset = 0, 0
+    while True:
+        page = await js._api_request(  # nats-py has no consumer-names call
+            f"$JS.API.CONSUMER.NAMES.{stream}", json.dumps({"offset": offset}).encode(), timeout=5
+        )
+        names = page.get("consumers") or []
+        count += sum(1 for n in names if n.startswith(prefix))
+        offset += len(names)
+        if not names or offset >= page.get("total", 0):
+            return count
+
+
 def parse_ack_reply(reply: str) -> tuple[str, int, int, int, int]:
     """(consumer, delivered count, stream seq, timestamp ns, pending) from an ack subject.
 
@@ -65,7 +80,7 @@ class DurableConflict(Exception):
 
 
 OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
-WaitRoom = Callable[[int], Awaitable[None]]
+WaitRoom = Callable[[bool], Awaitable[int]]  # (whole) -> bytes of room; see Outbox.wait_room
 
 
 class StreamReader:
@@ -84,8 +99,10 @@ class StreamReader:
         wait_room: WaitRoom | None = None,
         on_lost: Callable[[Exception], None] | None = None,
         gate: Callable[[], bool] | None = None,
+        durable_inactive: float = 3 * 86400.0,
     ) -> None:
         self._nc, self._js = nc, js
+        self._durable_inactive = durable_inactive  # unused this long, the server drops it
         self.stream, self.filter_subject = stream, filter_subject
         self._start = start
         self._on_message = on_message
@@ -107,6 +124,7 @@ class StreamReader:
         self._wake = asyncio.Event()  # set by mark_lost: stop waiting out a retry pause
         self._remaining = 0
         self._lost = False
+        self._largest = 0  # the largest envelope a message of this stream may become
         self._missing_since: float | None = None
         self._closed = False
 
@@ -178,7 +196,7 @@ class StreamReader:
             filter_subject=self.filter_subject,
             max_ack_pending=max(self._batch * 4, 1000) if self._ack else None,
             ack_wait=30.0 if self._ack else None,
-            inactive_threshold=EPHEMERAL_INACTIVE if not self.durable else 7 * 86400.0,
+            inactive_threshold=self._durable_inactive if self.durable else EPHEMERAL_INACTIVE,
             mem_storage=None if self.durable else True,
             num_replicas=None if self.durable else 1,
         )
@@ -202,6 +220,11 @@ class StreamReader:
                 info: api.ConsumerInfo = await self._js.consumer_info(self.stream, self.durable)
                 if info.config.filter_subject != self.filter_subject:
                     raise DurableConflict("durable exists with another filter")
+                # Bound to with another ack mode, acks would be asked for messages the
+                # server never waits on (an unbounded unacked map), or never given.
+                ack = api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE
+                if info.config.ack_policy != ack:
+                    raise DurableConflict("durable exists with another ack mode")
                 self.consumer = self.durable
                 return info
             except NotFoundError as e:
@@ -286,15 +309,15 @@ class StreamReader:
                     await self._recreate()
                     self._lost = False
                     self._missing_since = None
-                if self._wait_room is not None:
-                    await self._wait_room(self._batch)
-                self._request_done.clear()
-                self._remaining = self._batch
                 req = {
                     "batch": self._batch,
                     "expires": int(PULL_EXPIRES * 1e9),
                     "idle_heartbeat": int(IDLE_HEARTBEAT * 1e9),
                 }
+                if self._wait_room is not None:
+                    req["batch"] = await self._paced_batch()
+                self._request_done.clear()
+                self._remaining = int(req["batch"])
                 await self._nc.publish(
                     f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
                     json.dumps(req).encode(),
@@ -328,6 +351,21 @@ class StreamReader:
                 self._lost = True
                 log.info("reader retry", extra={"stream": self.stream, "error": type(e).__name__})
                 backoff = await self._pause(backoff)
+
+    async def _paced_batch(self) -> int:
+        """How many messages to ask for: as many of the largest seen so far as fit in the
+        sink's room (one, into an empty queue, when even one does not; one to begin with).
+        Not the pull request's `max_bytes`: with no acks, the message that overflows it is
+        skipped by the server, not kept for the next request."""
+        wait_room = self._wait_room
+        assert wait_room is not None
+        room = await wait_room(False)
+        if not self._largest:
+            return 1
+        if self._largest > room:
+            await wait_room(True)
+            return 1
+        return max(1, min(self._batch, room // self._largest))
 
     async def _pause(self, seconds: float) -> float:
         """Sleep before a retry, cut short by mark_lost (NATS is back: retry now).
@@ -369,6 +407,10 @@ class StreamReader:
         self._remaining -= 1
         if self._remaining <= 0:
             self._request_done.set()
+        # Encoded: a binary payload grows by a third in base64, plus the envelope.
+        size = len(msg.data) * 4 // 3 + len(msg.subject) + 256
+        if size > self._largest:
+            self._largest = size
         if self._closed:
             return
         delivered = self._on_message(

@@ -11,10 +11,13 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import nats.errors
 from nats.js import api
+from nats.js.errors import APIError, ServiceUnavailableError
 
 from shared.capabilities import is_internal_tokens, overlaps_internal
 from shared.envelope import JsSubData
+from shared.errors import ErrorCode, ReplyError
 from shared.subjects import match_tokens, tokens
 
 Tokens = tuple[str, ...]
@@ -31,19 +34,24 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """A kv_sub's start: the consumer's start, and what its `ok` reports."""
+    """A kv_sub's start: what its `ok` reports, and the revisions the client already has."""
 
-    start: Start
     position: int
     recovered: bool
+    skip_through: int = 0  # current values at or below this revision are not sent again
+
+    # Always the current value of each key (a delete marker for a deleted one): a resume
+    # never replays a superseded or deleted value that a fresh reader would not get.
+    start = Start(api.DeliverPolicy.LAST_PER_SUBJECT)
 
 
 def kv_resume(since: int | None, first: int, last: int) -> Resume:
     """Resume after `since` only when every change after it is still stored (first stored
-    revision ≤ since + 1 ≤ last + 1); otherwise the current state, `recovered: false`."""
+    revision ≤ since + 1 ≤ last + 1): then only the keys changed since are sent. Otherwise
+    the whole current state, `recovered: false`."""
     if since is not None and since <= last and since + 1 >= first:
-        return Resume(Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=since + 1), since + 1, True)
-    return Resume(Start(api.DeliverPolicy.LAST_PER_SUBJECT), first if last else 0, False)
+        return Resume(since + 1, True, skip_through=since)
+    return Resume(first if last else 0, False)
 
 
 def js_start(d: JsSubData, first: int, last: int, now: dt.datetime) -> tuple[Start, bool]:
@@ -128,3 +136,46 @@ class OpBudget:
             return False
         self._tokens -= 1
         return True
+
+
+# JetStream's own error codes (nats-server's errors.json), by what they mean to a client.
+JS_LIMITS = frozenset(
+    {
+        10002,  # account resources exceeded
+        10023,  # insufficient resources
+        10026,  # maximum consumers limit reached (1,000 per stream by default)
+        10027,  # maximum number of streams reached
+        10028,  # insufficient memory resources
+        10047,  # insufficient storage resources
+    }
+)
+JS_UNAVAILABLE = frozenset({10008, 10009, 10119, 10195})  # cluster or consumer offline
+JS_STREAM_NOT_FOUND = 10059
+_OUTAGES = (
+    ServiceUnavailableError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+)
+JS_FILTER_NOT_SUBSET = 10093  # the filter does not fit the stream's subjects
+
+
+def js_reply_error(e: Exception, stream: str) -> ReplyError | None:
+    """What a failed JetStream request means to the client, by error code and type: a
+    server limit is `limit`, an outage `unavailable`, only the client's own mistake
+    `bad_request`. None: not a JetStream error (let it surface as internal)."""
+    if isinstance(e, _OUTAGES):
+        return ReplyError(ErrorCode.UNAVAILABLE, "JetStream is unavailable: retry later")
+    if not isinstance(e, APIError):
+        return None
+    code = e.err_code
+    if code in JS_LIMITS:
+        return ReplyError(ErrorCode.LIMIT, f"JetStream limit reached: {e.description}")
+    if code in JS_UNAVAILABLE or (e.code or 0) >= 500:
+        return ReplyError(ErrorCode.UNAVAILABLE, "JetStream is unavailable: retry later")
+    if code == JS_STREAM_NOT_FOUND:
+        return ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}")
+    if code == JS_FILTER_NOT_SUBSET:
+        return ReplyError(ErrorCode.BAD_REQUEST, "filter does not fit the stream's subjects")
+    return None

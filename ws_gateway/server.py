@@ -62,6 +62,9 @@ class WsTransport:
         self._protocol.send_text(data)
         self._ws.send_data()
 
+    def buffered(self) -> int:
+        return 0  # bounded by WRITE_HIGH and SOCKET_SEND_BUFFER: can_send says when full
+
     async def close(self, code: int, reason: str) -> None:
         try:
             async with asyncio.timeout(1.0):

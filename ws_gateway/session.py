@@ -91,11 +91,12 @@ class Session:
         self.outbox = Outbox(
             transport.send,
             self._on_slow,
-            self.settings.send_queue_size,
+            self.settings.send_queue_bytes,
             self.settings.write_timeout,
             flusher=hub.flusher,
             can_send=transport.can_send,
             send_now=transport.send_now,
+            buffered=transport.buffered,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._ending: set[asyncio.Task[None]] = set()  # subscription releases: awaited
@@ -144,8 +145,8 @@ class Session:
     def push(self, frame: bytes) -> bool:
         return self.outbox.push(frame)
 
-    async def wait_room(self, n: int) -> None:
-        await self.outbox.wait_room(n)
+    async def wait_room(self, whole: bool = False) -> int:
+        return await self.outbox.wait_room(whole)
 
     def touch(self) -> None:
         """The transport saw the client alive (a long poll), even without a frame."""
@@ -199,14 +200,16 @@ class Session:
             },
         )
 
-    def _end(self, sub: Subscription) -> None:
-        """The one way a subscription leaves the session: out of `subs` and ended, at once."""
+    def _end(self, sub: Subscription) -> asyncio.Task[None]:
+        """The one way a subscription leaves the session: out of `subs` and ended, at once.
+        The returned task finishes when it has released everything."""
         if self.subs.get(sub.ref.inbox) is sub:
             del self.subs[sub.ref.inbox]
         task = sub.end()
         if not task.done():
             self._ending.add(task)
             task.add_done_callback(self._ending.discard)
+        return task
 
     def _on_slow(self, why: str) -> None:
         metrics.BACKPRESSURE_CLOSES.inc()
@@ -296,7 +299,7 @@ class Session:
             case envelope.Sub():
                 await self._sub(op)
             case envelope.Unsub():
-                self._unsub(op)
+                await self._unsub(op)
             case envelope.KvSub():
                 await self._kv_sub(op)
             case envelope.JsSub():
@@ -359,7 +362,7 @@ class Session:
         ref = SubscriptionRef(inbox, "sub", pattern, pattern)
         await self._open(CoreSubscription(ref, self, self.hub))
 
-    def _unsub(self, op: envelope.Unsub) -> None:
+    async def _unsub(self, op: envelope.Unsub) -> None:
         if op.inbox is not None and op.inbox in self.subs:
             victims = [self.subs[op.inbox]]
         elif op.target is not None:  # the inbox, if any, only correlates the reply
@@ -368,8 +371,9 @@ class Session:
             victims = []
         if not victims:
             raise ReplyError(ErrorCode.NOT_FOUND, "no such subscription")
-        for sub in victims:
-            self._end(sub)
+        # Ended at once; `ok` once released, so a request after it finds the consumer
+        # (a durable) parked, not half way.
+        await asyncio.gather(*(self._end(sub) for sub in victims), return_exceptions=True)
         self.push(envelope.ok(op.inbox, op.target))
 
     async def _kv_sub(self, op: envelope.KvSub) -> None:

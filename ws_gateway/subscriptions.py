@@ -26,18 +26,19 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from shared import envelope, kvwire
 from shared.capabilities import SubscriptionRef
 from shared.errors import ErrorCode, ReplyError
+from shared.settings import Settings
 from shared.subjects import tokens
 from ws_gateway import metrics
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter, Shared
 from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
-from ws_gateway.reader import Delivery, DurableConflict, StreamReader
-from ws_gateway.rules import Tokens, js_position, js_start, kv_resume
+from ws_gateway.reader import Delivery, DurableConflict, StreamReader, durables_of
+from ws_gateway.rules import Tokens, js_position, js_reply_error, js_start, kv_resume
 
 log = logging.getLogger("ws_gateway.subscriptions")
 
@@ -59,11 +60,16 @@ class Node(Protocol):
 
     nc: NATS
     js: JetStreamContext
+    settings: Settings
     router: CoreRouter
     kv_feeds: KvFeeds
     checkpoint: Checkpoints
 
     def delivering(self) -> bool: ...
+
+    def take_reader(self, uid: str) -> None: ...
+
+    def give_reader(self, uid: str) -> None: ...
 
 
 class Owner(Protocol):
@@ -74,7 +80,7 @@ class Owner(Protocol):
 
     def push(self, frame: bytes) -> bool: ...
 
-    async def wait_room(self, n: int) -> None: ...
+    async def wait_room(self, whole: bool = False) -> int: ...
 
     def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
 
@@ -175,6 +181,12 @@ class Subscription:
         if self.state is State.ENDED:
             raise Ended
 
+    def _take_slot(self) -> None:
+        """One of the user's JetStream-reading slots, given back the instant it ends."""
+        node, uid = self._node, self._owner.uid
+        node.take_reader(uid)
+        self._stops.append(lambda: node.give_reader(uid))
+
     def _release_now(self, value: object) -> None:
         """Release one held thing before the end (a catch-up that is done)."""
         for i, (held, release) in enumerate(self._held):
@@ -238,10 +250,12 @@ class KvSubscription(Subscription):
         self._member: Member | None = None
         self._synced = False
         self._cutoff = 0
+        self._skip_through = 0
 
     async def _setup(self) -> dict[str, Any]:
         bucket, pattern = self.ref.target, self.ref.pattern
         feeds = self._node.kv_feeds
+        self._take_slot()
         try:
             feed = await self._hold("feed", feeds.acquire(bucket, pattern), feeds.release)
             # Join the shared live feed first, then read the current values: every change
@@ -254,9 +268,12 @@ class KvSubscription(Subscription):
             await self._step("stream_info")
         except NotFoundError:
             raise ReplyError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
+        except Exception as e:
+            raise js_reply_error(e, kvwire.stream_of(bucket)) or e from None
         first, last = info.state.first_seq, info.state.last_seq
         resume = kv_resume(self.since, first, last)
         self._cutoff = last
+        self._skip_through = resume.skip_through
         self._key_at = kvwire.key_offset(bucket)
         reader = StreamReader(
             self._node.nc,
@@ -289,7 +306,10 @@ class KvSubscription(Subscription):
             return False  # not handed on: ended, nothing more is delivered
         if self._synced:
             return True  # the shared feed delivers from here on
-        delivered = self.deliver(encode_change(self.ref.target, d.subject[self._key_at :], d))
+        if d.stream_seq <= self._skip_through:
+            delivered = True  # the client has this value already (resumed after it)
+        else:
+            delivered = self.deliver(encode_change(self.ref.target, d.subject[self._key_at :], d))
         self._cutoff = max(self._cutoff, d.stream_seq)
         if d.pending == 0:
             self._sync()
@@ -324,13 +344,19 @@ class JsSubscription(Subscription):
 
     async def _setup(self) -> dict[str, Any]:
         stream, d = self.ref.target, self.data
+        self._take_slot()
         try:
             info = await self._node.js.stream_info(stream)
         except NotFoundError:
             raise ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
+        except Exception as e:
+            raise js_reply_error(e, stream) or e from None
         await self._step("stream_info")
         first, last = info.state.first_seq, info.state.last_seq
         start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
+        durable = f"u_{self._owner.uid}_{d.durable}" if d.durable else None
+        if durable is not None:
+            await self._check_durables(stream, durable)
         reader = StreamReader(
             self._node.nc,
             self._node.js,
@@ -340,24 +366,41 @@ class JsSubscription(Subscription):
             self._on_message,
             batch=d.batch,
             ack=d.ack,
-            durable=f"u_{self._owner.uid}_{d.durable}" if d.durable else None,
+            durable=durable,
             wait_room=self._owner.wait_room,
             on_lost=lambda e: self._owner.subscription_lost(self),
             gate=self._node.delivering,
+            durable_inactive=self._node.settings.durable_inactive,
         )
         try:
             self.reader = await self._hold("reader", reader.start(pull=False), _close_reader)
         except DurableConflict as e:
             raise ReplyError(ErrorCode.BAD_REQUEST, str(e)) from None
-        except NotFoundError:
-            raise ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
-        except BadRequestError:
-            raise ReplyError(
-                ErrorCode.BAD_REQUEST, "filter does not fit the stream's subjects"
-            ) from None
+        except Exception as e:
+            raise js_reply_error(e, stream) or e from None
         cinfo = reader.info
         delivered = cinfo.delivered.stream_seq if cinfo and cinfo.delivered else 0
         return {"position": js_position(start, delivered or 0, last), "recovered": recovered}
+
+    async def _check_durables(self, stream: str, durable: str) -> None:
+        """A new durable beyond the user's cap on this stream is `limit` (durables outlive
+        connections: unbounded, they would fill JetStream). Binding an existing one is free.
+        Concurrent creations may overshoot the cap by their number."""
+        js = self._node.js
+        try:
+            await js.consumer_info(stream, durable)
+            return
+        except NotFoundError:
+            pass
+        except Exception as e:
+            raise js_reply_error(e, stream) or e from None
+        cap = self._node.settings.max_durables_per_user
+        held = await durables_of(js, stream, f"u_{self._owner.uid}_")
+        await self._step("durables")
+        if held >= cap:
+            raise ReplyError(
+                ErrorCode.LIMIT, f"at most {cap} durables per user on stream {stream!r}"
+            )
 
     def _on_live(self) -> None:
         if self.reader is not None:

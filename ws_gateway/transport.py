@@ -20,4 +20,9 @@ class Transport(Protocol):
 
     def send_now(self, data: bytes) -> None: ...
 
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the client, that the transport itself holds
+        (a long-poll buffer until the next GET; a socket's are bounded by the kernel)."""
+        ...
+
     async def close(self, code: int, reason: str) -> None: ...

@@ -37,6 +37,7 @@ import pytest_asyncio
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
 
+from shared import natsio
 from shared.subjects import match
 from tests.deploy.stackrun import Stack, chat_send_acked, login
 from tests.waits import split, until_async
@@ -57,9 +58,14 @@ WIDE_PATTERNS = ("*.*", "*.*.*.*", ">")
 # each wide pattern, so each wide subscription proves it was live all along.
 CONTROLS = ("race13.control", "race13.control.four.tokens")
 INTERNAL_PREFIXES = ("$", "_INBOX.", "cmd.")
-# The races send hundreds of requests per connection within seconds; the per-connection
-# request limit is not what these tests are about, so it is raised out of the way.
-STACK_SETTINGS = {"CLIENT_OPS_PER_SECOND": "2000", "CLIENT_OPS_BURST": "4000"}
+# The races send hundreds of requests per connection, and hundreds of API writes per user,
+# within seconds; those rate limits are not what these tests are about: raised out of the way.
+STACK_SETTINGS = {
+    "CLIENT_OPS_PER_SECOND": "2000",
+    "CLIENT_OPS_BURST": "4000",
+    "API_WRITES_PER_MINUTE": "60000",
+    "API_WRITES_BURST": "5000",
+}
 
 Envelope = dict[str, Any]
 Pred = Callable[[Envelope], bool]
@@ -355,7 +361,11 @@ async def api(http: aiohttp.ClientSession) -> Api:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def nc(stack: Stack) -> AsyncIterator[NATS]:
-    conn = await nats.connect(f"nats://127.0.0.1:{stack.settings.nats_port}")
+    # NATS asks for credentials: the admin CLI's user (provision) reads consumers too.
+    user, password = natsio.credentials(stack.settings, "provision") or (None, None)
+    conn = await nats.connect(
+        f"nats://127.0.0.1:{stack.settings.nats_port}", user=user, password=password
+    )
     try:
         yield conn
     finally:

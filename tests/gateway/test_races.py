@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import REGISTRY
 
-from shared.client import GatewayClient
+from shared.client import GatewayClient, RequestError
 from shared.users import REVOKED_BUCKET
 from tests.gateway.conftest import ALICE_CAPS, ClientFactory, UserFactory
 from tests.waits import until, until_async
@@ -117,6 +117,10 @@ class Recorder:
                     self.seen.append(await self._queue.get())
         except TimeoutError:
             raise AssertionError(f"never got {what}; got {self.seen}") from None
+
+
+def _closes(code: int) -> float:
+    return REGISTRY.get_sample_value("gateway_closes_total", {"code": str(code)}) or 0.0
 
 
 def _gauge(kind: str) -> float:
@@ -315,6 +319,7 @@ async def test_a_record_change_during_the_handshake_read_is_applied(
     record is applied to the new session, and no later handshake gets the stale record."""
     assert gateway.hub is not None
     token = await make_user()
+    closed_4403 = _closes(4403)
     hold = gateway.hub.checkpoint.hold("admit.read")
     connecting = asyncio.ensure_future(connect(token, record=True))
     await hold.reached()
@@ -329,13 +334,32 @@ async def test_a_record_change_during_the_handshake_read_is_applied(
     await until(lambda: hub._seen.get("alice", 0) >= last, "the watch to see the change", 10)
     hold.release()
     if change == "disabled":
-        try:
-            c = await connecting
-        except Exception:
-            return  # refused outright is as good
-        assert await c.wait_closed() == 4403
+        # Closed 4403 before its first cap_update: the client never sees it open.
+        with pytest.raises(ConnectionError):
+            await connecting
+        assert _closes(4403) == closed_4403 + 1
+        assert not hub.sessions
         return
     c = await connecting
     assert c.capabilities["subjects"] == ["articles.>"]
     again = await connect(token)
     assert again.capabilities["subjects"] == ["articles.>"]
+
+
+async def test_the_python_client_hears_revoked_for_a_subscription_revoked_in_setup(
+    gateway: Gateway, make_user: UserFactory, connect: ClientFactory
+) -> None:
+    """The SDK's pending kv_sub fails with `revoked` when the cap_update lists it: no ok
+    will come, and the caller is not left waiting for its timeout."""
+    assert gateway.hub is not None
+    c = await connect(await make_user())
+    await c.cap_updates.get()  # the connect-time one
+    hold = gateway.hub.checkpoint.hold("kv_sub.feed")
+    pending = asyncio.ensure_future(c.kv_sub("articles", "a.>"))
+    await hold.reached()
+    await make_user("alice", NO_ARTICLES)
+    await c.cap_updates.get()
+    hold.release()  # over long polling the request's POST returns only now
+    with pytest.raises(RequestError) as e:
+        await pending
+    assert e.value.code == "revoked"

@@ -177,7 +177,7 @@ async def test_slow_consumer_among_readers(
         f"of 1 KiB; {phase} s windows without, then with {n_slow} clients joining one by one that "
         "subscribe to it and to a stream of their own (64 KiB messages) and stop reading; "
         "gateway in its own "
-        f"process (WRITE_TIMEOUT 250 ms, SEND_QUEUE_SIZE 1024, SOCKET_SEND_BUFFER "
+        f"process (WRITE_TIMEOUT 250 ms, SEND_QUEUE_BYTES 1 MiB, SOCKET_SEND_BUFFER "
         f"{settings.socket_send_buffer // 1024} KiB)",
         f"slow clients closed 1013: {len(closes)}/{n_slow} ({', '.join(why)}); stop-reading "
         f"-> close {summary(closes)} (the socket buffer fills, then the write timeout runs); "

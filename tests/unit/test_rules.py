@@ -27,19 +27,22 @@ LAST = api.DeliverPolicy.LAST_PER_SUBJECT
 @pytest.mark.parametrize(
     ("since", "first", "last", "expected"),
     [
-        (None, 1, 10, Resume(Start(LAST), 1, False)),
-        (None, 0, 0, Resume(Start(LAST), 0, False)),  # an empty bucket
-        (10, 1, 10, Resume(Start(BY_SEQ, seq=11), 11, True)),  # up to date
-        (4, 1, 10, Resume(Start(BY_SEQ, seq=5), 5, True)),
-        (4, 5, 10, Resume(Start(BY_SEQ, seq=5), 5, True)),  # first missing is first stored
-        (3, 5, 10, Resume(Start(LAST), 5, False)),  # revision 4 is gone: full state
-        (11, 1, 10, Resume(Start(LAST), 1, False)),  # from a bucket recreated since
-        (0, 1, 10, Resume(Start(BY_SEQ, seq=1), 1, True)),
+        (None, 1, 10, Resume(1, False)),
+        (None, 0, 0, Resume(0, False)),  # an empty bucket
+        (10, 1, 10, Resume(11, True, skip_through=10)),  # up to date
+        (4, 1, 10, Resume(5, True, skip_through=4)),
+        (4, 5, 10, Resume(5, True, skip_through=4)),  # first missing is first stored
+        (3, 5, 10, Resume(5, False)),  # revision 4 is gone: full state
+        (11, 1, 10, Resume(1, False)),  # from a bucket recreated since
+        (0, 1, 10, Resume(1, True, skip_through=0)),
     ],
 )
 def test_kv_resume(since: int | None, first: int, last: int, expected: Resume) -> None:
-    """Resume only when every change after `since` is still stored; else the full state."""
-    assert kv_resume(since, first, last) == expected
+    """Resume only when every change after `since` is still stored; else the full state.
+    Either way the current value per key: never a superseded one."""
+    resume = kv_resume(since, first, last)
+    assert resume == expected
+    assert resume.start == Start(LAST)
 
 
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
