@@ -9,7 +9,7 @@ import json
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -108,16 +108,6 @@ async def test_production_passwords_reach_nats_and_each_program_only_its_own(
     finally:
         proc.terminate()
         await proc.wait()
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "var")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 class Client:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,22 +18,6 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.deploy.stackrun import Stack, login
 from tests.waits import split
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "var")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()  # idempotent: the test may have stopped it already
-
-
-@pytest.fixture
-async def http(stack: Stack) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=stack.url) as session:
-        yield session
 
 
 async def frames(ws: ClientConnection) -> AsyncIterator[dict[str, Any]]:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
 from shared.settings import Settings
 from tests.natsd import free_port
@@ -216,3 +218,26 @@ async def gateway_process(settings: Settings, log_path: Path, **env: str):  # ty
         yield gp
     finally:
         gp.stop()
+
+
+async def open_raw(url: str, token: str) -> ClientConnection:
+    """A plain websockets client with a bearer token, past its first cap_update."""
+    ws = await ws_connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        ping_interval=None,
+        max_size=None,
+        open_timeout=30,
+    )
+    await ws.recv()  # cap_update
+    return ws
+
+
+async def subscribe_raw(ws: ClientConnection, subject: str) -> None:
+    """`sub` on a plain client; returns at its ok (other frames are skipped)."""
+    await ws.send(f'{{"op":"sub","target":"{subject}","inbox":"{subject}"}}')
+    async with asyncio.timeout(30):
+        while True:
+            frame = await ws.recv()
+            if isinstance(frame, str) and f'"op":"ok","target":"{subject}"' in frame:
+                return

@@ -25,35 +25,16 @@ from tests.reliability.helpers import (
     GatewayProcess,
     backoff_delay,
     ms,
+    open_raw,
     pct,
     rss_kib,
+    subscribe_raw,
     summary,
     until,
     until_async,
 )
 
 _decode = msgspec.json.decode
-
-
-async def _open(url: str, token: str) -> ClientConnection:
-    ws = await ws_connect(
-        url,
-        additional_headers={"Authorization": f"Bearer {token}"},
-        ping_interval=None,
-        max_size=None,
-        open_timeout=30,
-    )
-    await ws.recv()  # cap_update
-    return ws
-
-
-async def _subscribe(ws: ClientConnection, subject: str) -> None:
-    await ws.send(f'{{"op":"sub","target":"{subject}","inbox":"{subject}"}}')
-    async with asyncio.timeout(30):
-        while True:
-            frame = await ws.recv()
-            if isinstance(frame, str) and f'"op":"ok","target":"{subject}"' in frame:
-                return
 
 
 async def test_slow_consumer_among_readers(
@@ -133,9 +114,9 @@ async def test_slow_consumer_among_readers(
             gap = phase / (n_slow + 2)
             for k in range(n_slow):
                 await asyncio.sleep(gap)
-                ws = await _open(gp.url, slow_token)
-                await _subscribe(ws, "chat.room.1")
-                await _subscribe(ws, f"chat.bulk.{k}")
+                ws = await open_raw(gp.url, slow_token)
+                await subscribe_raw(ws, "chat.room.1")
+                await subscribe_raw(ws, f"chat.bulk.{k}")
                 ws.transport.pause_reading()
                 paused_at.append(time.time())
                 slow.append(ws)
