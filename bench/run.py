@@ -158,7 +158,9 @@ class Bench:
         self.settings = load({}, nats_url=(self.nats.url,), var_dir=str(self.tmp / "var"))
         await natsio.provision(js, self.settings)
         self.env = {**os.environ, "NATS_URL": self.nats.url, "VAR_DIR": str(self.tmp / "var"),
-                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING"}
+                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING",
+                    # one bench user holds every kv_sub and js_sub of the run
+                    "MAX_READERS_PER_USER": "1000000"}
         if self.kind == "ours":
             kv = await js.key_value(USERS_BUCKET)
             caps = {"subjects": ["bench.>"], "buckets": {"articles": [">"]},
