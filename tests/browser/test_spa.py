@@ -27,9 +27,10 @@ def button(item: Locator, label: str) -> Locator:
 async def test_articles_appear_live_and_a_conflicting_edit_is_reported(
     person: PersonFactory,
 ) -> None:
-    """bob creates and edits an article: alice's list shows each live, with no reload;
-    alice's edit from the old revision gets the conflict message and can load the latest."""
-    alice = await person("alice")
+    """bob creates and edits an article: admin's list shows each live, with no reload;
+    admin's edit (a moderator's) from the old revision gets the conflict message and can
+    load the latest. (Alice may not edit bob's article at all: object-level rules.)"""
+    alice = await person("admin")
     bob = await person("bob")
     await alice.go("articles")
     await bob.go("articles")

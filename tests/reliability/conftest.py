@@ -30,12 +30,25 @@ from nats.aio.client import Client as NATS
 from shared.auth import TokenIssuer
 from shared.logs import PrettyFormatter
 from shared.settings import Settings
-from tests.api.conftest import api, api_settings  # noqa: F401
+from tests.api.conftest import api  # noqa: F401
 from tests.gateway.conftest import connect, connect_ws, gateway, issuer, make_user  # noqa: F401
 from ws_gateway.server import Gateway
 
 FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0", "false", "no")
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def api_settings(settings: Settings) -> Settings:
+    """The API tests' settings, with a write budget this suite's bursts of hundreds of
+    writes per user never reach (tests/api/test_bounds.py is where the budget is tested)."""
+    return msgspec.structs.replace(
+        settings,
+        login_attempts_per_minute=5,
+        command_timeout=1.0,
+        api_writes_per_minute=1_000_000,
+        api_writes_burst=1_000_000,
+    )
 
 
 def scale(fast: int, full: int) -> int:
