@@ -123,7 +123,7 @@ def decode_client_frame(frame: bytes | str) -> ClientOp:
     if type(head.v) is not int or head.v != PROTOCOL_VERSION:
         raise DisconnectError(Disconnects.UNSUPPORTED_VERSION, inbox)
     try:
-        return _op_decoder.decode(frame)  # type: ignore[no-any-return]
+        return _op_decoder.decode(frame)
     except (msgspec.DecodeError, RecursionError, UnicodeError) as e:
         raise ReplyError(ErrorCode.BAD_REQUEST, str(e), inbox) from None
 

@@ -31,6 +31,15 @@ from ws_gateway.session import Session
 WIDE = {"subjects": ["chat.>"]}
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 async def _attempt(
     c: GatewayClient, op: str, target: str, data: dict[str, Any]
 ) -> tuple[str, dict[str, Any] | None]:
@@ -202,7 +211,6 @@ async def test_outbox_bounded_in_bytes_closes_a_stopped_reader_1013(
     nc: NATS,
     settings: Settings,
     figures: Figures,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A client that stops reading while 100 KiB messages arrive on its subject is closed
     1013 (backpressure) with at most SEND_QUEUE_BYTES queued for it; a reading client on
@@ -215,7 +223,12 @@ async def test_outbox_bounded_in_bytes_closes_a_stopped_reader_1013(
     rsub = await reader.sub("chat.bulk")
     ws = await open_raw(gateway.url, await make_user("slow", WIDE))
     got: list[int] = []
-    caplog.set_level(logging.INFO, logger="ws_gateway.session")
+    # Its own handler, not caplog: `make reliability` runs without pytest's logging plugin.
+    records = _Records()
+    session_log = logging.getLogger("ws_gateway.session")
+    level = session_log.level
+    session_log.setLevel(logging.INFO)
+    session_log.addHandler(records)
 
     def payload(i: int) -> bytes:
         head = b'{"i":%d,"pad":"' % i
@@ -256,9 +269,11 @@ async def test_outbox_bounded_in_bytes_closes_a_stopped_reader_1013(
             client_code = None
     finally:
         ws.transport.abort()
+        session_log.removeHandler(records)
+        session_log.setLevel(level)
     why = [
         getattr(r, "why", "?")
-        for r in caplog.records
+        for r in records.records
         if r.getMessage() == "slow client" and getattr(r, "session", None) == slow.id
     ]
     figures.add(
