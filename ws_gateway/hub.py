@@ -199,7 +199,9 @@ class Hub:
                     await self._watch(bucket)
                     self._watch_lost.discard(bucket)
                 await self._list_revoked()
-                break
+                if not self._watch_lost:
+                    break  # else another watch was lost meanwhile: this task re-creates it
+                continue
             except Exception as e:
                 log.info(
                     "auth watch retry",

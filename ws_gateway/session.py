@@ -445,8 +445,10 @@ class Session:
     # ------------------------------------------------------------------ from the hub
 
     def subscription_lost(self, sub: Subscription) -> None:
-        """Its stream or bucket is gone: end the subscription and say so."""
-        if self.subs.get(sub.ref.inbox) is sub and sub.live:
+        """Its stream or bucket is gone: end the subscription and say so. One still being
+        set up is ended too (it would go live on a dead feed); its setup then says nothing
+        more, so the client hears the same error."""
+        if self.subs.get(sub.ref.inbox) is sub:
             self._end(sub)
             self.push(
                 envelope.error(
