@@ -407,10 +407,11 @@ class StreamReader:
         self._remaining -= 1
         if self._remaining <= 0:
             self._request_done.set()
-        # Encoded: a binary payload grows by a third in base64, plus the envelope.
-        size = len(msg.data) * 4 // 3 + len(msg.subject) + 256
-        if size > self._largest:
-            self._largest = size
+        if self._wait_room is not None:  # only paced readers size their pulls
+            # Encoded: a binary payload grows by a third in base64, plus the envelope.
+            size = len(msg.data) * 4 // 3 + len(msg.subject) + 256
+            if size > self._largest:
+                self._largest = size
         if self._closed:
             return
         delivered = self._on_message(
