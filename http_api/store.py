@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 
 from http_api.schemas import Article, Todo
 from shared import kvwire
+from shared.kvlist import live_entries
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
@@ -110,41 +111,21 @@ class _Bucket(Generic[T]):
     async def keys(self) -> list[str]:
         """Every live key, sorted. Headers only: NATS sends no values, so this costs the key
         strings (one message each), whatever the values weigh."""
-        watcher = await self._kv.watchall(ignore_deletes=True, meta_only=True)
-        out: list[str] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10.0)  # type: ignore[no-untyped-call]
-                if entry is None:  # every current key is delivered
-                    break
-                out.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        out.sort()
-        return out
+        return sorted(e.key for e in await live_entries(self._js, self.name, values=False))
 
     async def list(self) -> list[tuple[str, Versioned[T]]]:
         """Every live key with its latest value, in key order."""
-        watcher = await self._kv.watchall(ignore_deletes=True)
         out: list[tuple[str, Versioned[T]]] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10.0)  # type: ignore[no-untyped-call]
-                if entry is None:  # the initial values are all delivered
-                    break
-                if entry.value is None or entry.revision is None:
-                    continue
-                try:
-                    value = self._decoder.decode(entry.value)
-                except msgspec.DecodeError:
-                    log.warning(
-                        "undecodable value skipped",
-                        extra={"event": "kv_bad_value", "bucket": self.name, "key": entry.key},
-                    )
-                    continue
-                out.append((entry.key, Versioned(value, entry.revision)))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for entry in await live_entries(self._js, self.name, values=True):
+            try:
+                value = self._decoder.decode(entry.value)
+            except msgspec.DecodeError:
+                log.warning(
+                    "undecodable value skipped",
+                    extra={"event": "kv_bad_value", "bucket": self.name, "key": entry.key},
+                )
+                continue
+            out.append((entry.key, Versioned(value, entry.revision)))
         out.sort(key=lambda kv: kv[0])
         return out
 

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from shared import kvwire
 from shared.auth import Claims, TokenVerifier
 from shared.capabilities import CompiledCapabilities
 from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
+from shared.kvlist import live_entries
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.users import (
@@ -288,9 +289,7 @@ class Hub:
             return known.caps
         return compile_or_nothing(user)
 
-    async def open(
-        self, claims: Claims, read: UserRead, transport: Transport
-    ) -> Session:
+    async def open(self, claims: Claims, read: UserRead, transport: Transport) -> Session:
         """A session for an admitted handshake, registered and started (or already closing,
         if the user was disabled meanwhile).
 
@@ -407,21 +406,16 @@ class Hub:
     async def _list_revoked(self) -> None:
         """Add every revoked token id in the bucket to the mirror; never removes one (a
         revocation the watch added meanwhile may postdate the listing)."""
-        kv = await self._bucket(REVOKED_BUCKET)
-        try:
-            async with asyncio.timeout(10):  # nats-py's listing waits on a watcher, unbounded
-                keys = await kv.keys()
-        except NoKeysError:
-            keys = []
+        listed = await live_entries(self.js, REVOKED_BUCKET, values=True)
         now = time.time()
-        for key in keys:
-            if key.startswith(USER_MARK):
-                uid = key[len(USER_MARK) :]
-                mark = await self._read_mark(kv, key)
+        for entry in listed:
+            if entry.key.startswith(USER_MARK):
+                uid = entry.key[len(USER_MARK) :]
+                mark = _parse_mark(entry.value)
                 if mark:
                     self._marks[uid] = max(self._marks.get(uid, 0), mark)
             else:
-                self._revoked.setdefault(key, now)
+                self._revoked.setdefault(entry.key, now)
         self._revoked_whole = True
 
     @staticmethod

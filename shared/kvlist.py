@@ -1,0 +1,68 @@
+"""Every live key of a KV bucket, counted before anything is delivered.
+
+nats-py's `keys()` and `watchall()` decide "everything is delivered" by racing a consumer
+info request against the push deliveries it has already started: when the deliveries win,
+the end marker is queued before them and the listing comes back short (seen in CI: five
+articles listed as four). A short listing of the revoked bucket would let a revoked token
+in. Here the count is the consumer's creation reply, made before any delivery, and the
+listing ends on the message after which the server says none is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from shared import kvwire
+
+_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    key: str
+    revision: int
+    value: bytes  # b"" when listed without values
+
+
+async def live_entries(
+    js: JetStreamContext, bucket: str, *, values: bool, timeout: float = 10.0
+) -> list[KvEntry]:
+    """The latest put of every key of `bucket`, in stream order (deleted and purged keys
+    left out). Without `values` the server sends headers only. Raises TimeoutError when
+    the listing takes longer than `timeout`, never returns a short one."""
+    stream = kvwire.stream_of(bucket)
+    offset = kvwire.key_offset(bucket)
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=api.AckPolicy.NONE,
+        filter_subject=kvwire.subject_of(bucket, ">"),
+        headers_only=not values,
+        mem_storage=True,
+        num_replicas=1,
+        inactive_threshold=2 * timeout,  # left behind only if the delete below fails
+    )
+    out: list[KvEntry] = []
+    async with asyncio.timeout(timeout):
+        info = await js.add_consumer(stream, config)
+        try:
+            pending = info.num_pending or 0
+            if pending:
+                sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
+                try:
+                    while pending:
+                        for msg in await sub.fetch(min(pending, _BATCH), timeout=timeout):
+                            pending = msg.metadata.num_pending or 0
+                            if kvwire.kv_op(msg.headers) == "put":
+                                seq = msg.metadata.sequence.stream
+                                out.append(KvEntry(msg.subject[offset:], seq, msg.data))
+                finally:
+                    await sub.unsubscribe()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(js.delete_consumer(stream, info.name))
+    return out
