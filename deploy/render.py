@@ -23,7 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.natsio import PASSWORD_ENV, Role, configured_passwords, role_passwords
+from shared import kvwire
+from shared.capabilities import DURABLES_BUCKET
+from shared.natsio import PASSWORD_ENV, Role, buckets, configured_passwords, role_passwords
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,8 +159,17 @@ JS_ADMIN = [  # stream (and so bucket) creation and removal: provision only
     "$JS.API.SERVER.>",
     "$JS.API.ACCOUNT.>",
 ]
+# Every bucket but the gateway's own. The gateway's publish allow list has no `>`, so these
+# are refused to it already; they are denied too as a second lock (a deny wins over any
+# allow), so a broader allow added later still writes no other bucket. A `$KV.>` deny would
+# refuse `$KV.gw_durables.>` as well.
+_NOT_GATEWAY_BUCKETS = [
+    kvwire.subject_of(b.name, ">") for b in buckets(Settings()) if b.name != DURABLES_BUCKET
+]
+
 PERMISSIONS: dict[Role, dict[str, dict[str, list[str]]]] = {
-    # Reads only: KV gets, stream info, its own consumers (create, info, next, delete), acks.
+    # Reads: KV gets, stream info, its own consumers (create, info, next, delete), acks.
+    # Writes one bucket only: its durable js_sub records (ws_gateway/durables.py).
     # It subscribes to whatever users' capabilities allow, and its inboxes.
     "gateway": {
         "publish": {
@@ -172,8 +183,9 @@ PERMISSIONS: dict[Role, dict[str, dict[str, list[str]]]] = {
                 "$JS.API.CONSUMER.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
+                kvwire.subject_of(DURABLES_BUCKET, ">"),
             ],
-            "deny": ["$KV.>", "$SYS.>", *JS_ADMIN],
+            "deny": [*_NOT_GATEWAY_BUCKETS, "$SYS.>", *JS_ADMIN],
         },
         "subscribe": {"allow": [">"], "deny": ["$SYS.>", "cmd.>", "$KV.auth_credentials.>"]},
     },

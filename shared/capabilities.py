@@ -35,6 +35,9 @@ INTERNAL_SUBJECT_PATTERNS: tuple[str, ...] = (
 )
 _INTERNAL_TOKENS = tuple(tokens(p) for p in INTERNAL_SUBJECT_PATTERNS)
 EXPOSABLE_AUTH_BUCKET = "auth_users"
+# The gateway's durable js_sub records (ws_gateway/durables.py): every user's durables, their
+# holders and ack floors. Never a client's to read, whatever its capabilities say.
+DURABLES_BUCKET = "gw_durables"
 
 
 class Capabilities(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -85,6 +88,10 @@ def overlaps_internal(pattern: str) -> bool:
 
 
 def is_internal_bucket(bucket: str) -> bool:
+    """Buckets no kv_sub (nor the API's explain) may reach: auth_* but auth_users, and the
+    gateway's durables."""
+    if bucket == DURABLES_BUCKET:
+        return True
     return bucket.startswith("auth_") and bucket != EXPOSABLE_AUTH_BUCKET
 
 
@@ -161,9 +168,7 @@ def _compile(patterns: Iterable[str]) -> _Compiled:
     return tuple((p, tokens(p)) for p in patterns)
 
 
-def _first_superset(
-    request: str, t: tuple[str, ...], compiled: _Compiled, where: str
-) -> Decision:
+def _first_superset(request: str, t: tuple[str, ...], compiled: _Compiled, where: str) -> Decision:
     for p, pt in compiled:
         if subset_tokens(t, pt):
             return Decision(True, f"{where}: {p}", f"{request!r} is within {p!r}")

@@ -30,17 +30,23 @@ class KvEntry:
 
 
 async def live_entries(
-    js: JetStreamContext, bucket: str, *, values: bool, timeout: float = 10.0
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    values: bool,
+    pattern: str = ">",
+    timeout: float = 10.0,
 ) -> list[KvEntry]:
-    """The latest put of every key of `bucket`, in stream order (deleted and purged keys
-    left out). Without `values` the server sends headers only. Raises TimeoutError when
-    the listing takes longer than `timeout`, never returns a short one."""
+    """The latest put of every key of `bucket` matching the key `pattern` (NATS wildcards),
+    in stream order (deleted and purged keys left out). Without `values` the server sends
+    headers only. Raises TimeoutError when the listing takes longer than `timeout`, never
+    returns a short one."""
     stream = kvwire.stream_of(bucket)
     offset = kvwire.key_offset(bucket)
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=api.AckPolicy.NONE,
-        filter_subject=kvwire.subject_of(bucket, ">"),
+        filter_subject=kvwire.subject_of(bucket, pattern),
         headers_only=not values,
         mem_storage=True,
         num_replicas=1,

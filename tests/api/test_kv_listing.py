@@ -47,6 +47,23 @@ async def test_an_empty_bucket_lists_nothing(js: JetStreamContext) -> None:
     assert await _consumers(js, "empty_listing") == 0
 
 
+async def test_a_key_pattern_lists_only_the_keys_it_matches(js: JetStreamContext) -> None:
+    """`pattern` filters by key with NATS wildcards; deleted keys stay out; `>` is all."""
+    kv = await js.create_key_value(bucket="pattern_listing")
+    for key in ("chat.u1.a", "chat.u1.b", "chat.u10.a", "chat.u1.a.deep", "audit.u1.a"):
+        await kv.put(key, b"x")
+    await kv.delete("chat.u1.b")
+    keys = [
+        e.key for e in await live_entries(js, "pattern_listing", values=False, pattern="chat.u1.*")
+    ]
+    assert keys == ["chat.u1.a"]
+    deep = await live_entries(js, "pattern_listing", values=True, pattern="chat.u1.>")
+    assert sorted(e.key for e in deep) == ["chat.u1.a", "chat.u1.a.deep"]
+    assert len(await live_entries(js, "pattern_listing", values=False)) == 4
+    assert await live_entries(js, "pattern_listing", values=False, pattern="nope.*") == []
+    assert await _consumers(js, "pattern_listing") == 0
+
+
 async def test_listings_under_writes_hold_every_key_written_before(js: JetStreamContext) -> None:
     """Writes during a listing may or may not appear; what was there before always does."""
     kv = await js.create_key_value(bucket="busy_listing")

@@ -1,6 +1,6 @@
 """NATS users per role on the stack `make start` runs (security review finding 16): the
-gateway reads but writes no KV and creates no stream, the API never sees `$SYS`, a client
-without credentials is refused, and the stack still serves through nginx."""
+gateway reads, writes no bucket but its durables and creates no stream, the API never sees
+`$SYS`, a client without credentials is refused, and the stack still serves through nginx."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from supervisor.options import ServerOptions  # type: ignore[import-untyped]
 from deploy import stack as ops
 from deploy.render import Layout, nats_server_binary, render
 from shared import natsio
+from shared.capabilities import DURABLES_BUCKET
 from shared.natsio import Role
 from shared.settings import load
 from tests.deploy import test_stack as serving
@@ -158,8 +159,9 @@ async def test_each_role_is_held_to_its_permissions_and_the_stack_still_serves(
     stack: Stack, as_role: Callable[[Role], Awaitable[Client]]
 ) -> None:
     """Without credentials: refused. Gateway: reads auth_users, but may not write it (nor
-    any bucket) nor create a stream. API: may not subscribe to $SYS nor delete a stream.
-    Then alice still sees bob's article over /ws (test_stack's main test, unchanged)."""
+    any bucket but gw_durables, its own) nor create a stream. API: may not subscribe to $SYS
+    nor delete a stream. Then alice still sees bob's article over /ws (test_stack's main
+    test, unchanged)."""
     creds_file = natsio.dev_credentials_path(stack.settings)
     assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
 
@@ -184,6 +186,10 @@ async def test_each_role_is_held_to_its_permissions_and_the_stack_still_serves(
     err = await gateway.violation(lambda nc: nc.publish("$KV.auth_users.intruder", b"{}"))
     assert "$kv.auth_users.intruder" in err.lower()
     await gateway.violation(lambda nc: nc.publish("$KV.articles.intruder", b"{}"))
+    durables = await gateway.nc.jetstream().key_value(DURABLES_BUCKET)
+    revision = await durables.create("chat.probe.d", b"{}")
+    await durables.delete("chat.probe.d", last=revision)
+    assert gateway.errors.empty()
     await gateway.violation(
         lambda nc: nc.publish(
             "$JS.API.STREAM.CREATE.rogue",

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from shared.capabilities import (
+    DURABLES_BUCKET,
     INTERNAL_SUBJECT_PATTERNS,
     Capabilities,
     CompiledCapabilities,
@@ -289,6 +290,19 @@ def test_internal_buckets_refused_whatever_the_caps(bucket: str) -> None:
     d = cc.allows_kv(bucket, ">")
     assert not d
     assert "internal" in d.reason
+
+
+def test_the_gateway_durables_bucket_is_refused_whatever_the_caps() -> None:
+    """gw_durables (every user's durables, holders and floors) is never a kv_sub's, nor an
+    explain's: not even with a wildcard bucket or its own name granted."""
+    assert DURABLES_BUCKET == "gw_durables" and is_internal_bucket(DURABLES_BUCKET)
+    cc = compiled({"buckets": {DURABLES_BUCKET: [">"], "*": [">"], ">": [">"]}})
+    for pattern in (">", "chat.u1.>", "chat.u1.d"):
+        d = cc.allows_kv(DURABLES_BUCKET, pattern)
+        assert not d and "internal" in d.reason
+    assert not cc.allows(SubscriptionRef("explain", "kv_sub", DURABLES_BUCKET, ">"))
+    assert cc.allows_kv("gw_durables_other", ">")  # the name, not a prefix
+    assert not cc.allows_stream("KV_gw_durables", ">")
 
 
 def test_auth_users_allowed_when_the_caps_allow_it() -> None:

@@ -44,6 +44,7 @@ async def test_provisioning_sets_every_limit_of_the_settings(
         "KV_auth_revoked",
         "KV_articles",
         "KV_todos",
+        "KV_gw_durables",
         "chat",
         "audit",
     }

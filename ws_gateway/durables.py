@@ -1,0 +1,308 @@
+"""Durable js_subs as records in KV `gw_durables` (issue 21, design b): no NATS consumer per
+durable. This module only stores them; it knows nothing of sockets or of reading streams.
+
+A record holds a durable's filter, its ack mode, its floor (every stream seq <= floor is
+done, handed on or acked; the durable resumes at floor + 1), its holder (an opaque id of the
+subscription serving it) and the time of its last save. Opening a durable takes it over by
+compare-and-set on the KV revision; the former holder learns it at its next save
+(`TakenOver`). Holders save periodically, also with an unchanged floor: that keeps the
+durable alive.
+
+Key `<stream>.<uid>.<name>`. Stream and durable names are `[A-Za-z0-9_-]{1,64}`, user ids
+`[A-Za-z0-9-]{1,64}` (shared/users.py): each a valid KV key token without a dot, so no
+encoding is needed and `<stream>.<uid>.*` lists exactly one user's durables on one stream.
+
+A durable is *gone* when its key holds a delete marker (the user deleted it) or a record not
+saved for `durable_inactive`: opening it starts afresh. The bucket keeps one revision per
+key and no TTL, so delete markers stay and a deleted durable is told from a new one.
+
+    Exception
+     └── DurableError
+          ├── DurableConflict     it exists with another filter or ack mode (bad_request)
+          ├── DurableLimit        a new durable beyond max_durables_per_user (limit)
+          ├── DurableUnavailable  the compare-and-set lost too many races (unavailable)
+          └── TakenOver           another subscription holds it now, or it was deleted
+
+Any other error (a nats error, a timeout) propagates: the caller answers `unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.capabilities import DURABLES_BUCKET as DURABLES_BUCKET
+from shared.errors import ErrorCode
+from shared.kvlist import live_entries
+from shared.settings import Settings
+from shared.users import USER_ID_RE
+
+log = logging.getLogger("ws_gateway.durables")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # stream and durable names
+# Compare-and-set attempts before giving up: each lost one means another open or save of the
+# same durable landed in between, so more than a few means a storm of takeovers.
+ATTEMPTS = 8
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: the key's revision is not the expected one
+
+
+class DurableError(Exception):
+    code: ErrorCode | None = None  # what a js_sub answers with, where the store decides it
+
+
+class DurableConflict(DurableError):
+    """The durable exists with another filter or ack mode: not the one asked for."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class DurableLimit(DurableError):
+    """A new durable would exceed the user's cap on the stream."""
+
+    code = ErrorCode.LIMIT
+
+
+class DurableUnavailable(DurableError):
+    """Compare-and-set lost `ATTEMPTS` races in a row."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class TakenOver(DurableError):
+    """The lease no longer holds the durable: another subscription took it over, or it was
+    deleted. The caller ends its subscription."""
+
+
+class DurableRecord(msgspec.Struct):
+    """The value of a `gw_durables` key (JSON). Unknown fields are ignored, so a newer
+    gateway may add some during a rolling deploy."""
+
+    filter: str
+    ack: bool
+    floor: int  # every stream seq <= floor is done; resume at floor + 1
+    holder: str
+    updated: float  # unix time of the last save
+
+
+_decoder = msgspec.json.Decoder(DurableRecord)
+_encoder = msgspec.json.Encoder()
+
+
+def durable_key(stream: str, uid: str, name: str) -> str:
+    """The record's key; ValueError for a name or user id that is not one key token."""
+    if not NAME_RE.fullmatch(stream):
+        raise ValueError(f"stream name {stream!r} is not [A-Za-z0-9_-]{{1,64}}")
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"durable name {name!r} is not [A-Za-z0-9_-]{{1,64}}")
+    if not USER_ID_RE.fullmatch(uid):
+        raise ValueError(f"invalid user id {uid!r}")
+    return f"{stream}.{uid}.{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    revision: int  # 0: the key was never written
+    record: DurableRecord | None  # None: never written, deleted, purged or undecodable
+
+
+def _decode(key: str, value: bytes) -> DurableRecord | None:
+    try:
+        return _decoder.decode(value)
+    except msgspec.DecodeError:
+        log.warning(
+            "undecodable durable record: treated as gone",
+            extra={"event": "durable_bad_record", "key": key},
+        )
+        return None
+
+
+async def _read(kv: KeyValue, key: str) -> _Found:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError as e:
+        # nats-py puts a delete or purge marker's entry on the error; a key never written
+        # has none.
+        marker = e.entry.revision if e.entry is not None else None
+        return _Found(marker or 0, None)
+    assert entry.revision is not None
+    return _Found(entry.revision, _decode(key, entry.value or b""))
+
+
+class Lease:
+    """One subscription's hold on a durable, as `DurableStore.open` returned it.
+
+    `created`: no current record existed (a new durable, or a gone one started afresh);
+    `gone`: the key held a deleted or expired durable; `floor`: where it stands (resume at
+    floor + 1); `revision`: the KV revision this lease last wrote. Saves and the delete of
+    one lease run one at a time, in call order."""
+
+    __slots__ = ("_ended", "_kv", "_lock", "_record", "created", "gone", "key", "revision")
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        key: str,
+        record: DurableRecord,
+        revision: int,
+        *,
+        created: bool,
+        gone: bool,
+    ) -> None:
+        self._kv, self.key, self._record, self.revision = kv, key, record, revision
+        self.created, self.gone = created, gone
+        self._lock = asyncio.Lock()
+        self._ended: str | None = None  # why this lease holds nothing any more
+
+    @property
+    def floor(self) -> int:
+        return self._record.floor
+
+    @property
+    def holder(self) -> str:
+        return self._record.holder
+
+    async def save(self, floor: int) -> None:
+        """Write `floor` and the time (an unchanged floor still keeps the durable alive).
+        Raises TakenOver if another subscription holds the durable or it was deleted."""
+
+        async def write() -> None:
+            record = msgspec.structs.replace(self._record, floor=floor, updated=time.time())
+            self.revision = await self._kv.update(
+                self.key, _encoder.encode(record), last=self.revision
+            )
+            self._record = record
+
+        await self._while_held("save", write)
+
+    async def delete(self) -> None:
+        """End the durable for good: a delete marker, written only while this lease holds
+        it (a later open reports it `gone`). Raises TakenOver otherwise."""
+
+        async def write() -> None:
+            await self._kv.delete(self.key, last=self.revision)
+            self._ended = "deleted"
+
+        await self._while_held("delete", write)
+
+    async def _while_held(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Run `write`, a compare-and-set on `revision`, one at a time; after a lost race,
+        look again: TakenOver, or (still ours) retry at the record's revision."""
+        async with self._lock:
+            for _ in range(ATTEMPTS):
+                self._check_held()
+                try:
+                    await write()
+                except APIError as e:
+                    # kv.update raises KeyWrongLastSequenceError; kv.delete the plain error.
+                    lost = isinstance(e, KeyWrongLastSequenceError)
+                    if not lost and e.err_code not in _WRONG_LAST_SEQUENCE:
+                        raise
+                    await self._recheck()
+                    continue
+                return
+            raise DurableUnavailable(f"durable {self.key!r}: {what} lost {ATTEMPTS} races")
+
+    def _check_held(self) -> None:
+        if self._ended is not None:
+            raise TakenOver(f"durable {self.key!r} {self._ended}")
+
+    async def _recheck(self) -> None:
+        """After a lost compare-and-set: still ours (our own write whose reply was lost),
+        then adopt its revision; otherwise the lease has ended."""
+        found = await _read(self._kv, self.key)
+        if found.record is None:
+            self._ended = "deleted"
+        elif found.record.holder != self.holder:
+            self._ended = "taken over by another subscription"
+        else:
+            self.revision = found.revision
+
+
+class DurableStore:
+    """The durable records of every user, in bucket `gw_durables` (provisioned beforehand)."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self._js = js
+        self._inactive = settings.durable_inactive
+        self._cap = settings.max_durables_per_user
+        self._bucket: KeyValue | None = None
+
+    async def _kv(self) -> KeyValue:
+        if self._bucket is None:
+            self._bucket = await self._js.key_value(DURABLES_BUCKET)
+        return self._bucket
+
+    def _current(self, record: DurableRecord | None, now: float) -> bool:
+        return record is not None and now - record.updated <= self._inactive
+
+    async def open(
+        self,
+        stream: str,
+        uid: str,
+        name: str,
+        filter: str,
+        ack: bool,
+        holder: str,
+        floor_if_new: int,
+    ) -> Lease:
+        """Take the durable over for `holder`, or create it at `floor_if_new` if it does not
+        exist or is gone. Raises ValueError (a name or uid that is not one key token),
+        DurableConflict, DurableLimit, DurableUnavailable."""
+        key = durable_key(stream, uid, name)
+        kv = await self._kv()
+        for _ in range(ATTEMPTS):
+            found = await _read(kv, key)
+            now = time.time()
+            record = found.record
+            current = self._current(record, now)
+            if record is not None and current:
+                if record.filter != filter:
+                    raise DurableConflict(f"durable {name!r} exists with another filter")
+                if record.ack != ack:
+                    raise DurableConflict(f"durable {name!r} exists with another ack mode")
+                floor = record.floor
+            else:
+                await self._check_cap(stream, uid, key, now)
+                floor = floor_if_new
+            new = DurableRecord(filter=filter, ack=ack, floor=floor, holder=holder, updated=now)
+            try:
+                if found.revision:
+                    revision = await kv.update(key, _encoder.encode(new), last=found.revision)
+                else:
+                    revision = await kv.create(key, _encoder.encode(new))
+            except KeyWrongLastSequenceError:
+                continue  # another open or save came first: look again
+            return Lease(
+                kv,
+                key,
+                new,
+                revision,
+                created=not current,
+                gone=bool(found.revision) and not current,
+            )
+        raise DurableUnavailable(f"durable {name!r}: open lost {ATTEMPTS} races")
+
+    async def _check_cap(self, stream: str, uid: str, key: str, now: float) -> None:
+        """DurableLimit if the user holds the cap of current durables on `stream` already
+        (`key` itself not counted). Headers only; the values are read only when the count
+        reaches the cap, to leave out expired records. Concurrent creations of different
+        durables may overshoot the cap by their number."""
+        pattern = f"{stream}.{uid}.*"
+        listed = await live_entries(self._js, DURABLES_BUCKET, values=False, pattern=pattern)
+        if sum(1 for e in listed if e.key != key) < self._cap:
+            return
+        entries = await live_entries(self._js, DURABLES_BUCKET, values=True, pattern=pattern)
+        held = sum(
+            1 for e in entries if e.key != key and self._current(_decode(e.key, e.value), now)
+        )
+        if held >= self._cap:
+            raise DurableLimit(f"at most {self._cap} durables per user on stream {stream!r}")
