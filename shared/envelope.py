@@ -264,49 +264,54 @@ def rfc3339_ns(ns: int) -> str:
     return f"{prefix}.{rem // 1000:06d}Z"
 
 
+def rfc3339_from_header(stamp: str) -> str:
+    """JetStream's `Nats-Time-Stamp` (`…T12:30:00.1234567Z`, up to nanoseconds) in the form
+    `rfc3339_ns` writes (microseconds, truncated): history and live bytes are identical."""
+    base, _, frac = stamp.rstrip("Z").partition(".")
+    return f"{base}.{(frac + '000000')[:6]}Z"
+
+
+_subject_cache: dict[str, bytes] = {}
+
+
+def js_body(seq: int, subject: str, payload: bytes, time: str) -> bytes:
+    """The part of a js_msg that is the same for every subscription that gets the message:
+    everything after `"data":{"seq":`. Encoded once per message, sent after each
+    subscription's own prefix (`JsEncoder.prefix`)."""
+    subj = _subject_cache.get(subject)
+    if subj is None:
+        if len(_subject_cache) > 4096:
+            _subject_cache.clear()
+        subj = _subject_cache[subject] = b',"subject":' + _encoder.encode(subject)
+    raw = embed_json(payload)
+    if raw is not None:
+        body = b',"payload":' + bytes(raw)
+    else:
+        body = b',"payload_b64":"' + _b64(payload).encode() + b'"'
+    return b"".join((str(seq).encode(), subj, b',"time":"', time.encode(), b'"', body, b"}}"))
+
+
 class JsEncoder:
     """Encodes the js_msg envelopes of one subscription.
 
-    Unlike fan-out data, a js_msg carries its subscription's inbox, so it is encoded per
-    subscription; the constant part (op, target, inbox) is encoded once here and the
-    per-message fields appended, which keeps JetStream catch-up cheap.
+    Unlike fan-out data, a js_msg carries its subscription's inbox, so the frame is this
+    subscription's `prefix` (op, target, inbox; encoded once here) followed by the
+    message's `js_body`, which is shared by every subscription that gets the message.
     """
 
-    __slots__ = ("_prefix", "_subjects")
+    __slots__ = ("prefix",)
 
     def __init__(self, stream: str, inbox: str) -> None:
-        self._prefix = (
+        self.prefix = (
             b'{"op":"js_msg","target":'
             + _encoder.encode(stream)
             + b',"inbox":'
             + _encoder.encode(inbox)
             + b',"data":{"seq":'
         )
-        self._subjects: dict[str, bytes] = {}
 
     def encode(self, seq: int, subject: str, payload: bytes, time_ns: int) -> bytes:
-        subj = self._subjects.get(subject)
-        if subj is None:
-            if len(self._subjects) > 1024:
-                self._subjects.clear()
-            subj = self._subjects[subject] = b',"subject":' + _encoder.encode(subject)
-        raw = embed_json(payload)
-        if raw is not None:
-            body = b',"payload":' + bytes(raw)
-        else:
-            body = b',"payload_b64":"' + _b64(payload).encode() + b'"'
-        return b"".join(
-            (
-                self._prefix,
-                str(seq).encode(),
-                subj,
-                b',"time":"',
-                rfc3339_ns(time_ns).encode(),
-                b'"',
-                body,
-                b"}}",
-            )
-        )
+        return self.prefix + js_body(seq, subject, payload, rfc3339_ns(time_ns))
 
 
 def js_msg(

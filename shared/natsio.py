@@ -19,6 +19,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from shared import kvwire
+from shared.capabilities import DURABLES_BUCKET
 from shared.settings import Settings
 
 log = logging.getLogger("shared.natsio")
@@ -46,6 +47,9 @@ def buckets(settings: Settings) -> tuple[Bucket, ...]:
         Bucket("auth_revoked", ttl=float(settings.token_ttl + 60)),
         Bucket("articles", history=5),
         Bucket("todos", history=5),
+        # Durable js_subs (ws_gateway/durables.py): the latest record per durable; a delete
+        # leaves its marker (no TTL), so a later open can tell a deleted durable from a new one.
+        Bucket(DURABLES_BUCKET),
     )
 
 
@@ -357,6 +361,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             max_msg_size=cap["max_msg_size"],
             max_consumers=cap["max_consumers"],
             duplicate_window=120.0,  # the Idempotency-Key window of chat.send
+            allow_direct=True,  # the gateway's shared history reads (direct get batch)
         )
         try:
             await js.stream_info(s.name)
@@ -364,4 +369,6 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             await js.add_stream(config2)
             log.info("created stream %s", s.name)
     for stream, want in caps.items():
-        await _apply_limits(js, stream, want)
+        # allow_direct: also turned on for streams made before the gateway read history
+        # through direct get (and for buckets, where nats-py already sets it).
+        await _apply_limits(js, stream, {**want, "allow_direct": True})

@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # long an unused durable is kept by the server.
     max_durables_per_user: int = 16
     durable_inactive: float = 3 * 86400.0
+    # JetStream history blocks kept per gateway process for catch-ups (bytes), and how
+    # long a message of an `ack: true` js_sub waits for its ack before it is sent again.
+    js_history_bytes: int = 64 << 20
+    js_ack_wait: float = 30.0
     client_ops_per_second: float = 50.0
     client_ops_burst: int = 100
     max_bad_frames: int = 10

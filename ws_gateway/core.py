@@ -153,5 +153,3 @@ class CoreRouter:
             metrics.ENVELOPES_OUT.inc(n)
 
         return on_msg
-
-

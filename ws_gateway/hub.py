@@ -49,6 +49,8 @@ from shared.users import (
 )
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter
+from ws_gateway.history import History
+from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
 from ws_gateway.reader import Delivery, StreamReader
@@ -89,6 +91,9 @@ class Hub:
         self.flusher = Flusher()
         self.kv_feeds = KvFeeds(nc, self.js, self.delivering)
         self.kv_feeds.on_gone = self._feed_gone
+        self.js_tails = JsTails(nc, self.js, self.delivering)
+        self.js_tails.on_gone = self._tail_gone
+        self.history = History(nc, settings.js_history_bytes)
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)
@@ -121,6 +126,8 @@ class Hub:
         # False from a NATS disconnect until every user's record has been re-read:
         # nothing is delivered on capabilities that may have changed meanwhile.
         self._delivering = True
+        self._delivering_event = asyncio.Event()
+        self._delivering_event.set()
         self._revalidation: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -157,6 +164,8 @@ class Hub:
             await w.close()
         self._watchers.clear()
         await self.kv_feeds.close()
+        await self.js_tails.close()
+        await self.history.close()
 
     # ------------------------------------------------------------------ auth watches lost
 
@@ -220,10 +229,19 @@ class Hub:
         for s in list(self.sessions):
             s.feed_gone(feed)
 
+    def _tail_gone(self, tail: JsTail) -> None:
+        for s in list(self.sessions):
+            s.tail_gone(tail)
+
     # ------------------------------------------------------------------ NATS state
 
     def delivering(self) -> bool:
         return self._delivering
+
+    async def delivering_open(self) -> None:
+        """Returns once deliveries are no longer held (at once when they are not)."""
+        if not self._delivering:
+            await self._delivering_event.wait()
 
     def take_reader(self, uid: str) -> None:
         """A slot for one more JetStream-reading subscription (js_sub, kv_sub) of `uid` in
@@ -247,6 +265,7 @@ class Hub:
     async def on_disconnect(self) -> None:
         self.nats_ready = False
         self._delivering = False
+        self._delivering_event.clear()
         self._revoked_whole = False
         self.router.open = False
 
@@ -275,8 +294,10 @@ class Hub:
                 log.warning("revalidation retry", extra={"error": type(e).__name__})
                 await asyncio.sleep(0.5)
         self._delivering = True
+        self._delivering_event.set()
         self.router.open = True
         self.kv_feeds.mark_lost()
+        self.js_tails.mark_lost()
         for s in list(self.sessions):
             s.on_nats_reconnect()
         log.info("capabilities re-read after reconnect", extra={"users": len(self.by_user)})

@@ -24,6 +24,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from shared import envelope, kvwire
+from ws_gateway.feeds import Feeds
 from ws_gateway.reader import Delivery, StreamReader
 from ws_gateway.rules import Start
 
@@ -100,69 +101,22 @@ class KvFeed:
             self.on_gone(self)
 
 
-class KvFeeds:
+class KvFeeds(Feeds[tuple[str, str], KvFeed]):
     """The process's feeds, by (bucket, pattern), reference-counted by their subscriptions."""
 
     def __init__(
         self, nc: NATS, js: JetStreamContext, gate: Callable[[], bool] | None = None
     ) -> None:
+        super().__init__()
         self._nc, self._js = nc, js
         self._gate = gate
-        self.feeds: dict[tuple[str, str], KvFeed] = {}
-        self.on_gone: Callable[[KvFeed], None] | None = None
 
-    def __len__(self) -> int:
-        return len(self.feeds)
+    def _make(self, key: tuple[str, str]) -> KvFeed:
+        return KvFeed(self._nc, self._js, *key, self._gate)
+
+    def _key(self, feed: KvFeed) -> tuple[str, str]:
+        return (feed.bucket, feed.pattern)
 
     async def acquire(self, bucket: str, pattern: str) -> KvFeed:
-        """A reference to the feed of (bucket, pattern), its consumer created. Give it back
-        with `release`, whatever happens. Raises NotFoundError for a missing bucket."""
-        key = (bucket, pattern)
-        feed = self.feeds.get(key)
-        if feed is not None:
-            feed.refs += 1
-            try:
-                await asyncio.shield(feed.ready)
-            except BaseException:
-                feed.refs -= 1
-                raise
-            return feed
-        feed = KvFeed(self._nc, self._js, bucket, pattern, self._gate)
-        feed.on_gone = self._gone
-        feed.refs = 1
-        self.feeds[key] = feed
-        try:
-            await feed.reader.start()  # all or nothing: a failed start released its consumer
-        except BaseException as e:
-            if self.feeds.get(key) is feed:
-                del self.feeds[key]
-            cause = e if isinstance(e, Exception) else ConnectionError("feed start cancelled")
-            feed.ready.set_exception(cause)
-            feed.ready.exception()
-            raise
-        feed.ready.set_result(None)
-        return feed
-
-    async def release(self, feed: KvFeed) -> None:
-        """Give back one reference; the last one deletes the feed's consumer."""
-        feed.refs -= 1
-        if feed.refs > 0:
-            return
-        if self.feeds.get((feed.bucket, feed.pattern)) is feed:
-            del self.feeds[(feed.bucket, feed.pattern)]
-        await feed.reader.close()
-
-    def _gone(self, feed: KvFeed) -> None:
-        if self.feeds.get((feed.bucket, feed.pattern)) is feed:
-            del self.feeds[(feed.bucket, feed.pattern)]
-        if self.on_gone:
-            self.on_gone(feed)
-
-    def mark_lost(self) -> None:
-        for feed in self.feeds.values():
-            feed.reader.mark_lost()
-
-    async def close(self) -> None:
-        for feed in list(self.feeds.values()):
-            await feed.reader.close()
-        self.feeds.clear()
+        """Raises NotFoundError for a missing bucket."""
+        return await self._acquire((bucket, pattern))

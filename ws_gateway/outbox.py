@@ -216,6 +216,10 @@ class Outbox:
         self._after_write()
         return frames
 
+    def room(self) -> int:
+        """Bytes that may still be queued before the bound (negative: over it)."""
+        return self.max_bytes - self._held()
+
     @property
     def queued_bytes(self) -> int:
         return self._size

@@ -89,7 +89,7 @@ class StreamReader:
         nc: NATS,
         js: JetStreamContext,
         stream: str,
-        filter_subject: str,
+        filter_subject: str | None,
         start: Start,
         on_message: OnMessage,
         *,
@@ -152,6 +152,12 @@ class StreamReader:
             self.pull()
         return self
 
+    @property
+    def position(self) -> int:
+        """Every message of the stream up to this sequence has been handed on (or came
+        before the consumer's start)."""
+        return max(self.last_seq, self._bound_at)
+
     def pull(self) -> None:
         """Start pulling (once): nothing is fetched before, so nothing is dropped."""
         if self._task is None and not self._closed:
@@ -193,7 +199,7 @@ class StreamReader:
             opt_start_seq=start.seq,
             opt_start_time=start.time,
             ack_policy=api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE,
-            filter_subject=self.filter_subject,
+            filter_subject=self.filter_subject,  # None: the whole stream
             max_ack_pending=max(self._batch * 4, 1000) if self._ack else None,
             ack_wait=30.0 if self._ack else None,
             inactive_threshold=self._durable_inactive if self.durable else EPHEMERAL_INACTIVE,

@@ -33,6 +33,7 @@ from shared.subjects import tokens, validate_pattern
 from shared.tasks import cancel_and_wait
 from shared.users import UserRecord, compile_or_nothing
 from ws_gateway import metrics
+from ws_gateway.jsfeed import JsTail
 from ws_gateway.kvfeed import KvFeed
 from ws_gateway.outbox import Outbox
 from ws_gateway.rules import OpBudget, Tokens, is_primary
@@ -147,6 +148,9 @@ class Session:
 
     async def wait_room(self, whole: bool = False) -> int:
         return await self.outbox.wait_room(whole)
+
+    def room(self) -> int:
+        return self.outbox.room()
 
     def touch(self) -> None:
         """The transport saw the client alive (a long poll), even without a frame."""
@@ -459,6 +463,11 @@ class Session:
     def feed_gone(self, feed: KvFeed) -> None:
         for sub in list(self.subs.values()):
             if isinstance(sub, KvSubscription) and sub.feed is feed:
+                self.subscription_lost(sub)
+
+    def tail_gone(self, tail: JsTail) -> None:
+        for sub in list(self.subs.values()):
+            if isinstance(sub, JsSubscription) and sub.tail is tail:
                 self.subscription_lost(sub)
 
     def apply_user(

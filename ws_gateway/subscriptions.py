@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
+from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -36,9 +37,12 @@ from shared.subjects import tokens
 from ws_gateway import metrics
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter, Shared
+from ws_gateway.history import History, HistoryUnavailable
+from ws_gateway.jscursor import Cursor
+from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
 from ws_gateway.reader import Delivery, DurableConflict, StreamReader, durables_of
-from ws_gateway.rules import Tokens, js_position, js_reply_error, js_start, kv_resume
+from ws_gateway.rules import Start, Tokens, js_position, js_reply_error, js_start, kv_resume
 
 log = logging.getLogger("ws_gateway.subscriptions")
 
@@ -63,9 +67,13 @@ class Node(Protocol):
     settings: Settings
     router: CoreRouter
     kv_feeds: KvFeeds
+    js_tails: JsTails
+    history: History
     checkpoint: Checkpoints
 
     def delivering(self) -> bool: ...
+
+    async def delivering_open(self) -> None: ...
 
     def take_reader(self, uid: str) -> None: ...
 
@@ -81,6 +89,8 @@ class Owner(Protocol):
     def push(self, frame: bytes) -> bool: ...
 
     async def wait_room(self, whole: bool = False) -> int: ...
+
+    def room(self) -> int: ...
 
     def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
 
@@ -239,9 +249,7 @@ class KvSubscription(Subscription):
 
     kind = "kv_sub"
 
-    def __init__(
-        self, ref: SubscriptionRef, owner: Owner, node: Node, since: int | None
-    ) -> None:
+    def __init__(self, ref: SubscriptionRef, owner: Owner, node: Node, since: int | None) -> None:
         super().__init__(ref, owner, node)
         self.since = since
         self.tokens = tokens(ref.pattern)
@@ -339,6 +347,8 @@ class JsSubscription(Subscription):
         super().__init__(ref, owner, node)
         self.data = data
         self.reader: StreamReader | None = None
+        self.tail: JsTail | None = None
+        self.cursor: Cursor | None = None
         self.unacked: dict[int, str] = {}
         self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
 
@@ -354,6 +364,11 @@ class JsSubscription(Subscription):
         await self._step("stream_info")
         first, last = info.state.first_seq, info.state.last_seq
         start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
+        if d.durable is None and info.config.allow_direct:
+            self._node.history.check(stream, info.created, first)
+            begin = await self._begin(start, first, last)
+            await self._share(begin)
+            return {"position": begin, "recovered": recovered}
         durable = f"u_{self._owner.uid}_{d.durable}" if d.durable else None
         if durable is not None:
             await self._check_durables(stream, durable)
@@ -382,6 +397,52 @@ class JsSubscription(Subscription):
         delivered = cinfo.delivered.stream_seq if cinfo and cinfo.delivered else 0
         return {"position": js_position(start, delivered or 0, last), "recovered": recovered}
 
+    async def _begin(self, start: Start, first: int, last: int) -> int:
+        """The first sequence the subscription delivers (from the stream's info)."""
+        if start.policy == api.DeliverPolicy.BY_START_SEQUENCE and start.seq is not None:
+            return max(start.seq, first)  # purged below `first`: that is where it begins
+        if start.policy == api.DeliverPolicy.ALL:
+            return max(first, 1)
+        if start.policy == api.DeliverPolicy.BY_START_TIME and start.time is not None:
+            try:
+                seq = await self._node.history.first_at(
+                    self.ref.target, self.ref.pattern, start.time
+                )
+            except HistoryUnavailable:
+                raise ReplyError(ErrorCode.UNAVAILABLE, "stream history unavailable") from None
+            await self._step("first_at")
+            return last + 1 if seq is None else seq
+        return last + 1  # new messages only
+
+    async def _share(self, begin: int) -> None:
+        """Join the stream's shared tail, with a cursor that reads history up to it."""
+        stream, flt, d = self.ref.target, self.ref.pattern, self.data
+        tails, settings = self._node.js_tails, self._node.settings
+        try:
+            tail = await self._hold("tail", tails.acquire(stream), tails.release)
+        except Exception as e:
+            raise js_reply_error(e, stream) or e from None
+        self.tail = tail
+        cursor = Cursor(
+            stream=stream,
+            filter=flt,
+            begin=begin,
+            prefix=self._encoder.prefix,
+            history=self._node.history,
+            tail=tail,
+            deliver=self.deliver,
+            room=self._owner.room,
+            wait_room=self._owner.wait_room,
+            half=settings.send_queue_bytes // 2,
+            gate=self._node.delivering_open,
+            ack_window=max(d.batch * 4, 1000) if d.ack else None,
+            ack_wait=settings.js_ack_wait,
+        )
+        self.cursor = cursor
+        tail.add(flt, cursor)
+        self._stops.append(lambda: tail.remove(flt, cursor))
+        self._held.append((cursor, cursor.stop))
+
     async def _check_durables(self, stream: str, durable: str) -> None:
         """A new durable beyond the user's cap on this stream is `limit` (durables outlive
         connections: unbounded, they would fill JetStream). Binding an existing one is free.
@@ -405,6 +466,8 @@ class JsSubscription(Subscription):
     def _on_live(self) -> None:
         if self.reader is not None:
             self.reader.pull()
+        if self.cursor is not None:
+            self.cursor.start()
 
     def _on_message(self, m: Delivery) -> bool:
         if self.state is not State.LIVE:
@@ -414,7 +477,11 @@ class JsSubscription(Subscription):
         return self.deliver(self._encoder.encode(m.stream_seq, m.subject, m.data, m.time_ns))
 
     async def ack(self, seq: int) -> None:
-        """Acknowledge one delivered message, confirmed by the server."""
+        """Acknowledge one delivered message (with a consumer: confirmed by the server)."""
+        if self.cursor is not None:
+            if not self.cursor.ack(seq):
+                raise ReplyError(ErrorCode.NOT_FOUND, f"seq {seq} is not awaiting an ack")
+            return
         reply = self.unacked.pop(seq, None)
         if reply is None:
             raise ReplyError(ErrorCode.NOT_FOUND, f"seq {seq} is not awaiting an ack")

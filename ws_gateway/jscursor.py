@@ -1,0 +1,245 @@
+"""One js_sub's place in a stream, served by the process's shared history and tail.
+
+    BEHIND ──caught up with the tail──▶ LIVE
+      ▲                                  │
+      └── no room, ack window full, ─────┘
+          ack wait expired
+
+`last`: every message matching the filter up to this sequence has been handed on (or lay
+before the start). BEHIND, the cursor reads history blocks from `last + 1`, at the pace
+of the connection (room in the outbox, the ack window), while the tail's matching messages
+are kept in a small buffer. A block read when nothing more matched in the stream says up
+to which sequence it is complete (`mark`); if the buffer holds every matching message
+after that, the buffer is sent and the cursor is LIVE: the tail's messages go straight to
+the connection, each encoded once for all cursors. A LIVE cursor that cannot take a
+message (no room, window full) does not drop it and is not closed: it falls BEHIND and
+reads it from history, so a slow reader slows down, as the protocol promises.
+
+With acks, a message not acked within the ack wait is sent again: the cursor rewinds to
+just before the oldest unacked message (what was acked after it comes again too: clients
+dedupe by `seq`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from shared.tasks import cancel_and_wait
+from ws_gateway.history import Block, History, HistoryUnavailable, aligned
+from ws_gateway.jsfeed import JsTail
+
+log = logging.getLogger("ws_gateway.jscursor")
+
+BUFFER_BYTES = 256 * 1024  # the tail's messages kept while catching up (then: read on)
+RETRY = (0.1, 2.0)  # history read retry backoff, first and largest (seconds)
+
+
+class Cursor:
+    def __init__(
+        self,
+        *,
+        stream: str,
+        filter: str,
+        begin: int,
+        prefix: bytes,
+        history: History,
+        tail: JsTail,
+        deliver: Callable[[bytes], bool],
+        room: Callable[[], int],
+        wait_room: Callable[[bool], Awaitable[int]],
+        half: int,
+        gate: Callable[[], Awaitable[None]],
+        ack_window: int | None,
+        ack_wait: float,
+    ) -> None:
+        self.stream, self.filter = stream, filter
+        self.last = begin - 1
+        self.live = False
+        self._prefix = prefix
+        self._history, self._tail = history, tail
+        self._deliver, self._room, self._wait_room, self._half = deliver, room, wait_room, half
+        self._gate = gate
+        self._window, self._ack_wait = ack_window, ack_wait
+        self.pending: dict[int, float] = {}  # ack mode: seq → when it was handed on
+        self._behind = asyncio.Event()
+        self._behind.set()
+        self._acked = asyncio.Event()
+        self._buffer: list[tuple[int, bytes]] = []
+        self._buffer_bytes = 0
+        self._buffer_from: int | None = None  # None: the buffer is not complete
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._deliver = _closed
+        await cancel_and_wait(self._task)
+
+    # ------------------------------------------------------------------ live
+
+    def on_tail(self, seq: int, body: bytes) -> None:
+        if seq <= self.last:
+            return  # history handed it on already
+        if not self.live:
+            if self._buffer_from is not None and seq > self._buffer_from:
+                self._buffer.append((seq, body))
+                self._buffer_bytes += len(body)
+                if self._buffer_bytes > BUFFER_BYTES:
+                    self._drop_buffer()
+            return
+        frame = self._prefix + body
+        if (self._window is not None and len(self.pending) >= self._window) or (
+            self._room() - len(frame) < self._half
+        ):
+            self._fall_behind()
+            return
+        if self._deliver(frame):
+            self._handed(seq)
+
+    def _handed(self, seq: int) -> None:
+        self.last = seq
+        if self._window is not None:
+            self.pending[seq] = time.monotonic()
+
+    def _fall_behind(self) -> None:
+        self.live = False
+        self._drop_buffer()
+        self._behind.set()
+
+    def _drop_buffer(self) -> None:
+        self._buffer, self._buffer_bytes, self._buffer_from = [], 0, None
+
+    # ------------------------------------------------------------------ acks
+
+    def ack(self, seq: int) -> bool:
+        """False when `seq` is not awaiting an ack."""
+        if self.pending.pop(seq, None) is None:
+            return False
+        self._acked.set()
+        return True
+
+    def _expired(self) -> float | None:
+        """Rewind if the oldest unacked message waited out the ack wait; else how long
+        until it will have (None: nothing is waiting)."""
+        if not self.pending:
+            return None
+        oldest = min(self.pending)
+        left = self.pending[oldest] + self._ack_wait - time.monotonic()
+        if left > 0:
+            return left
+        self.last = min(self.last, oldest - 1)
+        self.pending.clear()
+        self._acked.set()
+        self._fall_behind()
+        return None
+
+    # ------------------------------------------------------------------ catching up
+
+    async def _run(self) -> None:
+        while True:
+            while not self._behind.is_set():
+                try:
+                    async with asyncio.timeout(self._expired()):
+                        await self._behind.wait()
+                except TimeoutError:
+                    pass
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        self._drop_buffer()
+        self._buffer_from = self._tail.position
+        start = aligned(self.last + 1)
+        backoff = RETRY[0]
+        while True:
+            await self._ready()
+            try:
+                block = await self._history.block(
+                    self.stream, self.filter, start, lambda: self._tail.position
+                )
+            except HistoryUnavailable as e:
+                log.info("history retry", extra={"stream": self.stream, "error": str(e)})
+                await asyncio.sleep(backoff)  # NATS away or the stream gone (the tail says)
+                backoff = min(backoff * 2, RETRY[1])
+                continue
+            backoff = RETRY[0]
+            i = block.after(self.last)
+            while i < len(block.seqs):
+                before = self.last
+                room = await self._ready()
+                if self.last < before:
+                    break  # the ack wait expired meanwhile: read from the rewound point
+                j = self._push(block, i, room)
+                if j == i and not self._window_full():
+                    # One message larger than the room: it goes alone into an empty queue.
+                    await self._wait_room(True)
+                    j = self._push(block, i, 0, one=True)
+                i = j
+            else:
+                if not block.at_end:
+                    start = block.next
+                    continue
+                self.last = max(self.last, block.mark)
+                if self._buffer_from is not None and block.mark >= self._buffer_from:
+                    await self._ready()  # the buffer (≤ BUFFER_BYTES) fits in half the room
+                    for seq, body in self._buffer:
+                        if seq > self.last and self._deliver(self._prefix + body):
+                            self._handed(seq)
+                    self._drop_buffer()
+                    self.live = True
+                    self._behind.clear()
+                    return
+                # The tail ran ahead of the buffer: keep a new one and read on.
+                self._drop_buffer()
+                self._buffer_from = self._tail.position
+                start = self.last + 1
+                continue
+            start = aligned(self.last + 1)
+
+    def _window_full(self) -> bool:
+        return self._window is not None and len(self.pending) >= self._window
+
+    def _push(self, block: Block, i: int, room: int, *, one: bool = False) -> int:
+        """Hand on the block's messages from index `i` while they fit in `room` (`one`:
+        exactly one, whatever its size); the index to go on from."""
+        seqs, bodies, prefix = block.seqs, block.bodies, self._prefix
+        n = len(seqs)
+        while i < n:
+            seq = seqs[i]
+            if seq <= self.last:
+                i += 1
+                continue
+            if self._window_full():
+                return i
+            frame = prefix + bodies[i]
+            if len(frame) > room and not one:
+                return i
+            room -= len(frame)
+            if not self._deliver(frame):
+                return n  # the subscription ended: nothing more
+            self._handed(seq)
+            i += 1
+            if one:
+                return i
+        return i
+
+    async def _ready(self) -> int:
+        """Wait until this cursor may hand on more: deliveries not held (capabilities being
+        re-read), an ack window with room, room in the outbox. The room in bytes."""
+        await self._gate()
+        while self._window_full():
+            self._acked.clear()
+            try:
+                async with asyncio.timeout(self._expired()):
+                    await self._acked.wait()
+            except TimeoutError:
+                pass
+        return await self._wait_room(False)
+
+
+def _closed(frame: bytes) -> bool:
+    return False
