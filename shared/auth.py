@@ -3,18 +3,31 @@
 Verification pins the algorithm, issuer and audience, requires every claim we issue and
 refuses header parameters that point at other keys (`jku`, `x5u`, `jwk`, `kid`) or carry
 extensions we do not understand (`crit`).
+
+`TokenVerifier.verify` decodes the compact JWS once and checks what `jwt.decode` checks with
+our options (same base64url strictness, same JSON parser, same claim rules; tests compare
+the two on crafted tokens), then the Ed25519 signature. Tokens that verified are remembered
+by their exact string (at most `VERIFIED_CACHE_ENTRIES`, oldest dropped first) and answered
+from memory only while before their `exp`; from `exp` on, the full check decides (leeway
+included). Revocation is checked by the callers on every use, never here.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import json
 import os
+import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -25,6 +38,10 @@ ALGORITHM = "EdDSA"
 MAX_TOKEN_LENGTH = 4096
 _REQUIRED = ["sub", "jti", "iat", "exp", "iss", "aud"]
 _ALLOWED_HEADER = frozenset({"alg", "typ"})
+VERIFIED_CACHE_ENTRIES = 10_000  # per TokenVerifier; each entry is one token we issued
+# header.payload.signature: base64url, each optionally followed by its exact padding
+_B64 = r"([A-Za-z0-9_-]*)(={0,2})"
+_COMPACT = re.compile(rf"{_B64}\.{_B64}\.{_B64}")
 
 
 def bearer_token(header: str) -> str | None:
@@ -155,11 +172,41 @@ class TokenIssuer:
         return token, claims
 
 
+def _b64url(data: str, pad: str) -> bytes:
+    """A base64url segment as PyJWT accepts it: canonical (unused bits zero), and padded
+    either not at all or exactly to a multiple of 4. `data` is already in the alphabet."""
+    n = len(data)
+    if n % 4 == 1 or (pad and (n + len(pad)) % 4):
+        raise InvalidToken("token malformed")
+    raw = base64.urlsafe_b64decode(data + "=" * (-n % 4))
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != data.encode("ascii"):
+        raise InvalidToken("token malformed")
+    return raw
+
+
+def _as_int(value: Any) -> int:
+    """`int(value)` as PyJWT applies it to iat, nbf and exp before comparing them."""
+    try:
+        return int(value)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidToken("token claims malformed") from None
+
+
 class TokenVerifier:
     def __init__(
-        self, key: Ed25519PublicKey, issuer: str, audience: str, leeway: float = 5.0
+        self,
+        key: Ed25519PublicKey,
+        issuer: str,
+        audience: str,
+        leeway: float = 5.0,
+        *,
+        cache_entries: int = VERIFIED_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._key, self._iss, self._aud, self._leeway = key, issuer, audience, leeway
+        self._clock, self._cache_entries = clock, cache_entries
+        # token -> (claims, max(iat, nbf), exp); insertion order is age
+        self._cache: dict[str, tuple[Claims, int, int]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -171,30 +218,90 @@ class TokenVerifier:
             settings.jwt_leeway,
         )
 
+    @property
+    def cached(self) -> int:
+        """How many verified tokens are remembered."""
+        return len(self._cache)
+
     def verify(self, token: str) -> Claims:
         """Verified claims, or InvalidToken with a loggable reason."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("token missing or too long")
+        now = self._clock()
+        hit = self._cache.get(token)
+        if hit is not None:
+            claims, not_before, exp = hit
+            # Strictly before exp (the leeway after it is left to the full check below),
+            # and the same not-before rule as the full check.
+            if now < exp and exp > now - self._leeway and not_before <= now + self._leeway:
+                return claims
+            del self._cache[token]
         try:
-            header = jwt.get_unverified_header(token)
-            if header.get("alg") != ALGORITHM or not set(header) <= _ALLOWED_HEADER:
-                raise InvalidToken("token header not accepted")
-            payload = jwt.decode(
-                token,
-                self._key,
-                algorithms=[ALGORITHM],
-                audience=self._aud,
-                issuer=self._iss,
-                leeway=self._leeway,
-                options={"require": _REQUIRED, "verify_signature": True},
-            )
+            claims, not_before = self._verify(token, now)
         except InvalidToken:
             raise
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("token expired") from None
         except Exception as e:  # any malformed input is a 401, never a 500
             raise InvalidToken(f"token rejected: {type(e).__name__}") from None
-        sub, jti, iat, exp = (payload.get(k) for k in ("sub", "jti", "iat", "exp"))
+        if now < claims.exp and self._cache_entries > 0:
+            while len(self._cache) >= self._cache_entries:
+                del self._cache[next(iter(self._cache))]
+            self._cache[token] = (claims, not_before, claims.exp)
+        return claims
+
+    def _verify(self, token: str, now: float) -> tuple[Claims, int]:
+        """The claims and their not-before time, checked as `jwt.decode` does with
+        algorithms=[ALGORITHM], our audience, issuer and leeway, and require=_REQUIRED."""
+        parts = _COMPACT.fullmatch(token)
+        if parts is None:
+            raise InvalidToken("token malformed")
+        header = json.loads(_b64url(parts[1], parts[2]))
+        if (
+            not isinstance(header, dict)
+            or header.get("alg") != ALGORITHM
+            or not header.keys() <= _ALLOWED_HEADER
+        ):
+            raise InvalidToken("token header not accepted")
+        payload_raw = _b64url(parts[3], parts[4])
+        signature = _b64url(parts[5], parts[6])
+        try:
+            self._key.verify(signature, token[: parts.end(4)].encode("ascii"))
+        except InvalidSignature:
+            raise InvalidToken("token signature invalid") from None
+        payload = json.loads(payload_raw)
+        if not isinstance(payload, dict):
+            raise InvalidToken("token malformed")
+        return self._check_claims(payload, now)
+
+    def _check_claims(self, payload: dict[str, Any], now: float) -> tuple[Claims, int]:
+        # PyJWT's order: required claims, iat, nbf, exp, iss, aud, sub, jti.
+        for name in _REQUIRED:
+            if payload.get(name) is None:
+                raise InvalidToken(f"token claim missing: {name}")
+        not_before = _as_int(payload["iat"])
+        if not_before > now + self._leeway:
+            raise InvalidToken("token not yet valid")
+        if "nbf" in payload:
+            nbf = _as_int(payload["nbf"])
+            if nbf > now + self._leeway:
+                raise InvalidToken("token not yet valid")
+            not_before = max(not_before, nbf)
+        if _as_int(payload["exp"]) <= now - self._leeway:
+            raise InvalidToken("token expired")
+        iss = payload["iss"]
+        if not isinstance(iss, str) or iss != self._iss:
+            raise InvalidToken("token issuer not accepted")
+        aud = payload["aud"]
+        if not aud:
+            raise InvalidToken("token claim missing: aud")
+        if isinstance(aud, str):
+            aud = [aud]
+        if (
+            not isinstance(aud, list)
+            or not all(isinstance(a, str) for a in aud)
+            or self._aud not in aud
+        ):
+            raise InvalidToken("token audience not accepted")
+        sub, jti, iat, exp = (payload[k] for k in ("sub", "jti", "iat", "exp"))
         if not (
             isinstance(sub, str)
             and sub
@@ -204,4 +311,4 @@ class TokenVerifier:
             and type(exp) is int
         ):
             raise InvalidToken("token claims malformed")
-        return Claims(sub=sub, jti=jti, iat=iat, exp=exp)
+        return Claims(sub=sub, jti=jti, iat=iat, exp=exp), not_before

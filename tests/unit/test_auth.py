@@ -9,18 +9,21 @@ import json
 import multiprocessing
 import stat
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.auth import (
     MAX_TOKEN_LENGTH,
+    VERIFIED_CACHE_ENTRIES,
     Claims,
     TokenIssuer,
     TokenVerifier,
@@ -306,6 +309,446 @@ def test_arbitrary_strings_raise_invalid_token(text: str) -> None:
     verifier = TokenVerifier(KEY.public_key(), ISS, AUD)
     with pytest.raises(InvalidToken):
         verifier.verify(text)
+
+
+# ------------------------------------------------------- the lean decode against PyJWT
+
+
+def pyjwt_verify(token: Any, leeway: float) -> Claims:
+    """The verifier as it was before the lean decode (PyJWT's header pass, then
+    `jwt.decode`): the reference the lean one must agree with."""
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken("token missing or too long")
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("alg") != "EdDSA" or not set(header) <= {"alg", "typ"}:
+            raise InvalidToken("token header not accepted")
+        payload = jwt.decode(
+            token,
+            KEY.public_key(),
+            algorithms=["EdDSA"],
+            audience=AUD,
+            issuer=ISS,
+            leeway=leeway,
+            options={
+                "require": ["sub", "jti", "iat", "exp", "iss", "aud"],
+                "verify_signature": True,
+            },
+        )
+    except InvalidToken:
+        raise
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("token expired") from None
+    except Exception as e:
+        raise InvalidToken(f"token rejected: {type(e).__name__}") from None
+    sub, jti, iat, exp = (payload.get(k) for k in ("sub", "jti", "iat", "exp"))
+    if not (
+        isinstance(sub, str)
+        and sub
+        and isinstance(jti, str)
+        and jti
+        and type(iat) is int
+        and type(exp) is int
+    ):
+        raise InvalidToken("token claims malformed")
+    return Claims(sub=sub, jti=jti, iat=iat, exp=exp)
+
+
+def outcome(verify: Callable[[Any], Claims], token: Any) -> Claims | str:
+    """The claims, or how the token was refused; any other exception fails the test."""
+    try:
+        return verify(token)
+    except InvalidToken as e:
+        return "expired" if "expired" in str(e) else "rejected"
+
+
+def sign_segments(header: str, payload: str, sig_pad: str = "") -> str:
+    """A token signed over exactly these two segments (padding included)."""
+    signing_input = f"{header}.{payload}"
+    return f"{signing_input}.{b64url(KEY.sign(signing_input.encode()))}{sig_pad}"
+
+
+def sign_bytes(header: bytes, payload: bytes) -> str:
+    return sign_segments(b64url(header), b64url(payload))
+
+
+def non_canonical(segment: str) -> str:
+    """The same bytes with nonzero unused bits in the last character (PyJWT refuses it)."""
+    assert len(segment) % 4 in (2, 3)
+    return segment[:-1] + chr(ord(segment[-1]) + 1)
+
+
+EDDSA_BYTES = json.dumps(EDDSA, separators=(",", ":")).encode()
+
+
+def crafted(now: int) -> list[tuple[str, Any, bool]]:
+    """(id, token, accepted) at the edges of PyJWT's rules, for a 60 s leeway."""
+
+    def c(**over: Any) -> dict[str, Any]:
+        return claims(**{"iat": now, "exp": now + 600, **over})
+
+    def signed(payload: dict[str, Any], header: dict[str, Any] = EDDSA) -> str:
+        return sign_segments(seg(header), seg(payload))
+
+    good = json.dumps(c(), separators=(",", ":")).encode()
+    valid = signed(c())
+    h, p, s = valid.split(".")
+    unpadded = next(ps for sub in ("u1", "u12", "u123") if len(ps := seg(c(sub=sub))) % 4 > 1)
+    cases: list[tuple[str, Any, bool]] = [
+        ("valid", valid, True),
+        # padding: none, or exactly to a multiple of 4, on any segment
+        *(
+            (f"header-typ-{typ}-pad-{k}", sign_segments(hs + "=" * k, p), ok)
+            for typ in ("JWT", "J", "JW")
+            for hs in [seg({"alg": "EdDSA", "typ": typ})]
+            for k in range(4)
+            for ok in [k == 0 or (len(hs) + k) % 4 == 0]
+        ),
+        *(
+            (f"payload-sub-{sub}-pad-{k}", sign_segments(h, ps + "=" * k), ok)
+            for sub in ("u1", "u12", "u123")
+            for ps in [seg(c(sub=sub))]
+            for k in range(4)
+            for ok in [k == 0 or (len(ps) + k) % 4 == 0]
+        ),
+        *((f"signature-pad-{k}", valid + "=" * k, k in (0, 2)) for k in range(4)),
+        ("header-pad-inside", sign_segments(h[:4] + "=" + h[4:], p), False),
+        # base64url strictness
+        ("header-non-canonical", sign_segments(non_canonical(seg(EDDSA | {"typ": "J"})), p), False),
+        ("payload-non-canonical", sign_segments(h, non_canonical(unpadded)), False),
+        ("signature-non-canonical", f"{h}.{p}.{non_canonical(s)}", False),
+        ("header-one-char-too-many", sign_segments(h + "A", p), False),
+        ("header-std-alphabet", sign_segments(h.replace("J", "+", 1), p), False),
+        ("signature-std-alphabet", f"{h}.{p}.{s[:-1]}/", False),
+        ("payload-empty", sign_segments(h, ""), False),
+        ("header-empty", sign_segments("", p), False),
+        ("signature-63-bytes", f"{h}.{p}.{b64url(KEY.sign(f'{h}.{p}'.encode())[:63])}", False),
+        ("signature-65-bytes", f"{h}.{p}.{b64url(KEY.sign(f'{h}.{p}'.encode()) + b'x')}", False),
+        ("trailing-newline", valid + "\n", False),
+        ("trailing-space", valid + " ", False),
+        ("inner-space", f"{h}. {p}.{s}", False),
+        ("lone-surrogate", valid[:-1] + "\ud800", False),
+        ("fullwidth-digit", valid[:-1] + "\uff11", False),
+        # header
+        ("header-alg-only", signed(c(), {"alg": "EdDSA"}), True),
+        ("header-typ-int", signed(c(), {"alg": "EdDSA", "typ": 5}), True),
+        ("header-typ-other", signed(c(), {"alg": "EdDSA", "typ": "at+jwt"}), True),
+        ("header-alg-null", signed(c(), {"alg": None}), False),
+        ("header-duplicate-alg-ours-last", sign_bytes(b'{"alg":"none","alg":"EdDSA"}', good), True),
+        (
+            "header-duplicate-alg-none-last",
+            sign_bytes(b'{"alg":"EdDSA","alg":"none"}', good),
+            False,
+        ),
+        ("header-utf16", sign_bytes(json.dumps(EDDSA).encode("utf-16"), good), True),
+        ("header-utf8-bom", sign_bytes(b"\xef\xbb\xbf" + json.dumps(EDDSA).encode(), good), True),
+        ("header-deep", sign_bytes(b"[" * 1500 + b"]" * 1500, good), False),
+        ("header-b64-false", signed(c(), {**EDDSA, "b64": False, "crit": ["b64"]}), False),
+        ("header-kid-int", signed(c(), {**EDDSA, "kid": 1}), False),
+        ("header-typ-upper", signed(c(), {"alg": "EdDSA", "TYP": "JWT"}), False),
+        # not-before and issued-at
+        ("nbf-past", signed(c(nbf=now - 1000)), True),
+        ("nbf-within-leeway", signed(c(nbf=now + 30)), True),
+        ("nbf-future", signed(c(nbf=now + 120)), False),
+        ("nbf-null", signed(c(nbf=None)), False),
+        ("nbf-string-past", signed(c(nbf=str(now - 1000))), True),
+        ("nbf-string-future", signed(c(nbf=str(now + 120))), False),
+        ("nbf-word", signed(c(nbf="soon")), False),
+        ("nbf-float-past", signed(c(nbf=now - 1000.5)), True),
+        ("nbf-true", signed(c(nbf=True)), True),
+        ("nbf-list", signed(c(nbf=[1])), False),
+        ("nbf-infinity", sign_bytes(EDDSA_BYTES, good[:-1] + b',"nbf":-Infinity}'), False),
+        ("nbf-nan", sign_bytes(EDDSA_BYTES, good[:-1] + b',"nbf":NaN}'), False),
+        ("iat-within-leeway", signed(c(iat=now + 30)), True),
+        ("iat-future", signed(c(iat=now + 120)), False),
+        ("iat-true", signed(c(iat=True)), False),
+        ("iat-negative", signed(c(iat=-5)), True),
+        # expiry
+        ("exp-within-leeway", signed(c(exp=now - 30)), True),
+        ("exp-beyond-leeway", signed(c(exp=now - 120)), False),
+        ("exp-float-past", signed(c(exp=now - 120.5)), False),
+        ("exp-true", signed(c(exp=True)), False),
+        ("exp-huge", signed(c(exp=10**30)), True),
+        ("exp-string-future", signed(c(exp=str(now + 600))), False),
+        ("exp-infinity", sign_bytes(EDDSA_BYTES, good[:-1] + b',"exp":Infinity}'), False),
+        # audience and issuer
+        ("aud-list-ours", signed(c(aud=[AUD])), True),
+        ("aud-list-several", signed(c(aud=["other", AUD])), True),
+        ("aud-list-with-non-string", signed(c(aud=[AUD, 1])), False),
+        ("aud-list-empty", signed(c(aud=[])), False),
+        ("aud-dict", signed(c(aud={AUD: 1})), False),
+        ("aud-zero", signed(c(aud=0)), False),
+        ("aud-false", signed(c(aud=False)), False),
+        ("aud-nested-list", signed(c(aud=[[AUD]])), False),
+        ("iss-int", signed(c(iss=5)), False),
+        ("iss-null", signed(c(iss=None)), False),
+        # subject, id, other claims, payload encodings
+        ("sub-list", signed(c(sub=["u1"])), False),
+        ("jti-list", signed(c(jti=["j1"])), False),
+        ("sub-space", signed(c(sub=" ")), True),
+        ("extra-claims", signed(c(role="admin", nested={"a": [1]})), True),
+        ("payload-indented", sign_bytes(EDDSA_BYTES, json.dumps(c(), indent=2).encode()), True),
+        ("payload-utf16", sign_bytes(EDDSA_BYTES, json.dumps(c()).encode("utf-16")), True),
+        ("payload-utf8-bom", sign_bytes(EDDSA_BYTES, b"\xef\xbb\xbf" + good), True),
+        ("payload-duplicate-exp", sign_bytes(EDDSA_BYTES, b'{"exp":1,' + good[1:]), True),
+        (
+            "payload-duplicate-exp-past-last",
+            sign_bytes(EDDSA_BYTES, good[:-1] + b',"exp":1}'),
+            False,
+        ),
+        ("payload-deep", sign_bytes(EDDSA_BYTES, b"[" * 1500 + b"]" * 1500), False),
+        ("payload-trailing-garbage", sign_bytes(EDDSA_BYTES, good + b"x"), False),
+    ]
+    return cases
+
+
+def test_lean_verifier_decides_as_pyjwt_on_crafted_tokens() -> None:
+    """On every forged token and on tokens at the edges of PyJWT's rules (padding, base64
+    strictness, JSON oddities, nbf/iat/exp with leeway, aud lists, claim types), the lean
+    decode accepts exactly what PyJWT accepts, with the same claims, and calls the same
+    tokens expired."""
+    lean = TokenVerifier(KEY.public_key(), ISS, AUD, leeway=60, cache_entries=0)
+    cases = [
+        *((str(p.id), p.values[0], False) for p in FORGED),
+        *crafted(int(time.time())),
+    ]
+    for name, token, accepted in cases:
+        reference = outcome(partial(pyjwt_verify, leeway=60), token)
+        assert isinstance(reference, Claims) is accepted, f"{name}: the table is wrong"
+        assert outcome(lean.verify, token) == reference, name
+    assert sum(accepted for *_, accepted in cases) >= 30
+
+
+def test_cached_verifier_decides_as_pyjwt_on_crafted_tokens() -> None:
+    """Verified twice (the second from the cache when accepted), every crafted token gets
+    the reference's answer both times."""
+    cached = TokenVerifier(KEY.public_key(), ISS, AUD, leeway=60)
+    for name, token, _ in crafted(int(time.time())):
+        reference = outcome(partial(pyjwt_verify, leeway=60), token)
+        assert outcome(cached.verify, token) == reference, name
+        assert outcome(cached.verify, token) == reference, name
+    assert 0 < cached.cached < len(crafted(int(time.time())))
+
+
+MUTABLE = [
+    ed_sign(EDDSA, claims(iat=int(time.time()), exp=int(time.time()) + 3600)),
+    ed_sign({"alg": "EdDSA", "typ": "J"}, claims(sub="u12")),
+    ed_sign({"alg": "EdDSA", "typ": "JW"}, claims(sub="u123")),
+]
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    st.sampled_from(MUTABLE),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "replace", "delete"]),
+            st.integers(min_value=0),
+            st.sampled_from(list("AQgwBRhx09-_=.+/ ")),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_lean_verifier_decides_as_pyjwt_on_mutated_tokens(
+    token: str, edits: list[tuple[str, int, str]]
+) -> None:
+    """Characters inserted, replaced or deleted anywhere in a valid token: the lean decode
+    and PyJWT agree (almost always a refusal; the same claims when the edit was a no-op)."""
+    for op, at, ch in edits:
+        i = at % (len(token) + 1)
+        if op == "insert":
+            token = token[:i] + ch + token[i:]
+        elif op == "replace":
+            token = token[:i] + ch + token[i + 1 :]
+        else:
+            token = token[:i] + token[i + 1 :]
+    lean = TokenVerifier(KEY.public_key(), ISS, AUD, cache_entries=0)
+    assert outcome(lean.verify, token) == outcome(partial(pyjwt_verify, leeway=5.0), token)
+
+
+# ---------------------------------------------------------------- verified-token cache
+
+T0 = 1_900_000_000  # a fixed "now" for the verifier's clock
+
+
+class Clock:
+    """A settable clock for TokenVerifier: time moves only when the test says so."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingKey:
+    """An Ed25519 public key that counts signature checks (a cache hit makes none)."""
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self.key, self.checks = key, 0
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self.checks += 1
+        self.key.verify(signature, data)
+
+
+def counting_verifier(
+    clock: Clock, *, leeway: float = 5.0, cache_entries: int = VERIFIED_CACHE_ENTRIES
+) -> tuple[TokenVerifier, CountingKey]:
+    key = CountingKey(KEY.public_key())
+    verifier = TokenVerifier(
+        cast(Ed25519PublicKey, key),
+        ISS,
+        AUD,
+        leeway=leeway,
+        cache_entries=cache_entries,
+        clock=clock,
+    )
+    return verifier, key
+
+
+def test_a_cache_hit_returns_the_same_claims_without_a_signature_check(
+    issuer: TokenIssuer,
+) -> None:
+    """The second verify of a token is answered from memory with identical claims."""
+    clock = Clock(T0)
+    verifier, key = counting_verifier(clock)
+    token, issued = issuer.issue("u1", now=T0)
+    assert verifier.verify(token) == issued
+    clock.now = T0 + 300
+    assert verifier.verify(token) == issued
+    assert (key.checks, verifier.cached) == (1, 1)
+
+
+def test_a_cached_token_is_refused_after_its_exp(issuer: TokenIssuer) -> None:
+    """Up to exp the cache answers; from exp the full check decides (accepting within the
+    leeway, without caching again), and after exp + leeway the token is expired."""
+    clock = Clock(T0)
+    verifier, key = counting_verifier(clock, leeway=5.0)
+    token, issued = issuer.issue("u1", now=T0, ttl=60)
+    assert verifier.verify(token) == issued
+    clock.now = T0 + 59.999
+    assert verifier.verify(token) == issued
+    assert key.checks == 1
+    clock.now = T0 + 60  # at exp: within the leeway, checked in full, not remembered
+    assert verifier.verify(token) == issued
+    assert (key.checks, verifier.cached) == (2, 0)
+    clock.now = T0 + 65
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
+    assert verifier.cached == 0
+
+
+def test_a_cached_token_is_refused_at_exp_without_leeway(issuer: TokenIssuer) -> None:
+    """With no leeway a cached token is refused from the second of its exp."""
+    clock = Clock(T0)
+    verifier, _ = counting_verifier(clock, leeway=0)
+    token, _ = issuer.issue("u1", now=T0, ttl=60)
+    verifier.verify(token)
+    clock.now = T0 + 60
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
+
+
+def test_a_cached_token_follows_the_not_before_rule_when_the_clock_steps_back(
+    issuer: TokenIssuer,
+) -> None:
+    """A clock stepped back past iat - leeway refuses a cached token as the full check would."""
+    clock = Clock(T0)
+    verifier, _ = counting_verifier(clock, leeway=5.0)
+    token, _ = issuer.issue("u1", now=T0)
+    verifier.verify(token)
+    clock.now = T0 - 6
+    with pytest.raises(InvalidToken, match="not yet valid"):
+        verifier.verify(token)
+
+
+def test_the_cache_holds_at_most_its_bound_and_drops_the_oldest(issuer: TokenIssuer) -> None:
+    """Past the bound the cache stays at the bound; the oldest token is checked again."""
+    clock = Clock(T0)
+    verifier, key = counting_verifier(clock, cache_entries=8)
+    tokens = [issuer.issue(f"u{i}", now=T0)[0] for i in range(20)]
+    for token in tokens:
+        verifier.verify(token)
+        assert verifier.cached <= 8
+    assert verifier.cached == 8
+    checks = key.checks
+    verifier.verify(tokens[-1])  # recent: a hit
+    assert key.checks == checks
+    verifier.verify(tokens[0])  # evicted: verified again
+    assert (key.checks, verifier.cached) == (checks + 1, 8)
+
+
+def test_the_default_bound_holds() -> None:
+    """VERIFIED_CACHE_ENTRIES distinct tokens and one more: the size stays at the bound."""
+    verifier = TokenVerifier(KEY.public_key(), ISS, AUD, clock=Clock(T0))
+    for i in range(VERIFIED_CACHE_ENTRIES + 1):
+        verifier.verify(ed_sign(EDDSA, claims(jti=f"j{i}", iat=T0, exp=T0 + 600)))
+    assert verifier.cached == VERIFIED_CACHE_ENTRIES == 10_000
+
+
+def test_failures_are_never_cached(issuer: TokenIssuer) -> None:
+    """Refused tokens, and tokens accepted only thanks to the leeway, are not remembered."""
+    clock = Clock(T0)
+    verifier, _ = counting_verifier(clock)
+    expired, _ = issuer.issue("u1", now=T0 - 100, ttl=50)
+    in_leeway, _ = issuer.issue("u1", now=T0 - 100, ttl=98)
+    for token in (expired, tampered_payload(), "a.b.c", ed_sign(EDDSA, claims(aud="x"))):
+        with pytest.raises(InvalidToken):
+            verifier.verify(token)
+    assert verifier.verify(in_leeway).sub == "u1"
+    assert verifier.cached == 0
+
+
+def test_cache_entries_zero_disables_the_cache(issuer: TokenIssuer) -> None:
+    """cache_entries=0 checks every token in full."""
+    verifier, key = counting_verifier(Clock(T0), cache_entries=0)
+    token, _ = issuer.issue("u1", now=T0)
+    verifier.verify(token)
+    verifier.verify(token)
+    assert (key.checks, verifier.cached) == (2, 0)
+
+
+def test_tampered_tokens_are_refused_after_the_genuine_one_was_cached(
+    issuer: TokenIssuer,
+) -> None:
+    """The cache is keyed by the exact string: a changed signature, payload or header (or
+    a token with text around it) is checked in full and refused; the genuine one still hits."""
+    clock = Clock(T0)
+    verifier, key = counting_verifier(clock)
+    token, issued = issuer.issue("u1", now=T0)
+    assert verifier.verify(token) == issued
+    h, p, s = token.split(".")
+    forged_payload = seg({**jwt.decode(token, options={"verify_signature": False}), "sub": "u2"})
+    tampered = [
+        f"{h}.{p}.{s[:-2]}{'B' if s[-2] == 'A' else 'A'}{s[-1]}",  # signature
+        f"{h}.{p}.{b64url(OTHER_KEY.sign(f'{h}.{p}'.encode()))}",  # signature, other key
+        f"{h}.{forged_payload}.{s}",  # payload
+        f"{seg({'alg': 'EdDSA'})}.{p}.{s}",  # header, still EdDSA
+        f"{seg({'alg': 'HS256', 'typ': 'JWT'})}.{p}.{s}",  # header, HMAC
+        f"{seg({**EDDSA, 'kid': 'k1'})}.{p}.{s}",  # header, extra key
+        f"{h}.{p}",  # signature dropped
+        f"{h}.{p}.",  # signature emptied
+        token + "A",
+        token + ".x",
+        "x" + token,
+        f"{h}.{p}.{non_canonical(s)}",
+    ]
+    for forged in tampered:
+        with pytest.raises(InvalidToken):
+            verifier.verify(forged)
+    checks = key.checks
+    assert verifier.verify(token) == issued
+    assert (key.checks, verifier.cached) == (checks, 1)
+
+
+def test_each_verifier_has_its_own_cache(issuer: TokenIssuer) -> None:
+    """A token one verifier cached is still refused by a verifier for another audience."""
+    token, _ = issuer.issue("u1")
+    TokenVerifier(KEY.public_key(), ISS, AUD).verify(token)
+    with pytest.raises(InvalidToken):
+        TokenVerifier(KEY.public_key(), ISS, "other").verify(token)
 
 
 # ------------------------------------------------------------------------ dev keys
