@@ -36,9 +36,15 @@ class Sub(_Op, kw_only=True, tag="sub"):
     data: Empty | None = None
 
 
+class UnsubData(Struct, forbid_unknown_fields=True):
+    # Also delete the durable of the js_sub ended (it is gone: a later js_sub of that
+    # durable starts afresh, `recovered: false`).
+    delete_durable: bool = False
+
+
 class Unsub(_Op, kw_only=True, tag="unsub"):
     target: Name | None = None
-    data: Empty | None = None
+    data: UnsubData | None = None
 
 
 class KvSubData(Struct, forbid_unknown_fields=True):

@@ -31,6 +31,7 @@ class ErrorCode(enum.StrEnum):
     USER_DISABLED = "user_disabled"
     BACKPRESSURE = "backpressure"
     UNAVAILABLE = "unavailable"
+    TAKEN_OVER = "taken_over"
     INTERNAL = "internal"
 
 

@@ -49,6 +49,7 @@ from shared.users import (
 )
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter
+from ws_gateway.durables import DurableStore
 from ws_gateway.history import History
 from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds
@@ -94,6 +95,7 @@ class Hub:
         self.js_tails = JsTails(nc, self.js, self.delivering)
         self.js_tails.on_gone = self._tail_gone
         self.history = History(nc, settings.js_history_bytes)
+        self.durables = DurableStore(self.js, settings)
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)

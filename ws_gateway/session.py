@@ -375,6 +375,12 @@ class Session:
             victims = []
         if not victims:
             raise ReplyError(ErrorCode.NOT_FOUND, "no such subscription")
+        if op.data is not None and op.data.delete_durable:
+            if not all(isinstance(s, JsSubscription) and s.lease for s in victims):
+                raise ReplyError(ErrorCode.BAD_REQUEST, "delete_durable needs a durable js_sub")
+            for sub in victims:
+                assert isinstance(sub, JsSubscription)
+                sub.delete_durable = True
         # Ended at once; `ok` once released, so a request after it finds the consumer
         # (a durable) parked, not half way.
         await asyncio.gather(*(self._end(sub) for sub in victims), return_exceptions=True)
@@ -448,17 +454,18 @@ class Session:
 
     # ------------------------------------------------------------------ from the hub
 
-    def subscription_lost(self, sub: Subscription) -> None:
-        """Its stream or bucket is gone: end the subscription and say so. One still being
-        set up is ended too (it would go live on a dead feed); its setup then says nothing
-        more, so the client hears the same error."""
+    def subscription_lost(
+        self,
+        sub: Subscription,
+        code: ErrorCode = ErrorCode.NOT_FOUND,
+        reason: str = "stream or bucket deleted",
+    ) -> None:
+        """Its stream or bucket is gone (or its durable taken over): end the subscription
+        and say so. One still being set up is ended too (it would go live on a dead feed);
+        its setup then says nothing more, so the client hears the same error."""
         if self.subs.get(sub.ref.inbox) is sub:
             self._end(sub)
-            self.push(
-                envelope.error(
-                    ErrorCode.NOT_FOUND, "stream or bucket deleted", sub.ref.inbox, sub.ref.target
-                )
-            )
+            self.push(envelope.error(code, reason, sub.ref.inbox, sub.ref.target))
 
     def feed_gone(self, feed: KvFeed) -> None:
         for sub in list(self.subs.values()):

@@ -21,6 +21,7 @@ import asyncio
 import datetime as dt
 import enum
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -34,10 +35,12 @@ from shared.capabilities import SubscriptionRef
 from shared.errors import ErrorCode, ReplyError
 from shared.settings import Settings
 from shared.subjects import tokens
+from shared.tasks import cancel_and_wait
 from ws_gateway import metrics
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter, Shared
-from ws_gateway.history import History, HistoryUnavailable
+from ws_gateway.durables import DurableError, DurableStore, Lease, TakenOver
+from ws_gateway.history import History, HistoryUnavailable, aligned
 from ws_gateway.jscursor import Cursor
 from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
@@ -47,6 +50,8 @@ from ws_gateway.rules import Start, Tokens, js_position, js_reply_error, js_star
 log = logging.getLogger("ws_gateway.subscriptions")
 
 T = TypeVar("T")
+
+DURABLE_SAVE = 1.0  # seconds between saves of a durable's floor (and its keep-alive)
 
 
 class State(enum.Enum):
@@ -69,6 +74,7 @@ class Node(Protocol):
     kv_feeds: KvFeeds
     js_tails: JsTails
     history: History
+    durables: DurableStore
     checkpoint: Checkpoints
 
     def delivering(self) -> bool: ...
@@ -94,7 +100,9 @@ class Owner(Protocol):
 
     def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
 
-    def subscription_lost(self, sub: Subscription) -> None: ...
+    def subscription_lost(
+        self, sub: Subscription, code: ErrorCode = ..., reason: str = ...
+    ) -> None: ...
 
 
 class Subscription:
@@ -349,6 +357,11 @@ class JsSubscription(Subscription):
         self.reader: StreamReader | None = None
         self.tail: JsTail | None = None
         self.cursor: Cursor | None = None
+        self.lease: Lease | None = None
+        self.delete_durable = False  # set by an unsub that deletes the durable
+        self._holder = secrets.token_hex(8)
+        self._written = 0
+        self._keeper: asyncio.Task[None] | None = None
         self.unacked: dict[int, str] = {}
         self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
 
@@ -364,9 +377,11 @@ class JsSubscription(Subscription):
         await self._step("stream_info")
         first, last = info.state.first_seq, info.state.last_seq
         start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
-        if d.durable is None and info.config.allow_direct:
+        if info.config.allow_direct:
             self._node.history.check(stream, info.created, first)
             begin = await self._begin(start, first, last)
+            if d.durable is not None:
+                return await self._resume(begin, recovered, first, last)
             await self._share(begin)
             return {"position": begin, "recovered": recovered}
         durable = f"u_{self._owner.uid}_{d.durable}" if d.durable else None
@@ -413,6 +428,92 @@ class JsSubscription(Subscription):
             await self._step("first_at")
             return last + 1 if seq is None else seq
         return last + 1  # new messages only
+
+    async def _first(self, begin: int, last: int) -> int:
+        """A resumed durable's first delivery when a matching message is stored already
+        (from the history block its catch-up reads first anyway), else `begin`: the client
+        sees where the durable really stood (a plain js_sub reports its start)."""
+        if begin > last:
+            return begin
+        tail = self.tail
+        assert tail is not None
+        try:
+            block = await self._node.history.block(
+                self.ref.target, self.ref.pattern, aligned(begin), lambda: tail.position
+            )
+        except HistoryUnavailable:
+            return begin
+        i = block.after(begin - 1)
+        return block.seqs[i] if i < len(block.seqs) else begin
+
+    async def _resume(self, begin: int, recovered: bool, first: int, last: int) -> dict[str, Any]:
+        """Take the durable over (or create it at `begin`) and read on from its floor."""
+        d, stream = self.data, self.ref.target
+        assert d.durable is not None
+        store = self._node.durables
+        opening = store.open(
+            stream, self._owner.uid, d.durable, self.ref.pattern, d.ack, self._holder, begin - 1
+        )
+        try:
+            lease = await self._hold("durable", opening, self._leave)
+        except DurableError as e:
+            raise ReplyError(e.code or ErrorCode.UNAVAILABLE, str(e)) from None
+        except ValueError as e:
+            raise ReplyError(ErrorCode.BAD_REQUEST, str(e)) from None
+        except Ended:
+            raise
+        except Exception as e:
+            raise js_reply_error(e, stream) or ReplyError(
+                ErrorCode.UNAVAILABLE, "durables unavailable"
+            ) from None
+        self.lease = lease
+        if lease.created:
+            recovered = recovered and not lease.gone
+        else:
+            begin = lease.floor + 1
+            if begin < first:  # its messages were purged or aged out meanwhile
+                begin, recovered = first, False
+            else:
+                recovered = True
+        self._written = begin - 1
+        await self._share(begin)
+        return {
+            "position": await self._first(begin, last),
+            "recovered": recovered,
+            "durable": "created" if lease.created else "resumed",
+        }
+
+    def _floor(self) -> int:
+        """Where the durable resumes after: acked, or (without acks) written to the socket."""
+        cursor = self.cursor
+        assert cursor is not None
+        if self.data.ack:
+            return min(cursor.pending) - 1 if cursor.pending else cursor.last
+        if self._owner.room() >= self._node.settings.send_queue_bytes:
+            self._written = cursor.last  # nothing queued: all handed on was written
+        return self._written
+
+    async def _keep(self) -> None:
+        """Save the floor every DURABLE_SAVE seconds (also unchanged: that keeps it alive)."""
+        assert self.lease is not None
+        while True:
+            await asyncio.sleep(DURABLE_SAVE)
+            try:
+                await self.lease.save(self._floor())
+            except TakenOver:
+                self._owner.subscription_lost(
+                    self, ErrorCode.TAKEN_OVER, "durable taken over by another subscription"
+                )
+                return
+            except Exception as e:  # NATS away: the next save carries the floor
+                log.info("durable save failed", extra={"error": type(e).__name__})
+
+    async def _leave(self, lease: Lease) -> None:
+        await cancel_and_wait(self._keeper)
+        if self.delete_durable:
+            await lease.delete()
+        elif self.cursor is not None:
+            await lease.save(self._floor())
 
     async def _share(self, begin: int) -> None:
         """Join the stream's shared tail, with a cursor that reads history up to it."""
@@ -468,6 +569,8 @@ class JsSubscription(Subscription):
             self.reader.pull()
         if self.cursor is not None:
             self.cursor.start()
+        if self.lease is not None:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
     def _on_message(self, m: Delivery) -> bool:
         if self.state is not State.LIVE:

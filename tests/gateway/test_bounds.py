@@ -183,7 +183,8 @@ async def test_durables_per_user_are_capped_and_expire_when_unused(
     durable_gateway: Gateway, make_user: UserFactory, nc: NATS
 ) -> None:
     """A user's new durables beyond the cap are `limit` (binding an existing one is not),
-    other users are not affected, and each durable carries the inactive threshold."""
+    other users are not affected, and a durable is a record in gw_durables, not a NATS
+    consumer (its expiry when unused: tests/gateway/test_durable_store.py)."""
     alice = await GatewayClient.connect(durable_gateway.url, token=await make_user())
     bob = await GatewayClient.connect(durable_gateway.url, token=await make_user("bob"))
     try:
@@ -194,8 +195,10 @@ async def test_durables_per_user_are_capped_and_expire_when_unused(
         assert e.value.code == "limit"
         await alice.js_sub("chat", "chat.room.123", durable="d1")  # resuming one is free
         await bob.js_sub("chat", "chat.room.123", durable="d1")
-        info = await nc.jetstream().consumer_info("chat", "u_alice_d2")
-        assert info.config.inactive_threshold == 3600.0
+        js = nc.jetstream()
+        assert not [c for c in await js.consumers_info("chat") if c.name.startswith("u_")]
+        record = await (await js.key_value("gw_durables")).get("chat.alice.d2")
+        assert record.value and b'"filter":"chat.room.123"' in record.value
     finally:
         await alice.close()
         await bob.close()

@@ -82,10 +82,9 @@ CASES = [
         "js_sub-durable",
         "js_sub",
         {"op": "js_sub", "target": "chat", "data": {"filter": "chat.room.123", "durable": "d1"}},
-        ("stream_info", "reader", "live"),
+        ("stream_info", "durable", "tail", "live"),
         NO_STREAMS,
         stream="chat",
-        durable="u_alice_d1",
     ),
     Case(
         "js_sub-ack",
@@ -179,6 +178,7 @@ async def _held_nothing(gw: Gateway, nc: NATS, case: Case, consumers: set[str]) 
             and not hub.closing
             and len(hub.router) == 0
             and len(hub.kv_feeds) == 0
+            and len(hub.js_tails) == 0
             and _gauge(case.kind) == 0
             and await _consumers(nc, case.stream) <= expected
         )
