@@ -31,8 +31,10 @@ async def main(a: argparse.Namespace) -> None:
     async def on_msg(msg: nats.aio.msg.Msg) -> None:
         if not pending:
             loop.call_soon(flush)
-        pending.append(b'{"op":"sub_msg","target":"%s","data":{"payload":%s}}'
-                       % (msg.subject.encode(), msg.data))
+        pending.append(
+            b'{"op":"sub_msg","target":"%s","data":{"payload":%s}}'
+            % (msg.subject.encode(), msg.data)
+        )
 
     async def handler(ws: ServerConnection) -> None:
         clients.add(ws)
@@ -43,8 +45,9 @@ async def main(a: argparse.Namespace) -> None:
             clients.discard(ws)
 
     nc = await nats.connect(a.nats)
-    await nc.subscribe(a.subject, cb=on_msg, pending_msgs_limit=1 << 16,
-                       pending_bytes_limit=1 << 28)
+    await nc.subscribe(
+        a.subject, cb=on_msg, pending_msgs_limit=1 << 16, pending_bytes_limit=1 << 28
+    )
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set_result, None)

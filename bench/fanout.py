@@ -48,13 +48,33 @@ async def main(args: argparse.Namespace) -> None:
     await natsio.provision(js, settings)
     kv = await js.key_value(USERS_BUCKET)
     caps = {"subjects": ["bench.>"]}
-    await kv.put("bench", encode_user(msgspec.convert(
-        {"id": "bench", "username": "bench", "capabilities": caps}, UserRecord)))
+    await kv.put(
+        "bench",
+        encode_user(
+            msgspec.convert({"id": "bench", "username": "bench", "capabilities": caps}, UserRecord)
+        ),
+    )
     token, _ = issuer.issue("bench")
-    env = {**os.environ, "NATS_URL": srv.url, "VAR_DIR": str(tmp / "var"),
-           "MAX_CONNECTIONS_PER_USER": "100000", "LOG_LEVEL": "WARNING"}
-    gw = subprocess.Popen([sys.executable, "-m", "ws_gateway", "--host", "127.0.0.1",  # noqa: ASYNC220
-                           "--port", str(port)], cwd=ROOT, env=env)
+    env = {
+        **os.environ,
+        "NATS_URL": srv.url,
+        "VAR_DIR": str(tmp / "var"),
+        "MAX_CONNECTIONS_PER_USER": "100000",
+        "LOG_LEVEL": "WARNING",
+    }
+    gw = subprocess.Popen(  # noqa: ASYNC220
+        [
+            sys.executable,
+            "-m",
+            "ws_gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     try:
         await wait_http(port, "/readyz", time.monotonic() + 20)
         url = f"ws://127.0.0.1:{port}/ws"
@@ -63,13 +83,16 @@ async def main(args: argparse.Namespace) -> None:
             base = proc_rss_kb(gw.pid)
             conns = []
             for _ in range(args.idle):
-                ws = await connect(url, additional_headers=hdrs, compression=None,
-                                   ping_interval=None)
+                ws = await connect(
+                    url, additional_headers=hdrs, compression=None, ping_interval=None
+                )
                 await ws.recv()
                 conns.append(ws)
             after = proc_rss_kb(gw.pid)
-            print(f"idle: {args.idle} connections, gateway RSS {base} -> {after} KiB = "
-                  f"{(after - base) / args.idle:.1f} KiB per connection")
+            print(
+                f"idle: {args.idle} connections, gateway RSS {base} -> {after} KiB = "
+                f"{(after - base) / args.idle:.1f} KiB per connection"
+            )
             for ws in conns:
                 await ws.close()
         counts = [0] * args.clients
@@ -78,8 +101,9 @@ async def main(args: argparse.Namespace) -> None:
         finished = [0]
 
         async def client(i: int, ready: asyncio.Event) -> None:
-            async with connect(url, additional_headers=hdrs, compression=None,
-                               max_size=None, ping_interval=None) as ws:
+            async with connect(
+                url, additional_headers=hdrs, compression=None, max_size=None, ping_interval=None
+            ) as ws:
                 await ws.recv()  # cap_update
                 await ws.send(json.dumps({"op": "sub", "target": "bench.fan", "inbox": "s"}))
                 await ws.recv()  # ok
@@ -104,8 +128,10 @@ async def main(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         gw_cpu0 = proc_cpu(gw.pid)
         for seq in range(expected):
-            await nc.publish("bench.fan", json.dumps(
-                {"seq": seq, "ts": time.time(), "pad": payload_pad}).encode())
+            await nc.publish(
+                "bench.fan",
+                json.dumps({"seq": seq, "ts": time.time(), "pad": payload_pad}).encode(),
+            )
         await nc.flush()
         try:
             async with asyncio.timeout(args.timeout):
@@ -121,10 +147,12 @@ async def main(args: argparse.Namespace) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-        print(f"fan-out N={args.clients} M={expected}: delivered {delivered}/{total} "
-              f"(lost {total - delivered}) in {elapsed:.2f}s = {delivered / elapsed:,.0f} msg/s; "
-              f"load client CPU {client_cpu:.1f}s ({client_cpu / elapsed:.0%} of one core); "
-              f"gateway CPU {gw_cpu:.2f}s = {gw_cpu / max(delivered, 1) * 1e9:.0f} ns/delivery")
+        print(
+            f"fan-out N={args.clients} M={expected}: delivered {delivered}/{total} "
+            f"(lost {total - delivered}) in {elapsed:.2f}s = {delivered / elapsed:,.0f} msg/s; "
+            f"load client CPU {client_cpu:.1f}s ({client_cpu / elapsed:.0%} of one core); "
+            f"gateway CPU {gw_cpu:.2f}s = {gw_cpu / max(delivered, 1) * 1e9:.0f} ns/delivery"
+        )
 
     finally:
         gw.terminate()

@@ -88,10 +88,12 @@ class Conn {
     this.pullStream = "";
     this.requested = 0;
     this.batch = 0;
+    this.reply = null; // ours: a request waiting for its ok/error ({ inbox, key, resolve })
     this.reset();
     ws.on("message", (data) => this.onFrame(data));
     ws.on("close", () => {
       this.closed = true;
+      if (this.reply) this.onReply(null);
       if (this.run && !this.done) {
         this.done = true;
         this.run.connDone();
@@ -114,6 +116,7 @@ class Conn {
   }
   onFrame(buf) {
     lastFrame = performance.now();
+    if (this.reply && buf.includes(this.reply.key)) this.onReply(buf);
     const run = this.run;
     let n = 0;
     if (this.mode === "peer") {
@@ -171,6 +174,28 @@ class Conn {
     if (this.count >= run.expect) {
       this.done = true;
       run.connDone();
+    }
+  }
+  // the ok (null) or error (its text) answering the pending request; frames hold one
+  // envelope per line; null: the connection closed first
+  onReply(buf) {
+    const reply = this.reply;
+    const lines = buf ? buf.toString().split("\n") : [];
+    for (const line of lines) {
+      let env;
+      try {
+        env = JSON.parse(line);
+      } catch {
+        continue;
+      }
+      if (env.inbox !== reply.inbox || (env.op !== "ok" && env.op !== "error")) continue;
+      this.reply = null;
+      reply.resolve(env.op === "ok" ? null : line.slice(0, 300));
+      return;
+    }
+    if (!buf) {
+      this.reply = null;
+      reply.resolve("closed before the reply");
     }
   }
   // peer JetStream: a named pull consumer per connection, batches of `batch`
@@ -393,6 +418,35 @@ class Client {
     return { t0: now() };
   }
 
+  // ours: every connection js_subs `stream` from its end (the default start), all with
+  // `filter`, or each with its own `<prefix>.<pid>.<i>`; replies once every ok/error is in
+  async js_tail(p) {
+    const conns = (this.groups.get(p.tag) || []).filter((c) => !c.closed);
+    const cpu0 = cpuSeconds();
+    const t0 = now();
+    const filters = [];
+    const errors = [];
+    const key = Buffer.from(`"inbox":${JSON.stringify(p.inbox)}`);
+    const replies = conns.map((c, i) => {
+      const filter = p.filter || `${p.prefix}.${process.pid}.${i}`;
+      return new Promise((resolve) => {
+        c.reply = { inbox: p.inbox, key, resolve };
+        c.send(JSON.stringify({ op: "js_sub", target: p.stream, inbox: p.inbox, data: { filter } }));
+      }).then((err) => (err === null ? filters.push(filter) : errors.push(err)));
+    });
+    await withTimeout(Promise.all(replies), p.timeout);
+    for (const c of conns) {
+      if (c.reply) {
+        c.reply = null;
+        errors.push(`no reply within ${p.timeout} s`);
+      }
+    }
+    return {
+      ok: filters.length, errors: errors.slice(0, 3), filters: p.filter ? [] : filters,
+      t0, t1: now(), cpu: cpuSeconds() - cpu0,
+    };
+  }
+
   async kv_open(p) {
     const watch = new KvWatch(p.n);
     this.kv.set(p.tag, watch);
@@ -437,7 +491,7 @@ async function main() {
     try {
       if (cmd === "exit") break;
       else if (cmd === "cpu") res = { cpu: cpuSeconds() };
-      else if (["open", "close", "arm", "collect", "js_go", "kv_open", "kv_wait", "quiet"].includes(cmd)) {
+      else if (["open", "close", "arm", "collect", "js_go", "js_tail", "kv_open", "kv_wait", "quiet"].includes(cmd)) {
         res = await client[cmd](p);
       } else throw new Error(`unknown command ${cmd}`);
     } catch (e) {

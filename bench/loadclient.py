@@ -105,6 +105,7 @@ class Conn:
         "pull_stream",
         "reader",
         "reordered",
+        "reply",
         "requested",
         "run",
         "t_last",
@@ -125,6 +126,8 @@ class Conn:
         self.batch = 0
         self.pull_stream = ""
         self.pending_name = ""
+        # ours: a request waiting for its ok/error: (inbox, its bytes in a frame, future)
+        self.reply: tuple[str, bytes, asyncio.Future[str | None]] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -151,6 +154,8 @@ class Conn:
             pass
         finally:
             self.closed = True
+            if self.reply is not None and not self.reply[2].done():
+                self.reply[2].set_result("closed before the reply")
             run = self.run
             if run is not None and not self.done:
                 self.done = True
@@ -159,6 +164,8 @@ class Conn:
     def on_frame(self, frame: bytes) -> None:
         global last_frame
         last_frame = time.monotonic()
+        if self.reply is not None and self.reply[1] in frame:
+            self._on_reply(frame)
         mode = self.mode
         run = self.run
         if mode == "peer":
@@ -209,6 +216,24 @@ class Conn:
         if self.count >= run.expect:
             self.done = True
             run.conn_done()
+
+    def _on_reply(self, frame: bytes) -> None:
+        """The ok (None) or error (its text) answering the pending request; a frame holds
+        one envelope per line."""
+        assert self.reply is not None
+        inbox, _, fut = self.reply
+        for line in frame.split(b"\n"):
+            try:
+                env = json.loads(line)
+            except ValueError:
+                continue
+            if env.get("inbox") == inbox and env.get("op") in ("ok", "error"):
+                self.reply = None
+                if not fut.done():
+                    fut.set_result(
+                        None if env["op"] == "ok" else line[:300].decode(errors="replace")
+                    )
+                return
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -294,8 +319,11 @@ class Client:
                     raise RuntimeError(f"expected cap_update, got {first[:200]!r}")
                 sub = p.get("sub")
                 if sub:
-                    await ws.send(json.dumps(
-                        {"op": "sub", "target": sub, "inbox": "s"}, separators=(",", ":")))
+                    await ws.send(
+                        json.dumps(
+                            {"op": "sub", "target": sub, "inbox": "s"}, separators=(",", ":")
+                        )
+                    )
                     reply = await ws.recv(decode=False)
                     if b'"ok"' not in reply:  # type: ignore[operator]
                         raise RuntimeError(f"sub refused: {reply[:200]!r}")
@@ -336,8 +364,15 @@ class Client:
         await asyncio.gather(*(one() for _ in range(p["n"])))
         t1 = time.time()
         group.extend(opened)
-        return {"opened": len(opened), "failed": len(failed), "errors": failed[:3],
-                "t0": t0, "t1": t1, "cpu": cpu_seconds() - cpu0, "total": len(group)}
+        return {
+            "opened": len(opened),
+            "failed": len(failed),
+            "errors": failed[:3],
+            "t0": t0,
+            "t1": t1,
+            "cpu": cpu_seconds() - cpu0,
+            "total": len(group),
+        }
 
     async def quiet(self, p: dict[str, Any]) -> dict[str, Any]:
         """Wait until no frame came for `idle` seconds (at most `timeout`)."""
@@ -415,27 +450,86 @@ class Client:
 
         async def one(i: int, c: Conn) -> None:
             if c.mode == "ours":
-                req = {"op": "js_sub", "target": stream, "inbox": "j",
-                       "data": {"filter": flt, "start_seq": p["start_seq"], "batch": batch}}
+                req = {
+                    "op": "js_sub",
+                    "target": stream,
+                    "inbox": "j",
+                    "data": {"filter": flt, "start_seq": p["start_seq"], "batch": batch},
+                }
                 await c._send(json.dumps(req, separators=(",", ":")).encode())
                 return
             name = f"bench_{pid}_{i}"
             c.pull_stream, c.pending_name, c.batch = stream, name, batch
             c.pull_inbox = f"_INBOX.bench.{pid}.{i}.m"
-            cfg = json.dumps({"stream_name": stream, "config": {
-                "name": name, "deliver_policy": "by_start_sequence",
-                "opt_start_seq": p["start_seq"], "ack_policy": "none", "filter_subject": flt,
-                "inactive_threshold": 60_000_000_000, "mem_storage": True, "num_replicas": 1,
-            }}, separators=(",", ":")).encode()
+            cfg = json.dumps(
+                {
+                    "stream_name": stream,
+                    "config": {
+                        "name": name,
+                        "deliver_policy": "by_start_sequence",
+                        "opt_start_seq": p["start_seq"],
+                        "ack_policy": "none",
+                        "filter_subject": flt,
+                        "inactive_threshold": 60_000_000_000,
+                        "mem_storage": True,
+                        "num_replicas": 1,
+                    },
+                },
+                separators=(",", ":"),
+            ).encode()
             reply = f"_INBOX.bench.{pid}.{i}.r"
             api = f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{flt}"
             await c._send(
                 f"SUB {reply} 2\r\nSUB {c.pull_inbox} 3\r\n".encode()
-                + f"PUB {api} {reply} {len(cfg)}\r\n".encode() + cfg + b"\r\n")
+                + f"PUB {api} {reply} {len(cfg)}\r\n".encode()
+                + cfg
+                + b"\r\n"
+            )
 
         t0 = time.time()
         await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
         return {"t0": t0}
+
+    async def js_tail(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Ours: every connection js_subs `stream` from its end (the default start), all with
+        `filter`, or each with its own `<prefix>.<pid>.<i>`; once every ok/error is in."""
+        conns = [c for c in self.groups.get(p["tag"], []) if not c.closed]
+        cpu0, t0 = cpu_seconds(), time.time()
+        key = b'"inbox":' + json.dumps(p["inbox"]).encode()
+        loop = asyncio.get_running_loop()
+        filters: list[str] = []
+        errors: list[str] = []
+
+        async def one(i: int, c: Conn) -> None:
+            flt = p.get("filter") or f"{p['prefix']}.{os.getpid()}.{i}"
+            fut: asyncio.Future[str | None] = loop.create_future()
+            c.reply = (p["inbox"], key, fut)
+            req = {
+                "op": "js_sub",
+                "target": p["stream"],
+                "inbox": p["inbox"],
+                "data": {"filter": flt},
+            }
+            await c._send(json.dumps(req, separators=(",", ":")).encode())
+            try:
+                err = await asyncio.wait_for(fut, p["timeout"])
+            except TimeoutError:
+                c.reply = None
+                err = f"no reply within {p['timeout']} s"
+            if err is None:
+                filters.append(flt)
+            else:
+                errors.append(err)
+
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
+        return {
+            "ok": len(filters),
+            "errors": errors[:3],
+            "filters": [] if p.get("filter") else filters,
+            "t0": t0,
+            "t1": time.time(),
+            "cpu": cpu_seconds() - cpu0,
+        }
 
     # ---------------------------------------------------------------- KV fan-out
 
@@ -443,8 +537,10 @@ class Client:
         """Open `n` connections, each `kv_sub` on one key; reply once all are synced."""
         watch = self.kv[p["tag"]] = KvWatch(p["n"])
         res = await self.open({**p, "sub": None})
-        req = json.dumps({"op": "kv_sub", "target": p["bucket"], "inbox": "k",
-                          "data": {"pattern": p["key"]}}, separators=(",", ":"))
+        req = json.dumps(
+            {"op": "kv_sub", "target": p["bucket"], "inbox": "k", "data": {"pattern": p["key"]}},
+            separators=(",", ":"),
+        )
         for c in self.groups[p["tag"]]:
             c.kv = watch
         watch.n = len(self.groups[p["tag"]])
@@ -462,8 +558,12 @@ class Client:
         except TimeoutError:
             pass
         times = watch.seen.get(p["revision"], [])
-        return {"got": len(times), "of": watch.n,
-                "first": min(times, default=0.0), "last": max(times, default=0.0)}
+        return {
+            "got": len(times),
+            "of": watch.n,
+            "first": min(times, default=0.0),
+            "last": max(times, default=0.0),
+        }
 
 
 async def main() -> None:
@@ -472,8 +572,13 @@ async def main() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     client = Client()
     handlers = {
-        "open": client.open, "close": client.close, "collect": client.collect,
-        "js_go": client.js_go, "quiet": client.quiet, "kv_open": client.kv_open,
+        "open": client.open,
+        "close": client.close,
+        "collect": client.collect,
+        "js_go": client.js_go,
+        "js_tail": client.js_tail,
+        "quiet": client.quiet,
+        "kv_open": client.kv_open,
         "kv_wait": client.kv_wait,
     }
     while line := await reader.readline():

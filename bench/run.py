@@ -19,7 +19,11 @@ Workloads: idle connections (handshakes/s while opening them, RSS per connection
 N subscribers of one subject (delivered msg/s at max publish rate; p50/p99 end-to-end latency
 at a fixed rate); KV fan-out (ours only: `PUT /api/articles/{id}` to the last of N `kv_sub`
 clients); JetStream catch-up (N clients replaying the stream from `start_seq` 1; ours, and
-peer through `$JS.API` pull consumers). Messages lost are counted by sequence in every run.
+peer through `$JS.API` pull consumers; the stream's NATS consumers sampled throughout);
+JetStream tail (ours only: N clients `js_sub` one stream from its end, one filter for all and
+then one filter each: the stream's NATS consumers while they are subscribed, and one message
+to every client). Messages lost are counted by sequence in every run. `bench/report.py`
+writes RESULTS.md (every figure against issue 18's targets) and the chart.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +50,13 @@ import aiohttp
 import msgspec
 import nats
 import uvloop
+from nats.js import api
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import pct, proc_cpu, proc_rss_kb, wait_http  # noqa: E402
+from bench.report import JS_STREAM, KINDS, SAMPLE_S, TAIL_STREAM, chart, write_report  # noqa: E402
 from shared import natsio  # noqa: E402
 from shared.auth import TokenIssuer  # noqa: E402
 from shared.settings import load  # noqa: E402
@@ -57,16 +64,17 @@ from shared.users import USERS_BUCKET, UserRecord, encode_user  # noqa: E402
 from tests.natsd import NatsServer, free_port  # noqa: E402
 
 SUBJECT = "bench.fan"
-JS_STREAM, JS_SUBJECT = "chat", "chat.bench"
+JS_SUBJECT = f"{JS_STREAM}.bench"
+TAIL_SAME = f"{TAIL_STREAM}.all"  # the one filter of every client; one each: tail.c.<pid>.<i>
 PAD = "x" * 148  # 200 bytes with a 4-digit seq
-KINDS = ("ours", "peer", "ceiling")
 LOG = print
 
 
 def message(run: int, seq: int) -> bytes:
     """`"run":R,"seq":N` first: the load client counts that marker (R: the measured window)."""
-    return json.dumps({"run": run, "seq": seq, "ts": time.time(), "pad": PAD},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"run": run, "seq": seq, "ts": time.time(), "pad": PAD}, separators=(",", ":")
+    ).encode()
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -83,15 +91,24 @@ class LoadClients:
 
     def __init__(self, procs: int, kind: str) -> None:
         self.n = procs
-        self.argv = ([shutil.which("node") or "node", str(ROOT / "bench" / "loadclient.js")]
-                     if kind == "node" else [sys.executable, str(ROOT / "bench" / "loadclient.py")])
+        self.argv = (
+            [shutil.which("node") or "node", str(ROOT / "bench" / "loadclient.js")]
+            if kind == "node"
+            else [sys.executable, str(ROOT / "bench" / "loadclient.py")]
+        )
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
         for _ in range(self.n):
-            self.procs.append(await asyncio.create_subprocess_exec(
-                *self.argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=1 << 28))
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    cwd=ROOT,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    limit=1 << 28,
+                )
+            )
 
     def split(self, n: int) -> list[int]:
         return [n // self.n + (i < n % self.n) for i in range(self.n)]
@@ -114,8 +131,9 @@ class LoadClients:
                 raise RuntimeError(f"load client {cmd}: {res['error']}")
             return res
 
-        return list(await asyncio.gather(*(one(p, s) for p, s in zip(self.procs, shares,
-                                                                      strict=True))))
+        return list(
+            await asyncio.gather(*(one(p, s) for p, s in zip(self.procs, shares, strict=True)))
+        )
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -131,6 +149,12 @@ class LoadClients:
                 proc.kill()
                 await proc.wait()
         self.procs.clear()
+
+
+@dataclasses.dataclass
+class Samples:
+    counts: list[int] = dataclasses.field(default_factory=list)
+    failed: int = 0
 
 
 class Bench:
@@ -157,18 +181,42 @@ class Bench:
         js = self.nc.jetstream()
         self.settings = load({}, nats_url=(self.nats.url,), var_dir=str(self.tmp / "var"))
         await natsio.provision(js, self.settings)
-        self.env = {**os.environ, "NATS_URL": self.nats.url, "VAR_DIR": str(self.tmp / "var"),
-                    "MAX_CONNECTIONS_PER_USER": "1000000", "LOG_LEVEL": "WARNING",
-                    # one bench user holds every kv_sub and js_sub of the run
-                    "MAX_READERS_PER_USER": "1000000"}
+        self.env = {
+            **os.environ,
+            "NATS_URL": self.nats.url,
+            "VAR_DIR": str(self.tmp / "var"),
+            "MAX_CONNECTIONS_PER_USER": "1000000",
+            "LOG_LEVEL": "WARNING",
+            # one bench user holds every kv_sub and js_sub of the run
+            "MAX_READERS_PER_USER": "1000000",
+        }
         if self.kind == "ours":
             kv = await js.key_value(USERS_BUCKET)
-            caps = {"subjects": ["bench.>"], "buckets": {"articles": [">"]},
-                    "streams": {JS_STREAM: [JS_SUBJECT]},
-                    "commands": ["articles.create", "articles.update"]}
-            await kv.put("bench", encode_user(msgspec.convert(
-                {"id": "bench", "username": "bench", "capabilities": caps}, UserRecord)))
+            caps = {
+                "subjects": ["bench.>"],
+                "buckets": {"articles": [">"]},
+                "streams": {JS_STREAM: [JS_SUBJECT], TAIL_STREAM: [">"]},
+                "commands": ["articles.create", "articles.update"],
+            }
+            await kv.put(
+                "bench",
+                encode_user(
+                    msgspec.convert(
+                        {"id": "bench", "username": "bench", "capabilities": caps}, UserRecord
+                    )
+                ),
+            )
             self.token, _ = TokenIssuer.from_settings(self.settings).issue("bench", ttl=3600)
+            if self.args.tail_clients:
+                # allow_direct: issue 18's shared history reads it by direct get batch
+                await js.add_stream(
+                    api.StreamConfig(
+                        name=TAIL_STREAM,
+                        subjects=[f"{TAIL_STREAM}.>"],
+                        storage=api.StorageType.FILE,
+                        allow_direct=True,
+                    )
+                )
         if self.kind in ("ours", "peer") and self.args.js_clients:
             for seq in range(self.args.js_messages):
                 await self.nc.publish(JS_SUBJECT, message(0, seq))
@@ -180,14 +228,18 @@ class Bench:
                 await asyncio.sleep(0.1)
         port = free_port()
         if self.kind == "ours":
-            self.server = self.spawn("gateway", [sys.executable, "-m", "ws_gateway",
-                                                 "--host", "127.0.0.1", "--port", str(port)])
+            self.server = self.spawn(
+                "gateway",
+                [sys.executable, "-m", "ws_gateway", "--host", "127.0.0.1", "--port", str(port)],
+            )
             await wait_http(port, "/readyz", time.monotonic() + 30, self.server)
             self.url = f"ws://127.0.0.1:{port}/ws"
             self.server_pid = self.server.pid
         elif self.kind == "ceiling":
-            self.server = self.spawn("ceiling", [sys.executable, "bench/ceiling.py", "--nats",
-                                                 self.nats.url, "--port", str(port)])
+            self.server = self.spawn(
+                "ceiling",
+                [sys.executable, "bench/ceiling.py", "--nats", self.nats.url, "--port", str(port)],
+            )
             await wait_http(port, None, time.monotonic() + 30, self.server)
             self.url = f"ws://127.0.0.1:{port}/"
             self.server_pid = self.server.pid
@@ -220,8 +272,14 @@ class Bench:
         self.nats.stop()
 
     def conn_params(self, tag: str, sub: str | None) -> dict[str, Any]:
-        return {"tag": tag, "mode": self.kind, "url": self.url, "token": self.token,
-                "sub": sub, "concurrency": self.args.concurrency}
+        return {
+            "tag": tag,
+            "mode": self.kind,
+            "url": self.url,
+            "token": self.token,
+            "sub": sub,
+            "concurrency": self.args.concurrency,
+        }
 
     async def open(self, tag: str, n: int, sub: str | None) -> dict[str, Any]:
         rs = await self.clients.call("open", n=n, **self.conn_params(tag, sub))
@@ -232,9 +290,13 @@ class Bench:
             self.res["errors"].append(f"{tag}: {failed} connections failed: {errs[:2]}")
             LOG(f"  ! {failed} connections failed: {errs[:2]}")
         elapsed = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
-        return {"opened": opened, "failed": failed, "elapsed": elapsed,
-                "total": sum(r["total"] for r in rs),
-                "client_cpu": [r["cpu"] for r in rs]}
+        return {
+            "opened": opened,
+            "failed": failed,
+            "elapsed": elapsed,
+            "total": sum(r["total"] for r in rs),
+            "client_cpu": [r["cpu"] for r in rs],
+        }
 
     # ------------------------------------------------------------------ workloads
 
@@ -250,26 +312,38 @@ class Bench:
         after, nats_after = proc_rss_kb(self.server_pid), proc_rss_kb(self.nats_pid)
         opened = max(o["opened"], 1)
         self.res["idle"] = {
-            "n": o["opened"], "failed": o["failed"],
+            "n": o["opened"],
+            "failed": o["failed"],
             "rss_kb_per_conn": (after - base) / opened,
             "server_rss_mb": (base / 1024, after / 1024),
             "nats_rss_mb": (nats_base / 1024, nats_after / 1024),
         }
         self.res["connect"] = {
-            "n": o["opened"], "elapsed": o["elapsed"], "rate": o["opened"] / o["elapsed"],
+            "n": o["opened"],
+            "elapsed": o["elapsed"],
+            "rate": o["opened"] / o["elapsed"],
             "server_cpu": (cpu1 - cpu0) / o["elapsed"],
             "client_cpu": [c / o["elapsed"] for c in o["client_cpu"]],
         }
-        LOG(f"  idle: {o['opened']} connections ({o['failed']} failed) in {o['elapsed']:.2f}s = "
+        LOG(
+            f"  idle: {o['opened']} connections ({o['failed']} failed) in {o['elapsed']:.2f}s = "
             f"{o['opened'] / o['elapsed']:,.0f} handshakes/s; RSS {base / 1024:.0f} -> "
             f"{after / 1024:.0f} MiB = {(after - base) / opened:.1f} KiB/conn "
-            f"(nats-server {nats_base / 1024:.0f} -> {nats_after / 1024:.0f} MiB)")
+            f"(nats-server {nats_base / 1024:.0f} -> {nats_after / 1024:.0f} MiB)"
+        )
         await self.clients.call("close", tag="idle")
         await asyncio.sleep(1.0)
 
-    async def window(self, tag: str, expect: int, publish: Any, timeout: float,
-                     latency: bool = False, js: bool = False,
-                     run_id: int | None = None) -> dict[str, Any]:
+    async def window(
+        self,
+        tag: str,
+        expect: int,
+        publish: Any,
+        timeout: float,
+        latency: bool = False,
+        js: bool = False,
+        run_id: int | None = None,
+    ) -> dict[str, Any]:
         """Arm the clients, run `publish(run_id)`, collect: figures of one measured window.
 
         Messages carry the window's run id, so stragglers of a window that timed out are
@@ -289,20 +363,36 @@ class Bench:
         if any(r["timed_out"] for r in rs):
             # what is still in flight must not delay the next window: wait for quiet
             q = await self.clients.call("quiet", idle=1.0, timeout=120)
-            LOG(f"    (window timed out after {timeout:.0f}s; then "
-                f"{max(x['waited'] for x in q):.0f}s until no more frames)")
+            LOG(
+                f"    (window timed out after {timeout:.0f}s; then "
+                f"{max(x['waited'] for x in q):.0f}s until no more frames)"
+            )
         s1, n1 = proc_cpu(self.server_pid), proc_cpu(self.nats_pid)
         t_done = max(r["t_done"] for r in rs) or t_end
         elapsed = max(t_done - t0, 1e-6)
         wall = t_end - t0
-        out: dict[str, Any] = {k: sum(r[k] for r in rs) for k in (
-            "conns", "closed", "complete", "delivered", "expected", "lost", "seq_holes",
-            "reordered", "frames")}
+        out: dict[str, Any] = {
+            k: sum(r[k] for r in rs)
+            for k in (
+                "conns",
+                "closed",
+                "complete",
+                "delivered",
+                "expected",
+                "lost",
+                "seq_holes",
+                "reordered",
+                "frames",
+            )
+        }
         out.update(
-            elapsed=elapsed, publish_s=t_pub, rate=out["delivered"] / elapsed,
+            elapsed=elapsed,
+            publish_s=t_pub,
+            rate=out["delivered"] / elapsed,
             timed_out=any(r["timed_out"] for r in rs),
             client_cpu=[r["cpu"] / elapsed for r in rs],
-            server_cpu=(s1 - s0) / wall, nats_cpu=(n1 - n0) / wall,
+            server_cpu=(s1 - s0) / wall,
+            nats_cpu=(n1 - n0) / wall,
         )
         # the server side's CPU (peer: nats-server alone; else the server + nats-server):
         # deliveries per CPU-second hold up better than msg/s when the machine is shared
@@ -311,8 +401,12 @@ class Bench:
         out["per_cpu_s"] = out["delivered"] / side if side > 0 else float("nan")
         if latency:
             samples = [s for r in rs for s in r["samples"]]
-            out.update(p50=pct(samples, 50), p99=pct(samples, 99), max=max(samples, default=0),
-                       samples=len(samples))
+            out.update(
+                p50=pct(samples, 50),
+                p99=pct(samples, 99),
+                max=max(samples, default=0),
+                samples=len(samples),
+            )
         return out
 
     async def fanout(self) -> None:
@@ -336,8 +430,11 @@ class Bench:
             repeats = a.repeat if n < 5000 else 1
             runs = []
             for _ in range(repeats):
-                runs.append(await self.window("fan", m, lambda rid, m=m: burst(rid, m),
-                                              min(150.0, 30 + m * have / 50_000)))
+                runs.append(
+                    await self.window(
+                        "fan", m, lambda rid, m=m: burst(rid, m), min(150.0, 30 + m * have / 50_000)
+                    )
+                )
                 await asyncio.sleep(0.2)
             # the median run by rate; losses of every run count
             tput = sorted(runs, key=lambda w: w["rate"])[len(runs) // 2]
@@ -346,14 +443,17 @@ class Bench:
             tput["per_cpu_s"] = sum(w["delivered"] for w in runs) / cpu if cpu else float("nan")
             for key in ("lost", "seq_holes", "reordered"):
                 tput[key] = sum(w[key] for w in runs)
-            LOG(f"    throughput M={m} (median of {repeats}: "
+            tput["closed"] = max(w["closed"] for w in runs)  # a closed one stays closed
+            LOG(
+                f"    throughput M={m} (median of {repeats}: "
                 f"{', '.join(f'{r:,.0f}' for r in tput['rates'])}): "
                 f"{tput['delivered']:,}/{tput['expected']:,} in "
                 f"{tput['elapsed']:.2f}s = {tput['rate']:,.0f} msg/s, lost {tput['lost']} "
                 f"(seq holes {tput['seq_holes']}, closed {tput['closed']}); "
                 f"{tput['frames']:,} frames; CPU: server {tput['server_cpu']:.0%} "
                 f"nats {tput['nats_cpu']:.0%} clients "
-                f"{' '.join(f'{c:.0%}' for c in tput['client_cpu'])}")
+                f"{' '.join(f'{c:.0%}' for c in tput['client_cpu'])}"
+            )
             await asyncio.sleep(0.5)
 
             async def paced(rid: int, k: int) -> None:
@@ -366,12 +466,15 @@ class Bench:
                         await asyncio.sleep(delay)  # the fixed publish rate
 
             k = a.latency_messages
-            lat = await self.window("fan", k, lambda rid, k=k: paced(rid, k), 30 + k / a.rate,
-                                    latency=True)
-            LOG(f"    latency at {a.rate:g} msg/s, {a.latency_messages} msgs: p50 "
+            lat = await self.window(
+                "fan", k, lambda rid, k=k: paced(rid, k), 30 + k / a.rate, latency=True
+            )
+            LOG(
+                f"    latency at {a.rate:g} msg/s, {a.latency_messages} msgs: p50 "
                 f"{lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, lost "
                 f"{lat['lost']}; CPU: server {lat['server_cpu']:.0%} clients "
-                f"{' '.join(f'{c:.0%}' for c in lat['client_cpu'])}")
+                f"{' '.join(f'{c:.0%}' for c in lat['client_cpu'])}"
+            )
             self.res["fanout"][n] = {"throughput": tput, "latency": lat, "messages": m}
             await asyncio.sleep(0.5)
         await self.clients.call("close", tag="fan")
@@ -381,20 +484,28 @@ class Bench:
         """PUT /api/articles/{id} through http_api to the last of N kv_sub clients."""
         a = self.args
         port = free_port()
-        api = self.spawn("http_api", [sys.executable, "-m", "http_api", "--host", "127.0.0.1",
-                                      "--port", str(port)])
+        api = self.spawn(
+            "http_api",
+            [sys.executable, "-m", "http_api", "--host", "127.0.0.1", "--port", str(port)],
+        )
         await wait_http(port, "/api/readyz", time.monotonic() + 30, api)
         base = f"http://127.0.0.1:{port}/api"
         auth = {"Authorization": f"Bearer {self.token}"}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/articles", headers=auth,
-                                 json={"title": "bench", "body": "0"}) as r:
+            async with http.post(
+                f"{base}/articles", headers=auth, json={"title": "bench", "body": "0"}
+            ) as r:
                 if r.status != 201:
                     raise RuntimeError(f"create article: {r.status} {await r.text()}")
                 aid = (await r.json())["id"]
-            rs = await self.clients.call("kv_open", n=a.kv_clients, bucket="articles", key=aid,
-                                         **{k: v for k, v in self.conn_params("kv", None).items()
-                                            if k != "sub"}, timeout=60)
+            rs = await self.clients.call(
+                "kv_open",
+                n=a.kv_clients,
+                bucket="articles",
+                key=aid,
+                **{k: v for k, v in self.conn_params("kv", None).items() if k != "sub"},
+                timeout=60,
+            )
             errs = [e for r in rs for e in r["errors"]]
             if errs:
                 self.res["errors"].append(f"kv: {errs[:2]}")
@@ -407,8 +518,9 @@ class Bench:
             missing = 0
             for u in range(1, a.kv_updates + 1):
                 t0 = time.time()
-                async with http.put(f"{base}/articles/{aid}", headers=auth,
-                                    json={"title": "bench", "body": str(u)}) as r:
+                async with http.put(
+                    f"{base}/articles/{aid}", headers=auth, json={"title": "bench", "body": str(u)}
+                ) as r:
                     if r.status != 200:
                         raise RuntimeError(f"PUT: {r.status} {await r.text()}")
                     revision = (await r.json())["revision"]
@@ -422,16 +534,23 @@ class Bench:
         await self.clients.call("close", tag="kv")
         ms = [x * 1000 for x in last]
         self.res["kv"] = {
-            "n": n, "updates": a.kv_updates, "lost": missing, "consumers": consumers,
-            "p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms),
+            "n": n,
+            "updates": a.kv_updates,
+            "lost": missing,
+            "consumers": consumers,
+            "p50": pct(ms, 50),
+            "p99": pct(ms, 99),
+            "max": max(ms),
             "first_p50": pct([x * 1000 for x in first], 50),
             "http_p50": pct([x * 1000 for x in http_rtt], 50),
         }
-        LOG(f"  kv fan-out to {n} kv_sub clients, {a.kv_updates} PUTs: to the last client "
+        LOG(
+            f"  kv fan-out to {n} kv_sub clients, {a.kv_updates} PUTs: to the last client "
             f"p50 {pct(ms, 50):.1f} ms p99 {pct(ms, 99):.1f} ms (first client p50 "
             f"{self.res['kv']['first_p50']:.1f} ms, HTTP response p50 "
             f"{self.res['kv']['http_p50']:.1f} ms), missing {missing}; NATS consumers on "
-            f"KV_articles 1 s after all synced: {consumers[0]}, after the PUTs: {consumers[1]}")
+            f"KV_articles 1 s after all synced: {consumers[0]}, after the PUTs: {consumers[1]}"
+        )
         api.terminate()
 
     async def jetstream(self) -> None:
@@ -442,22 +561,131 @@ class Bench:
         await asyncio.sleep(0.5)
 
         async def go(rid: int) -> None:
-            await self.clients.call("js_go", tag="js", stream=JS_STREAM, filter=JS_SUBJECT,
-                                    start_seq=1, batch=a.js_batch)
+            await self.clients.call(
+                "js_go",
+                tag="js",
+                stream=JS_STREAM,
+                filter=JS_SUBJECT,
+                start_seq=1,
+                batch=a.js_batch,
+            )
 
-        w = await self.window("js", a.js_messages, go, 180,
-                              js=self.kind == "ours", run_id=0)
-        self.res["js"] = {**w, "n": o["opened"], "consumers": await self.consumers(JS_STREAM)}
-        LOG(f"  jetstream catch-up: {o['opened']} clients x {a.js_messages} from start_seq 1: "
+        async with self.consumer_samples(JS_STREAM) as sampled:
+            w = await self.window("js", a.js_messages, go, 180, js=self.kind == "ours", run_id=0)
+            end = await self.consumers(JS_STREAM)
+        self.res["js"] = {
+            **w,
+            "n": o["opened"],
+            "consumers": end,
+            "consumers_max": max([*sampled.counts, end]),
+            "consumer_samples": len(sampled.counts),
+            "consumer_samples_failed": sampled.failed,
+        }
+        LOG(
+            f"  jetstream catch-up: {o['opened']} clients x {a.js_messages} from start_seq 1: "
             f"{w['delivered']:,}/{w['expected']:,} in {w['elapsed']:.2f}s = {w['rate']:,.0f} "
             f"msg/s, lost {w['lost']}; CPU: server {w['server_cpu']:.0%} "
             f"nats {w['nats_cpu']:.0%} clients {' '.join(f'{c:.0%}' for c in w['client_cpu'])}; "
-            f"{self.res['js']['consumers']} NATS consumers on stream {JS_STREAM}")
+            f"NATS consumers on stream {JS_STREAM}: max {self.res['js']['consumers_max']} of "
+            f"{len(sampled.counts)} samples, {end} at the end"
+        )
         await self.clients.call("close", tag="js")
+
+    async def tail(self) -> None:
+        """`tail_clients` clients js_sub the tail stream from its end (the default start):
+        first all with one filter, then each with its own."""
+        self.res["tail"] = {}
+        for mode in ("same", "distinct"):
+            self.res["tail"][mode] = await self.tail_group(mode)
+
+    async def tail_group(self, mode: str) -> dict[str, Any]:
+        """The NATS consumers on the stream while the clients are subscribed, and
+        `tail_messages` messages (per filter) to every client."""
+        a = self.args
+        tag = f"tail_{mode}"
+        base = await self.consumers(TAIL_STREAM)
+        o = await self.open(tag, a.tail_clients, None)
+        if not o["opened"]:
+            raise RuntimeError("no client could connect")
+        kw = {"filter": TAIL_SAME} if mode == "same" else {"prefix": f"{TAIL_STREAM}.c"}
+        subjects: list[str] = []
+
+        async def publish(rid: int) -> None:
+            for seq in range(a.tail_messages):
+                for subject in subjects:
+                    await self.nc.publish(subject, message(rid, seq))
+            await self.nc.flush()
+
+        async with self.consumer_samples(TAIL_STREAM) as sampled:
+            rs = await self.clients.call(
+                "js_tail", tag=tag, stream=TAIL_STREAM, inbox="t", timeout=60, **kw
+            )
+            subscribed = sum(r["ok"] for r in rs)
+            if subscribed < o["opened"]:
+                errs = [e for r in rs for e in r["errors"]]
+                self.res["errors"].append(
+                    f"tail {mode}: {o['opened'] - subscribed} js_sub failed: {errs[:2]}"
+                )
+            subjects += [TAIL_SAME] if mode == "same" else [f for r in rs for f in r["filters"]]
+            await asyncio.sleep(1.0)  # as for KV: time to hand off to whatever is shared
+            settled = await self.consumers(TAIL_STREAM) - base
+            w = await self.window(tag, a.tail_messages, publish, 30)
+        await self.clients.call("close", tag=tag)
+        released = await self.until_consumers(TAIL_STREAM, base, 15.0)
+        out = {
+            **w,
+            "n": o["opened"],
+            "subscribed": subscribed,
+            "filters": len(subjects),
+            "consumers": settled,
+            "consumers_max": max(sampled.counts, default=base) - base,
+            "consumer_samples": len(sampled.counts),
+            "released_s": released,
+        }
+        LOG(
+            f"  tail, {'one filter' if mode == 'same' else 'a filter each'}: "
+            f"{subscribed}/{o['opened']} js_sub ok; NATS consumers on {TAIL_STREAM}: {settled} "
+            f"1 s later (max {out['consumers_max']}); {a.tail_messages} msg per filter: "
+            f"{w['delivered']:,}/{w['expected']:,} delivered in {w['elapsed'] * 1000:.0f} ms, "
+            f"lost {w['lost']}; consumers gone "
+            + (f"{released:.1f} s after close" if released is not None else "NOT within 15 s")
+        )
+        return out
 
     async def consumers(self, stream: str) -> int:
         info = await self.nc.jetstream().stream_info(stream)
         return int(info.state.consumer_count)
+
+    @contextlib.asynccontextmanager
+    async def consumer_samples(self, stream: str) -> AsyncIterator[Samples]:
+        """The stream's NATS consumer count every `SAMPLE_S` while the body runs (bodies
+        are bounded in time, so is this)."""
+        sampled = Samples()
+
+        async def sample() -> None:
+            while True:
+                try:
+                    sampled.counts.append(await self.consumers(stream))
+                except Exception:  # a sample missed is counted, not fatal to the figure
+                    sampled.failed += 1
+                await asyncio.sleep(SAMPLE_S)
+
+        task = asyncio.create_task(sample())
+        try:
+            yield sampled
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def until_consumers(self, stream: str, at_most: int, timeout: float) -> float | None:
+        """Seconds until the stream has at most `at_most` consumers; None after `timeout`."""
+        t0 = time.monotonic()
+        while await self.consumers(stream) > at_most:
+            if time.monotonic() - t0 > timeout:
+                return None
+            await asyncio.sleep(0.2)  # polling NATS, bounded by the timeout
+        return time.monotonic() - t0
 
     async def run(self) -> dict[str, Any]:
         LOG(f"== {self.kind}")
@@ -466,6 +694,8 @@ class Bench:
             phases.append(("kv", self.kv))
         if self.kind in ("ours", "peer") and self.args.js_clients:
             phases.append(("js", self.jetstream))
+        if self.kind == "ours" and self.args.tail_clients:
+            phases.append(("tail", self.tail))
         try:
             await self.setup()
             for name, phase in phases:
@@ -479,318 +709,43 @@ class Bench:
         return self.res
 
 
-# ---------------------------------------------------------------------- report
-
-
-def git_state() -> str:
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD")
-    if not head:
-        return "a tree outside git"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ws_gateway", "shared")
-    return f"commit {head}" + (" with uncommitted changes in ws_gateway/ or shared/"
-                               if dirty else "")
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError):
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 1024 / 1024:.0f} GiB"
-    nats_v = subprocess.run([str(Path(sys.executable).parent / "nats-server"), "--version"],
-                            capture_output=True, text=True).stdout.strip()
-    import websockets
-    return {"nproc": str(os.cpu_count()), "cpu": model, "mem": mem,
-            "python": platform.python_version(), "nats": nats_v,
-            "websockets": websockets.__version__, "kernel": platform.release()}
-
-
-def fmt(v: float | None, unit: str) -> str:
-    if v is None or v != v:
-        return "n/a"
-    if unit == "msg/s" or unit == "/s":
-        return f"{v:,.0f}"
-    if unit == "KiB":
-        return f"{v:.1f}"
-    return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or a != a or b != b or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}x"
-
-
-def figures(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[tuple]:
-    """(figure, unit, better, {kind: value or None}, note for n/a)."""
-    def get(kind: str, *path: Any) -> float | None:
-        d: Any = results.get(kind, {})
-        for p in path:
-            if not isinstance(d, dict) or p not in d:
-                return None
-            d = d[p]
-        return float(d)
-
-    rows: list[tuple] = []
-    for n in args.n:
-        rows.append((f"fan-out N={n:,}: delivered", "msg/s", "higher",
-                     {k: get(k, "fanout", n, "throughput", "rate") for k in KINDS}, ""))
-    for n in args.n:
-        rows.append((f"fan-out N={n:,}: deliveries per server-side CPU-second", "msg/s", "higher",
-                     {k: get(k, "fanout", n, "throughput", "per_cpu_s") for k in KINDS}, ""))
-    for n in args.n:
-        for q in ("p50", "p99"):
-            rows.append((f"fan-out N={n:,}: latency {q} at {args.rate:g} msg/s", "ms", "lower",
-                         {k: get(k, "fanout", n, "latency", q) for k in KINDS}, ""))
-    rows.append((f"idle: RSS per connection ({args.idle:,} conns)", "KiB", "lower",
-                 {k: get(k, "idle", "rss_kb_per_conn") for k in KINDS}, ""))
-    rows.append((f"connect rate ({args.idle:,} handshakes, {args.procs}x{args.concurrency} "
-                 "in flight)", "/s", "higher", {k: get(k, "connect", "rate") for k in KINDS},
-                 "peer and ceiling: no auth"))
-    rows.append((f"KV fan-out to {args.kv_clients:,} kv_sub: PUT → last client p50", "ms",
-                 "lower", {k: get(k, "kv", "p50") for k in KINDS},
-                 "peer/ceiling: n/a (no KV watch over their protocol here)"))
-    rows.append((f"KV fan-out to {args.kv_clients:,} kv_sub: PUT → last client p99", "ms",
-                 "lower", {k: get(k, "kv", "p99") for k in KINDS}, ""))
-    rows.append((f"JetStream catch-up: {args.js_clients} clients x {args.js_messages:,} msgs",
-                 "msg/s", "higher", {k: get(k, "js", "rate") for k in KINDS},
-                 "ceiling: n/a (core NATS only)"))
-    rows.append((f"JetStream catch-up: time until all {args.js_clients} are done", "s", "lower",
-                 {k: get(k, "js", "elapsed") for k in KINDS}, ""))
-    return rows
-
-
-def lost_total(res: dict[str, Any]) -> tuple[int, int]:
-    lost = holes = 0
-    for f in res.get("fanout", {}).values():
-        for w in (f["throughput"], f["latency"]):
-            lost += w["lost"]
-            holes += w["seq_holes"]
-    if "js" in res:
-        lost += res["js"]["lost"]
-        holes += res["js"]["seq_holes"]
-    if "kv" in res:
-        lost += res["kv"]["lost"]
-    return lost, holes
-
-
-def all_runs(res: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    runs = []
-    for n, f in res.get("fanout", {}).items():
-        rates = f["throughput"].get("rates", [])
-        spread = (f" (median of {', '.join(f'{r / 1e6:.2f}M' for r in rates)})"
-                  if len(rates) > 1 else "")
-        runs.append((f"fan-out N={n} max rate{spread}", f["throughput"]))
-        runs.append((f"fan-out N={n} {args.rate:g} msg/s", f["latency"]))
-    if "js" in res:
-        runs.append(("JetStream catch-up", res["js"]))
-    return runs
-
-
-def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace,
-                 started: dt.datetime, took: float, out: Path, png: Path,
-                 nofile: tuple[int, int]) -> None:
-    m = machine()
-    lines = [
-        "# Benchmark results",
-        "",
-        "Written by `make bench` (`bench/run.py`); do not edit by hand. Ratios are ours ÷ the "
-        "other server for each figure; whether a ratio above 1 is good depends on the "
-        "*better* column (msg/s: higher; ms, KiB: lower).",
-        "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC, the whole run took {took:.0f} s",
-        f"- command: `{args.command}`, on {git_state()}",
-        f"- machine: {m['nproc']} cores ({m['cpu']}), {m['mem']} RAM, Linux {m['kernel']}, "
-        f"loopback only; Python {m['python']}, websockets {m['websockets']}, {m['nats']}",
-        f"- file descriptors: soft limit raised to {nofile[0]} (hard {nofile[1]}); N is "
-        f"capped at what it allows, none was needed here" if max(args.n) + 200 < nofile[0]
-        else f"- file descriptors: limit {nofile}: N capped to fit",
-        f"- load client: {args.procs} processes of "
-        + ("`bench/loadclient.js` (Node, `ws` from npm)" if args.client == "node" else
-           "`bench/loadclient.py` (`websockets` asyncio client on uvloop)")
-        + ", the connections split evenly between them; the same for every server",
-        f"- messages: ~200-byte JSON `{{\"seq\",\"ts\",\"pad\"}}` published over core NATS by "
-        f"the driver; throughput runs of {args.messages:,} messages "
-        f"({args.messages_big:,} at N ≥ 5,000) at max publish rate after 50 warm-up messages, "
-        f"the median of {args.repeat} runs (1 at N ≥ 5,000); "
-        f"latency runs of {args.latency_messages} messages at {args.rate:g} msg/s",
-        "- ours: `python -m ws_gateway` (bearer JWT on every upgrade, capability checks, "
-        "PROTOCOL.md envelopes), default limits (SEND_QUEUE_BYTES 1 MiB); peer: nats-server's "
-        "`websocket { no_tls: true }` listener with NATS protocol clients, no auth; ceiling: "
-        "`bench/ceiling.py`",
-        "- how to read it: server, nats-server and the load clients share the same 2 "
-        "cores, so a run's figure is bounded by all of them together (CPU per process is in "
-        "*Every run* below). For peer all the fan-out work is inside nats-server; for ours "
-        "and ceiling nats-server delivers each message once and the Python process fans it "
-        "out. Delivered msg/s at max publish rate rewards batching: ours and ceiling join "
-        "what queued in one event-loop tick into one frame (the *frames* column), nats-server "
-        "writes about one WebSocket frame per flush per connection",
-        "- deliveries per server-side CPU-second: delivered messages ÷ the CPU time the "
-        "server side used in the max-rate run (peer: nats-server; ours and ceiling: the "
-        "Python process + nats-server), over all the repeats; less sensitive to a busy "
-        "machine than msg/s (CPU time is counted in 10 ms ticks: coarse at N = 100)",
-        f"- machine load before the run (1-minute load average of 2 cores): {LOAD_BEFORE:.2f}; "
-        f"after: {os.getloadavg()[0]:.2f} (the run itself keeps about 2 busy). Above ~0.5 "
-        "before, something else was running and the figures are noisier",
-        "",
-        "| figure | better | ours | peer | ceiling | ours/peer | ours/ceiling |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    notes: list[str] = []
-    for name, unit, better, vals, note in figures(results, args):
-        cells = [fmt(vals[k], unit) for k in KINDS]
-        lines.append(f"| {name} ({unit}) | {better} | {' | '.join(cells)} | "
-                     f"{ratio(vals['ours'], vals['peer'])} | "
-                     f"{ratio(vals['ours'], vals['ceiling'])} |")
-        if note:
-            notes.append(f"{name}: {note}")
-    loss = {k: lost_total(results[k]) for k in KINDS if k in results}
-    lines.append("| messages lost, all runs (seq holes) | lower | "
-                 + " | ".join(f"{loss[k][0]} ({loss[k][1]})" if k in loss else "n/a"
-                              for k in KINDS) + " | | |")
-    lines += ["", "n/a: " + "; ".join(notes), "", f"![fan-out]({png.name})", "",
-              "## Every run", "",
-              "CPU is the share of one core over the run (the load client: each process; "
-              "a process near 100% means the client may be the bottleneck). Lost = expected - "
-              "received when the window ended (all received, or its timeout: a timed-out run's "
-              "lost messages may have been late rather than dropped); seq holes = sequence "
-              "numbers skipped before the last one received.",
-              "",
-              "| server | run | conns | delivered / expected | lost | seq holes | closed | "
-              "time s | msg/s | frames | server CPU | nats CPU | client CPU | msg per "
-              "server-side CPU s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for k in KINDS:
-        res = results.get(k)
-        if not res:
-            continue
-        for name, w in all_runs(res, args):
-            if w.get("timed_out"):
-                name += " **timed out**"
-            lines.append(
-                f"| {k} | {name} | {w['conns']:,} | {w['delivered']:,} / {w['expected']:,} | "
-                f"{w['lost']:,} | {w['seq_holes']:,} | {w['closed']} | {w['elapsed']:.2f} | "
-                f"{w['rate']:,.0f} | {w['frames']:,} | {w['server_cpu']:.0%} | "
-                f"{w['nats_cpu']:.0%} | {' + '.join(f'{c:.0%}' for c in w['client_cpu'])} | "
-                f"{fmt(w.get('per_cpu_s'), 'msg/s')} |")
-    busy = [f"{k} {name} ({' + '.join(f'{c:.0%}' for c in w['client_cpu'])})"
-            for k in KINDS for name, w in all_runs(results.get(k, {}), args)
-            if max(w["client_cpu"], default=0) >= 0.8]
-    hot = [f"{k} {name} ({w['server_cpu']:.0%})"
-           for k in KINDS for name, w in all_runs(results.get(k, {}), args)
-           if w["server_cpu"] >= 0.9]
-    lines += ["", "Runs where a load-client process used ≥ 80% of a core (the client may limit "
-              "them): " + ("; ".join(busy) if busy else "none") + ".",
-              "", "Runs where the server process used ≥ 90% of a core (server-bound; peer's "
-              "server is nats-server, multi-threaded, so it can exceed 100%): "
-              + ("; ".join(hot) if hot else "none") + ".",
-              "", "## Other figures", ""]
-    for k in KINDS:
-        res = results.get(k, {})
-        if "idle" in res:
-            i, c = res["idle"], res["connect"]
-            lines.append(
-                f"- {k}: idle {i['n']:,} connections: server RSS {i['server_rss_mb'][0]:.0f} → "
-                f"{i['server_rss_mb'][1]:.0f} MiB, nats-server {i['nats_rss_mb'][0]:.0f} → "
-                f"{i['nats_rss_mb'][1]:.0f} MiB; opening them: server CPU "
-                f"{c['server_cpu']:.0%}, clients "
-                f"{' + '.join(f'{x:.0%}' for x in c['client_cpu'])}")
-        if "kv" in res:
-            v = res["kv"]
-            lines.append(
-                f"- {k}: KV fan-out, {v['updates']} sequential PUTs to {v['n']:,} kv_sub "
-                f"clients: PUT → last client p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms, max "
-                f"{v['max']:.1f} ms; → first client p50 {v['first_p50']:.1f} ms; HTTP "
-                f"response p50 {v['http_p50']:.1f} ms; missing {v['lost']}; NATS consumers "
-                f"on KV_articles with the {v['n']:,} clients subscribed to one key: "
-                f"{v['consumers'][0]} (1 s after all synced), {v['consumers'][1]} (after the "
-                "PUTs)")
-        if "js" in res:
-            lines.append(f"- {k}: JetStream catch-up: NATS consumers on stream {JS_STREAM} "
-                         f"during the run: {res['js']['consumers']}")
-        for e in res.get("errors", []):
-            lines.append(f"- {k}: error: {e}")
-    out.write_text("\n".join(lines) + "\n")
-
-
-def chart(results: dict[str, dict[str, Any]], args: argparse.Namespace, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    style = {"ours": ("tab:blue", "o"), "peer": ("tab:orange", "s"),
-             "ceiling": ("tab:green", "^")}
-    names = {"ours": "ours (ws_gateway)", "peer": "peer (nats-server WebSocket)",
-             "ceiling": "ceiling (Python broadcast)"}
-    for k in KINDS:
-        fan = results.get(k, {}).get("fanout", {})
-        ns = sorted(fan)
-        if not ns:
-            continue
-        color, marker = style[k]
-        ax1.plot(ns, [fan[n]["throughput"]["rate"] for n in ns], marker=marker, color=color,
-                 label=names[k])
-        ax2.plot(ns, [fan[n]["latency"]["p99"] for n in ns], marker=marker, color=color,
-                 label=names[k])
-    ax1.set(xscale="log", xlabel="subscribers N", ylabel="delivered msg/s",
-            title=f"fan-out at max publish rate ({args.messages:,}-msg runs)")
-    ax2.set(xscale="log", yscale="log", xlabel="subscribers N", ylabel="p99 latency (ms)",
-            title=f"end-to-end p99 at {args.rate:g} msg/s")
-    ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    for ax in (ax1, ax2):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_xticks(args.n, [f"{n:,}" for n in args.n])
-        ax.legend(fontsize=8)
-    ax1.set_ylim(bottom=0)
-    fig.suptitle(f"ws_gateway vs nats-server WebSocket vs Python ceiling — {os.cpu_count()} "
-                 f"cores, loopback, {dt.datetime.now(dt.UTC):%Y-%m-%d}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
-LOAD_BEFORE = 0.0
-
-
 async def main(args: argparse.Namespace) -> None:
-    global LOAD_BEFORE
-    LOAD_BEFORE = os.getloadavg()[0]
+    load_before = os.getloadavg()[0]
     started = dt.datetime.now(dt.UTC)
     t_start = time.monotonic()
     nofile = raise_nofile()
     # each server process holds N sockets; each load client N/procs
     cap = nofile[0] - 256
-    if max([*args.n, args.idle]) > cap:
+    if max([*args.n, args.idle, args.tail_clients]) > cap:
         LOG(f"file descriptor limit {nofile}: capping N at {cap}")
         args.n = sorted({min(n, cap) for n in args.n})
-        args.idle = min(args.idle, cap)
+        args.idle, args.tail_clients = min(args.idle, cap), min(args.tail_clients, cap)
     tmp = Path(tempfile.mkdtemp(prefix="bench-suite-"))
     results: dict[str, dict[str, Any]] = {}
-    LOG(f"bench: {', '.join(args.servers)}; N={args.n}; idle {args.idle}; "
-        f"{args.procs} {args.client} load-client processes; nofile {nofile[0]}; logs in {tmp}")
+    LOG(
+        f"bench: {', '.join(args.servers)}; N={args.n}; idle {args.idle}; "
+        f"{args.procs} {args.client} load-client processes; nofile {nofile[0]}; logs in {tmp}"
+    )
     try:
         for kind in args.servers:
             results[kind] = await Bench(kind, args, tmp).run()
     finally:
         took = time.monotonic() - t_start
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        (args.out.with_suffix(".json")).write_text(json.dumps(
-            {"started": started.isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
-             "results": results}, indent=1, default=str))
+        (args.out.with_suffix(".json")).write_text(
+            json.dumps(
+                {
+                    "started": started.isoformat(),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
         png = args.out.parent / args.png
         chart(results, args, png)
-        write_report(results, args, started, took, args.out, png, nofile)
+        write_report(results, args, started, took, args.out, png, nofile, load_before)
         LOG(f"wrote {args.out} and {png} in {took:.0f}s")
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -805,12 +760,17 @@ def default_client() -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", default=",".join(KINDS), type=lambda s: s.split(","))
-    p.add_argument("--n", default="100,1000,5000",
-                   type=lambda s: sorted(int(x) for x in s.split(",")))
+    p.add_argument(
+        "--n", default="100,1000,5000", type=lambda s: sorted(int(x) for x in s.split(","))
+    )
     p.add_argument("--messages", type=int, default=2000, help="throughput run length")
     p.add_argument("--messages-big", type=int, default=1000, help="run length at N >= 5000")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="throughput runs per N < 5000 (the median is reported)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="throughput runs per N < 5000 (the median is reported)",
+    )
     p.add_argument("--rate", type=float, default=20.0, help="latency runs: msg/s")
     p.add_argument("--latency-messages", type=int, default=100)
     p.add_argument("--idle", type=int, default=5000)
@@ -819,25 +779,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--js-clients", type=int, default=100)
     p.add_argument("--js-messages", type=int, default=10000)
     p.add_argument("--js-batch", type=int, default=1000)
+    p.add_argument(
+        "--tail-clients",
+        type=int,
+        default=1000,
+        help="ours: js_sub clients tailing one stream (0: skip the tail phase)",
+    )
+    p.add_argument("--tail-messages", type=int, default=1, help="tail: messages per filter")
     p.add_argument("--procs", type=int, default=2, help="load-client processes")
-    p.add_argument("--client", choices=("node", "python"), default=default_client(),
-                   help="load client: bench/loadclient.js (needs `npm install` in bench/) or "
-                   "bench/loadclient.py; default node when bench/node_modules/ws is there")
+    p.add_argument(
+        "--client",
+        choices=("node", "python"),
+        default=default_client(),
+        help="load client: bench/loadclient.js (needs `npm install` in bench/) or "
+        "bench/loadclient.py; default node when bench/node_modules/ws is there",
+    )
     p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per proc")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--png", default="fanout.png")
     p.add_argument("--keep", action="store_true", help="keep the temp dir with server logs")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: small N, short runs, output under /tmp")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: small N, short runs, output under /tmp"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.idle, args.messages, args.messages_big = [20, 100], 200, 300, 300
         args.latency_messages, args.kv_clients, args.kv_updates = 20, 20, 5
-        args.js_clients, args.js_messages = 5, 1000
+        args.js_clients, args.js_messages, args.tail_clients = 5, 1000, 20
         if args.out == ROOT / "bench" / "RESULTS.md":
             args.out = Path(tempfile.gettempdir()) / "bench-quick" / "RESULTS.md"
-    args.command = shlex.join(["make", "bench"] if os.environ.get("MAKELEVEL")
-                              else [Path(sys.executable).name, *sys.argv])
+    args.command = shlex.join(
+        ["make", "bench"] if os.environ.get("MAKELEVEL") else [Path(sys.executable).name, *sys.argv]
+    )
     return args
 
 
