@@ -47,9 +47,11 @@ def buckets(settings: Settings) -> tuple[Bucket, ...]:
         Bucket("auth_revoked", ttl=float(settings.token_ttl + 60)),
         Bucket("articles", history=5),
         Bucket("todos", history=5),
-        # Durable js_subs (ws_gateway/durables.py): the latest record per durable; a delete
-        # leaves its marker (no TTL), so a later open can tell a deleted durable from a new one.
-        Bucket(DURABLES_BUCKET),
+        # Durable js_subs (ws_gateway/durables.py): the latest record per durable (saved every
+        # second while held). A delete leaves its marker, and a record unused past
+        # DURABLE_INACTIVE is kept as "gone": a later open tells either from a new durable.
+        # Both last twice DURABLE_INACTIVE, then go: what a user can leave behind is bounded.
+        Bucket(DURABLES_BUCKET, ttl=2 * settings.durable_inactive),
     )
 
 

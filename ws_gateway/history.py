@@ -169,7 +169,9 @@ class History:
         block = await self._request(stream, request, Block(stream, filter, 0))
         return block.seqs[0] if block.seqs else None
 
-    async def _request(self, stream: str, request: dict[str, object], block: Block) -> Block:
+    async def start(self) -> None:
+        """Subscribe the process's one reply inbox for history reads (once, at start: it
+        is the process's, not any client's)."""
         if self._sub is None:
             self._prefix = self._nc.new_inbox() + "."
             self._sub = await self._nc.subscribe(
@@ -178,6 +180,9 @@ class History:
                 pending_msgs_limit=-1,
                 pending_bytes_limit=-1,
             )
+
+    async def _request(self, stream: str, request: dict[str, object], block: Block) -> Block:
+        await self.start()
         rid = str(next(self._ids))
         read = self._open[rid] = _Read(block)
         self.reads += 1

@@ -137,6 +137,7 @@ class Hub:
             await self._watch(bucket)
         # After the watch started: a revocation is either listed or delivered by it.
         await self._list_revoked()
+        await self.history.start()
 
     async def _watch(self, bucket: str) -> None:
         on_change = self._on_user_change if bucket == USERS_BUCKET else self._on_revoked

@@ -54,6 +54,7 @@ class Cursor:
         gate: Callable[[], Awaitable[None]],
         ack_window: int | None,
         ack_wait: float,
+        on_handed: Callable[[int], None] | None = None,
     ) -> None:
         self.stream, self.filter = stream, filter
         self.last = begin - 1
@@ -63,6 +64,7 @@ class Cursor:
         self._deliver, self._room, self._wait_room, self._half = deliver, room, wait_room, half
         self._gate = gate
         self._window, self._ack_wait = ack_window, ack_wait
+        self._on_handed = on_handed
         self.pending: dict[int, float] = {}  # ack mode: seq → when it was handed on
         self._behind = asyncio.Event()
         self._behind.set()
@@ -105,6 +107,8 @@ class Cursor:
         self.last = seq
         if self._window is not None:
             self.pending[seq] = time.monotonic()
+        if self._on_handed is not None:
+            self._on_handed(seq)
 
     def _fall_behind(self) -> None:
         self.live = False

@@ -19,3 +19,9 @@ REVOCATION_LATENCY = Histogram(
     "From the auth_users change in KV to the subscription ended",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+DURABLE_FAILURES = Counter(
+    "gateway_durable_failures_total",
+    "Durable floors not saved (save: retried at the next one; leave: the resume repeats "
+    "what was handed on since the last save)",
+    ["when"],
+)

@@ -88,6 +88,8 @@ class Outbox:
         "_write_timeout",
         "_writing",
         "max_bytes",
+        "pushed",
+        "written",
     )
 
     def __init__(
@@ -118,6 +120,10 @@ class Outbox:
         self._room_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        # Bytes of frames ever queued / ever handed to the transport: a frame pushed when
+        # `pushed` reached P has been written once `delivered` reaches P (durable floors).
+        self.pushed = 0
+        self.written = 0
 
     def start(self) -> None:
         if self._flusher is None:
@@ -163,6 +169,7 @@ class Outbox:
             return False
         self._queue.append(frame)
         self._size += len(frame)
+        self.pushed += len(frame)
         if self._flusher is not None and not self._writing:
             if not self._dirty:
                 self._dirty = True
@@ -204,6 +211,7 @@ class Outbox:
             if not self._can_send():
                 self._wake_writer()  # the writer task awaits the drain, with the timeout
                 return frames
+            before = self._size
             try:
                 self._send_now(self._take())
             except SlowTransport as e:
@@ -212,9 +220,15 @@ class Outbox:
                 return frames
             except Exception:
                 return frames  # the connection is closing; its reader notices
+            self.written += before - self._size
             frames += 1
         self._after_write()
         return frames
+
+    @property
+    def delivered(self) -> int:
+        """Bytes of frames written to the socket (a long poll's: handed to a GET)."""
+        return self.written - (self._buffered() if self._buffered is not None else 0)
 
     def room(self) -> int:
         """Bytes that may still be queued before the bound (negative: over it)."""
@@ -244,7 +258,9 @@ class Outbox:
                 self._wake = None
             self._writing = True
             while queue:
+                before = self._size
                 data = self._take()
+                taken = before - self._size
                 try:
                     async with asyncio.timeout(self._write_timeout):
                         await self._send(data)
@@ -252,6 +268,7 @@ class Outbox:
                     self._closed = True
                     self._on_slow("write timed out" if isinstance(e, TimeoutError) else str(e))
                     return
+                self.written += taken
                 metrics.FRAMES_OUT.inc()
                 self._after_write()
             self._writing = False

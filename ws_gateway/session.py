@@ -152,6 +152,10 @@ class Session:
     def room(self) -> int:
         return self.outbox.room()
 
+    def sent(self) -> tuple[int, int]:
+        """Bytes of frames queued so far, and of those written to the client."""
+        return self.outbox.pushed, self.outbox.delivered
+
     def touch(self) -> None:
         """The transport saw the client alive (a long poll), even without a frame."""
         self._last_rx = time.monotonic()

@@ -18,6 +18,7 @@ was taken, each thing once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import enum
 import logging
@@ -97,6 +98,8 @@ class Owner(Protocol):
     async def wait_room(self, whole: bool = False) -> int: ...
 
     def room(self) -> int: ...
+
+    def sent(self) -> tuple[int, int]: ...
 
     def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
 
@@ -360,7 +363,9 @@ class JsSubscription(Subscription):
         self.lease: Lease | None = None
         self.delete_durable = False  # set by an unsub that deletes the durable
         self._holder = secrets.token_hex(8)
-        self._written = 0
+        # Without acks, a durable's messages queued but not yet written to the socket:
+        # (bytes pushed to the outbox once it was queued, seq), oldest first.
+        self._unwritten: collections.deque[tuple[int, int]] = collections.deque()
         self._keeper: asyncio.Task[None] | None = None
         self.unacked: dict[int, str] = {}
         self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
@@ -475,7 +480,6 @@ class JsSubscription(Subscription):
                 begin, recovered = first, False
             else:
                 recovered = True
-        self._written = begin - 1
         await self._share(begin)
         return {
             "position": await self._first(begin, last),
@@ -484,14 +488,24 @@ class JsSubscription(Subscription):
         }
 
     def _floor(self) -> int:
-        """Where the durable resumes after: acked, or (without acks) written to the socket."""
+        """Where the durable resumes after: acked, or (without acks) written to the socket:
+        every message up to it handed on, and each handed one written."""
         cursor = self.cursor
         assert cursor is not None
         if self.data.ack:
             return min(cursor.pending) - 1 if cursor.pending else cursor.last
-        if self._owner.room() >= self._node.settings.send_queue_bytes:
-            self._written = cursor.last  # nothing queued: all handed on was written
-        return self._written
+        self._drop_written()
+        return self._unwritten[0][1] - 1 if self._unwritten else cursor.last
+
+    def _drop_written(self) -> None:
+        delivered = self._owner.sent()[1]
+        unwritten = self._unwritten
+        while unwritten and unwritten[0][0] <= delivered:
+            unwritten.popleft()
+
+    def _handed(self, seq: int) -> None:
+        self._drop_written()  # bounded by what the outbox holds
+        self._unwritten.append((self._owner.sent()[0], seq))
 
     async def _keep(self) -> None:
         """Save the floor every DURABLE_SAVE seconds (also unchanged: that keeps it alive)."""
@@ -506,14 +520,33 @@ class JsSubscription(Subscription):
                 )
                 return
             except Exception as e:  # NATS away: the next save carries the floor
-                log.info("durable save failed", extra={"error": type(e).__name__})
+                self._not_kept("save", e)
 
     async def _leave(self, lease: Lease) -> None:
         await cancel_and_wait(self._keeper)
-        if self.delete_durable:
-            await lease.delete()
-        elif self.cursor is not None:
-            await lease.save(self._floor())
+        try:
+            if self.delete_durable:
+                await lease.delete()
+            elif self.cursor is not None:
+                await lease.save(self._floor())
+        except TakenOver:
+            pass  # the newer holder has it: its floor is the one that counts
+        except Exception as e:
+            self._not_kept("leave", e)
+
+    def _not_kept(self, when: str, e: Exception) -> None:
+        metrics.DURABLE_FAILURES.labels(when).inc()
+        log.warning(
+            "durable floor not saved",
+            extra={
+                "event": "durable_not_kept",
+                "when": when,
+                "stream": self.ref.target,
+                "durable": self.data.durable,
+                "user": self._owner.uid,
+                "error": type(e).__name__,
+            },
+        )
 
     async def _share(self, begin: int) -> None:
         """Join the stream's shared tail, with a cursor that reads history up to it."""
@@ -538,6 +571,7 @@ class JsSubscription(Subscription):
             gate=self._node.delivering_open,
             ack_window=max(d.batch * 4, 1000) if d.ack else None,
             ack_wait=settings.js_ack_wait,
+            on_handed=self._handed if d.durable and not d.ack else None,
         )
         self.cursor = cursor
         tail.add(flt, cursor)

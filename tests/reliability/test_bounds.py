@@ -18,7 +18,9 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from websockets.exceptions import ConnectionClosed
 
+from shared.capabilities import DURABLES_BUCKET
 from shared.client import ClientSubscription, GatewayClient, RequestError
+from shared.kvlist import live_entries
 from shared.settings import Settings
 from tests.gateway.conftest import ClientFactory, UserFactory
 from tests.reliability.conftest import Figures, scale
@@ -55,10 +57,6 @@ async def _consumers(js: JetStreamContext, stream: str) -> int:
     return (await js.stream_info(stream)).state.consumer_count
 
 
-async def _named(js: JetStreamContext, stream: str, prefix: str) -> int:
-    return sum(1 for ci in await js.consumers_info(stream) if ci.name.startswith(prefix))
-
-
 def _sessions(gw: Gateway, uid: str) -> list[Session]:
     assert gw.hub is not None
     return list(gw.hub.by_user.get(uid, ()))
@@ -77,8 +75,8 @@ async def test_js_readers_per_user_capped_and_released(
 ) -> None:
     """One user's js_subs over several connections: MAX_READERS_PER_USER accepted, every one
     after it `limit` (a kv_sub too: they share the cap); another user is not affected; an
-    ended one gives its slot back; once the connections close, the stream's consumers are
-    back to what they were."""
+    ended one gives its slot back; all of them hold one NATS consumer (the stream's shared
+    tail), gone once the connections close."""
     js = nc.jetstream()
     cap = settings.max_readers_per_user
     n_conns, attempts = 4, scale(cap + 16, cap + 96)
@@ -130,9 +128,9 @@ async def test_js_readers_per_user_capped_and_released(
         consumers_after_close=after,
     )
     assert codes == {"ok": cap, "limit": attempts - cap}, codes
-    assert peak == baseline + cap
+    assert peak == baseline + 1  # every js_sub of the process shares the stream's tail
     assert (kv_code, other_code, again) == ("limit", "ok", "ok")
-    assert after_again == baseline + cap + 1  # bob's one and the re-opened one; one ended
+    assert after_again == baseline + 1
     assert after == baseline
     assert held == {}
 
@@ -146,13 +144,18 @@ async def test_durables_per_user_capped_and_kept(
     figures: Figures,
 ) -> None:
     """Durable js_subs: MAX_DURABLES_PER_USER new durables per user and stream, then `limit`;
-    they outlive the connections (parked at their position), binding an existing one is
-    free, a new one is still refused."""
+    they outlive the connections as records in gw_durables (no NATS consumer each: the
+    stream holds only the shared tail while they are open, nothing after), resuming an
+    existing one is free, a new one is still refused."""
     js = nc.jetstream()
     cap = settings.max_durables_per_user
     n_conns, attempts = 2, scale(cap + 4, cap + 24)
     baseline = await _consumers(js, "chat")
-    prefix = "u_alice_"
+
+    async def records() -> int:
+        found = await live_entries(js, DURABLES_BUCKET, values=False, pattern="chat.alice.*")
+        return len(found)
+
     token = await make_user("alice")
     conns = [await connect_ws(token) for _ in range(n_conns)]
     codes: dict[str, int] = {}
@@ -161,17 +164,16 @@ async def test_durables_per_user_capped_and_kept(
             conns[i % n_conns], "js_sub", "chat", {"filter": "chat.room.123", "durable": f"d{i}"}
         )
         codes[code] = codes.get(code, 0) + 1
-    peak_named = await _named(js, "chat", prefix)
+    peak_records = await records()
     peak = await _consumers(js, "chat")
     for c in conns:
         await c.close()
 
-    async def parked() -> bool:
-        # every session of the user gone and nothing but its durables on the stream
-        return not _sessions(gateway, "alice") and await _consumers(js, "chat") == baseline + cap
+    async def left() -> bool:
+        return not _sessions(gateway, "alice") and await _consumers(js, "chat") == baseline
 
-    took = await until_async(parked, "the durables to be parked and the sessions gone", 30)
-    kept = await _named(js, "chat", prefix)
+    took = await until_async(left, "the sessions gone and the stream's tail released", 30)
+    kept = await records()
     after = await _consumers(js, "chat")
     c = await connect_ws(token)
     bind_code, _ = await _attempt(c, "js_sub", "chat", {"filter": "chat.room.123", "durable": "d0"})
@@ -182,22 +184,22 @@ async def test_durables_per_user_capped_and_kept(
         "B1",
         "test_durables_per_user_capped_and_kept",
         f"one user asks for {attempts} new durables on stream chat over {n_conns} connections "
-        f"(MAX_DURABLES_PER_USER={cap}); the connections close; then a reconnect binds d0 "
+        f"(MAX_DURABLES_PER_USER={cap}); the connections close; then a reconnect resumes d0 "
         "and asks for one more new durable",
-        f"{codes.get('ok', 0)} accepted, {codes.get('limit', 0)} refused `limit`; durables "
-        f"{prefix}* {peak_named} at peak ({peak} consumers with the baseline {baseline}), "
-        f"{kept} kept after close ({after} consumers; parked in {took * 1000:.0f} ms); "
-        f"rebinding d0: {bind_code}, a new one: {new_code}",
+        f"{codes.get('ok', 0)} accepted, {codes.get('limit', 0)} refused `limit`; durable "
+        f"records {peak_records} at peak with {peak} NATS consumers on chat (baseline "
+        f"{baseline}), {kept} records kept after close with {after} consumers (released in "
+        f"{took * 1000:.0f} ms); resuming d0: {bind_code}, a new one: {new_code}",
         accepted=codes.get("ok", 0),
         refused=codes.get("limit", 0),
-        durables_peak=peak_named,
+        durables_peak=peak_records,
         durables_after_close=kept,
         consumers_peak=peak,
         consumers_after_close=after,
     )
     assert codes == {"ok": cap, "limit": attempts - cap}, codes
-    assert peak_named == cap and peak == baseline + cap
-    assert kept == cap and after == baseline + cap
+    assert peak_records == cap and peak == baseline + 1
+    assert kept == cap and after == baseline
     assert (bind_code, new_code) == ("ok", "limit")
 
 
