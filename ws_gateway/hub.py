@@ -61,6 +61,8 @@ from ws_gateway.transport import Transport
 
 log = logging.getLogger("ws_gateway.hub")
 
+HEARTBEAT_TICK = 1.0  # seconds between the sessions' clock ticks (at most)
+
 REWATCH_BACKOFF_MAX = 5.0
 
 
@@ -131,6 +133,7 @@ class Hub:
         self._delivering_event = asyncio.Event()
         self._delivering_event.set()
         self._revalidation: asyncio.Task[None] | None = None
+        self._clock: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for bucket in (USERS_BUCKET, REVOKED_BUCKET):
@@ -138,6 +141,17 @@ class Hub:
         # After the watch started: a revocation is either listed or delivered by it.
         await self._list_revoked()
         await self.history.start()
+        self._clock = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """The sessions' one clock: token expiry and heartbeats (Session.tick), instead of
+        timers per connection. A token expires at most HEARTBEAT_TICK late."""
+        period = min(HEARTBEAT_TICK, self.settings.ping_interval / 4)
+        while True:
+            await asyncio.sleep(period)
+            now, wall = time.monotonic(), time.time()
+            for session in list(self.sessions):
+                session.tick(now, wall)
 
     async def _watch(self, bucket: str) -> None:
         on_change = self._on_user_change if bucket == USERS_BUCKET else self._on_revoked
@@ -158,6 +172,7 @@ class Hub:
             await old.close()
 
     async def close(self) -> None:
+        await cancel_and_wait(self._clock)
         await cancel_and_wait(self._revalidation)
         await cancel_and_wait(self._rewatch)
         for timer in self._grace.values():

@@ -38,14 +38,18 @@ SlowFn = Callable[[str], None]
 
 
 class Flusher:
-    """Flushes every outbox pushed to during one event-loop tick, in one callback."""
+    """Flushes every outbox pushed to during one event-loop tick, in one callback.
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    Outboxes of one room hold the same frames (the same objects) in a tick: their joined
+    data is joined once (`joined`), so the transport can frame it once for all of them."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled", "joined")
 
     def __init__(self) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
+        self.joined: dict[tuple[int, ...], tuple[list[bytes], bytes]] = {}
 
     def mark(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
@@ -59,6 +63,7 @@ class Flusher:
         frames = 0
         for outbox in dirty:
             frames += outbox.flush_now()
+        self.joined.clear()
         if frames:
             metrics.FRAMES_OUT.inc(frames)  # once per tick, not per connection
 
@@ -193,7 +198,15 @@ class Outbox:
                 del queue[: i + 1]
                 self._size -= size - (i + 1)
                 return data
-        data = b"\n".join(queue)
+        if self._flusher is not None and self._writing is False:
+            key = tuple(map(id, queue))
+            hit = self._flusher.joined.get(key)
+            if hit is None:
+                # The list is kept with the result: its frames' ids stay theirs this tick.
+                hit = self._flusher.joined[key] = (list(queue), b"\n".join(queue))
+            data = hit[1]
+        else:
+            data = b"\n".join(queue)
         queue.clear()
         self._size = 0
         return data

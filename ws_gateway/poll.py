@@ -123,6 +123,9 @@ class PollTransport:
     def buffered(self) -> int:
         return self.size
 
+    def ping(self) -> None:
+        pass  # no transport-level keepalive: the session's `ping` envelope is the heartbeat
+
     def send_now(self, data: bytes) -> None:
         if self.size + len(data) > MAX_BUFFER_BYTES:
             raise SlowTransport("poll buffer full: the client is not polling")

@@ -22,6 +22,7 @@ from shared.settings import Settings
 from ws_gateway.handshake import GatewayConnection, process_request
 from ws_gateway.hub import Hub
 from ws_gateway.poll import PollServer
+from ws_gateway.wsframe import text_frame
 
 log = logging.getLogger("ws_gateway.server")
 
@@ -59,11 +60,20 @@ class WsTransport:
         )
 
     def send_now(self, data: bytes) -> None:
-        self._protocol.send_text(data)
-        self._ws.send_data()
+        # The frame websockets would build, built once per tick for every socket that gets
+        # the same data (wsframe.py); websockets' own frames (pings, close) are whole frames
+        # too, so writes never interleave inside one.
+        self._transport.write(text_frame(data))
 
     def buffered(self) -> int:
         return 0  # bounded by WRITE_HIGH and SOCKET_SEND_BUFFER: can_send says when full
+
+    def ping(self) -> None:
+        # A WebSocket ping from the hub's clock, instead of websockets' keepalive task per
+        # connection; a client that stops answering is closed by the session's heartbeat.
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_ping(b"")
+            self._ws.send_data()
 
     async def close(self, code: int, reason: str) -> None:
         try:
@@ -122,8 +132,8 @@ class Gateway:
             compression=None,  # compressing secrets beside attacker-chosen data leaks them
             max_size=self.settings.max_frame_bytes,
             max_queue=16,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=None,  # the hub's clock pings every connection (Session.tick)
+            ping_timeout=None,
             close_timeout=2,
             write_limit=WRITE_HIGH,
             server_header=None,

@@ -101,9 +101,9 @@ class Session:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._ending: set[asyncio.Task[None]] = set()  # subscription releases: awaited
-        # Timers, not tasks: an idle connection should cost a few hundred bytes, not a
-        # coroutine frame per duty.
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # No timer per session: the hub's one clock calls `tick` (an idle connection costs
+        # its objects, not a timer handle or a task per duty).
+        self._next_ping = 0.0
         self._requests = asyncio.Lock()  # one request at a time, in arrival order
         self._closing: asyncio.Task[None] | None = None
         self.started = False
@@ -126,8 +126,7 @@ class Session:
         self.started = True
         self.outbox.start()
         self.push(envelope.cap_update(self.uid, self.caps.document))
-        self._schedule_heartbeat()
-        self._schedule_expiry()
+        self._next_ping = time.monotonic() + self.settings.ping_interval
         metrics.CONNECTIONS.inc()
         log.info(
             "session open",
@@ -180,9 +179,6 @@ class Session:
             await self.transport.close(d.close_code, d.reason)
         except Exception as e:
             log.info("transport close failed", extra={"session": self.id, "error": repr(e)})
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
         for task in list(self._tasks):
             await cancel_and_wait(task)
         counts = {"sub": 0, "kv_sub": 0, "js_sub": 0}
@@ -224,25 +220,22 @@ class Session:
         log.info("slow client", extra={"session": self.id, "why": why})
         self.close(Disconnects.BACKPRESSURE.because(why))
 
-    def _schedule_heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timers["heartbeat"] = loop.call_later(self.settings.ping_interval, self._heartbeat)
-
-    def _heartbeat(self) -> None:
-        if self.closed:
+    def tick(self, now: float, wall: float) -> None:
+        """The hub's clock (every HEARTBEAT_TICK): expiry of the token, then the heartbeat:
+        a ping every PING_INTERVAL, and a close after two intervals without a frame."""
+        if self.closed or not self.started:
             return
-        if time.monotonic() - self._last_rx > 2 * self.settings.ping_interval:
+        if wall >= self.claims.exp:
+            self._expire()
+            return
+        if now < self._next_ping:
+            return
+        if now - self._last_rx > 2 * self.settings.ping_interval:
             self.close(Disconnects.HEARTBEAT)
             return
+        self._next_ping = now + self.settings.ping_interval
         self.push(envelope.ping())
-        self._schedule_heartbeat()
-
-    def _schedule_expiry(self) -> None:
-        old = self._timers.pop("expiry", None)
-        if old:
-            old.cancel()
-        delay = max(0.0, self.claims.exp - time.time())
-        self._timers["expiry"] = asyncio.get_running_loop().call_later(delay, self._expire)
+        self.transport.ping()
 
     def _expire(self) -> None:
         if not self.closed:
@@ -453,7 +446,6 @@ class Session:
         old = self.claims
         self.claims = claims
         self.hub.rekey(self, old.jti)
-        self._schedule_expiry()
         self.push(envelope.ok(op.inbox, None, {"exp": claims.exp}))
 
     # ------------------------------------------------------------------ from the hub
