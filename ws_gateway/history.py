@@ -49,10 +49,24 @@ class Block:
     start: int  # the first sequence this block covers
     seqs: list[int] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    ends: list[int] = field(default_factory=lambda: [0])  # ends[i]: bytes of bodies[:i]
     next: int = 0  # where the stream continues after this block
     at_end: bool = False  # nothing matching was left in the stream when it was read
     mark: int = 0  # at_end: every matching message up to this sequence is in the block
     size: int = 0
+
+    def fitting(self, i: int, room: int, extra: int) -> int:
+        """The end k of the longest run i..k whose bodies, `extra` bytes more each, fit
+        in `room` bytes."""
+        ends, base = self.ends, self.ends[i]
+        lo, hi = i, len(self.seqs)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ends[mid] - base + (mid - i) * extra <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def after(self, seq: int) -> int:
         """Index of the first message with a sequence above `seq`."""
@@ -236,6 +250,7 @@ class _Read:
             )
             block.seqs.append(seq)
             block.bodies.append(body)
+            block.ends.append(block.ends[-1] + len(body))
             block.size += len(body) + 64
             block.next = seq + 1
             return

@@ -48,13 +48,14 @@ class Cursor:
         history: History,
         tail: JsTail,
         deliver: Callable[[bytes], bool],
+        deliver_many: Callable[[list[bytes]], bool],
         room: Callable[[], int],
         wait_room: Callable[[bool], Awaitable[int]],
         half: int,
         gate: Callable[[], Awaitable[None]],
         ack_window: int | None,
         ack_wait: float,
-        on_handed: Callable[[int], None] | None = None,
+        on_handed: Callable[[int, int], None] | None = None,
     ) -> None:
         self.stream, self.filter = stream, filter
         self.last = begin - 1
@@ -62,6 +63,7 @@ class Cursor:
         self._prefix = prefix
         self._history, self._tail = history, tail
         self._deliver, self._room, self._wait_room, self._half = deliver, room, wait_room, half
+        self._deliver_many = deliver_many
         self._gate = gate
         self._window, self._ack_wait = ack_window, ack_wait
         self._on_handed = on_handed
@@ -80,6 +82,7 @@ class Cursor:
 
     async def stop(self) -> None:
         self._deliver = _closed
+        self._deliver_many = _closed
         await cancel_and_wait(self._task)
 
     # ------------------------------------------------------------------ live
@@ -108,7 +111,7 @@ class Cursor:
         if self._window is not None:
             self.pending[seq] = time.monotonic()
         if self._on_handed is not None:
-            self._on_handed(seq)
+            self._on_handed(seq, seq)
 
     def _fall_behind(self) -> None:
         self.live = False
@@ -147,8 +150,12 @@ class Cursor:
     async def _run(self) -> None:
         while True:
             while not self._behind.is_set():
+                wait = self._expired()
+                if wait is None and self._window is not None:
+                    # Nothing unacked now; live messages may become so without waking us.
+                    wait = self._ack_wait / 4
                 try:
-                    async with asyncio.timeout(self._expired()):
+                    async with asyncio.timeout(wait):
                         await self._behind.wait()
                 except TimeoutError:
                     pass
@@ -209,27 +216,27 @@ class Cursor:
 
     def _push(self, block: Block, i: int, room: int, *, one: bool = False) -> int:
         """Hand on the block's messages from index `i` while they fit in `room` (`one`:
-        exactly one, whatever its size); the index to go on from."""
-        seqs, bodies, prefix = block.seqs, block.bodies, self._prefix
-        n = len(seqs)
-        while i < n:
-            seq = seqs[i]
-            if seq <= self.last:
-                i += 1
-                continue
-            if self._window_full():
-                return i
-            frame = prefix + bodies[i]
-            if len(frame) > room and not one:
-                return i
-            room -= len(frame)
-            if not self._deliver(frame):
-                return n  # the subscription ended: nothing more
-            self._handed(seq)
-            i += 1
-            if one:
-                return i
-        return i
+        exactly one, whatever its size), as one batch; the index to go on from."""
+        i = max(i, block.after(self.last))
+        if one:
+            k = min(i + 1, len(block.seqs))
+        else:
+            k = block.fitting(i, room, len(self._prefix))
+        if self._window is not None:
+            k = min(k, i + max(0, self._window - len(self.pending)))
+        if k <= i:
+            return i
+        prefix = self._prefix
+        frames = [prefix + body for body in block.bodies[i:k]]
+        if not self._deliver_many(frames):
+            return len(block.seqs)  # the subscription ended: nothing more
+        seqs = block.seqs[i:k]
+        self.last = seqs[-1]
+        if self._window is not None:
+            self.pending.update(dict.fromkeys(seqs, time.monotonic()))
+        if self._on_handed is not None:
+            self._on_handed(seqs[0], seqs[-1])
+        return k
 
     async def _ready(self) -> int:
         """Wait until this cursor may hand on more: deliveries not held (capabilities being
@@ -245,5 +252,5 @@ class Cursor:
         return await self._wait_room(False)
 
 
-def _closed(frame: bytes) -> bool:
+def _closed(frames: object) -> bool:
     return False

@@ -183,6 +183,27 @@ class Outbox:
             self._wake_writer()
         return True
 
+    def push_many(self, frames: list[bytes]) -> bool:
+        """`push` for a run of envelopes (a paced source sized it to the room it was given:
+        beyond the bound, the connection is closed as for one envelope)."""
+        if self._closed:
+            return False
+        size = sum(map(len, frames))
+        if self._size + size > self.max_bytes and (self._queue or len(frames) > 1):
+            self._closed = True
+            self._on_slow("send queue full")
+            return False
+        self._queue.extend(frames)
+        self._size += size
+        self.pushed += size
+        if self._flusher is not None and not self._writing:
+            if not self._dirty:
+                self._dirty = True
+                self._flusher.mark(self)
+        else:
+            self._wake_writer()
+        return True
+
     def _take(self) -> bytes:
         queue = self._queue
         if len(queue) == 1:

@@ -145,6 +145,9 @@ class Session:
     def push(self, frame: bytes) -> bool:
         return self.outbox.push(frame)
 
+    def push_many(self, frames: list[bytes]) -> bool:
+        return self.outbox.push_many(frames)
+
     async def wait_room(self, whole: bool = False) -> int:
         return await self.outbox.wait_room(whole)
 

@@ -95,6 +95,8 @@ class Owner(Protocol):
 
     def push(self, frame: bytes) -> bool: ...
 
+    def push_many(self, frames: list[bytes]) -> bool: ...
+
     async def wait_room(self, whole: bool = False) -> int: ...
 
     def room(self) -> int: ...
@@ -223,6 +225,12 @@ class Subscription:
         if self.state is not State.LIVE:
             return False
         return self._owner.push(frame)
+
+    def deliver_many(self, frames: list[bytes]) -> bool:
+        """`deliver` for a run of frames (a history block's), at once."""
+        if self.state is not State.LIVE:
+            return False
+        return self._owner.push_many(frames)
 
     # ------------------------------------------------------------------ per kind
 
@@ -503,9 +511,10 @@ class JsSubscription(Subscription):
         while unwritten and unwritten[0][0] <= delivered:
             unwritten.popleft()
 
-    def _handed(self, seq: int) -> None:
+    def _handed(self, first: int, last: int) -> None:
+        """Messages `first`..`last` were queued (without acks, for the floor)."""
         self._drop_written()  # bounded by what the outbox holds
-        self._unwritten.append((self._owner.sent()[0], seq))
+        self._unwritten.append((self._owner.sent()[0], first))
 
     async def _keep(self) -> None:
         """Save the floor every DURABLE_SAVE seconds (also unchanged: that keeps it alive)."""
@@ -565,6 +574,7 @@ class JsSubscription(Subscription):
             history=self._node.history,
             tail=tail,
             deliver=self.deliver,
+            deliver_many=self.deliver_many,
             room=self._owner.room,
             wait_room=self._owner.wait_room,
             half=settings.send_queue_bytes // 2,

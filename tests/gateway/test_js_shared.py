@@ -861,3 +861,29 @@ async def test_unacked_messages_of_a_non_durable_are_redelivered(
     await sub.ack(2)
     await sub.ack(4)
     await c.ping()
+
+
+async def test_an_unacked_live_message_is_redelivered_on_the_same_connection(
+    ack_gateway: Gateway,
+    make_user: UserFactory,
+    nc: NATS,
+    opened: list[GatewayClient | RawClient],
+) -> None:
+    """A message delivered LIVE (from the tail, the cursor caught up) and never acked comes
+    back after the ack wait, while the connection stays open; an acked one does not."""
+    js = nc.jetstream()
+    stored: Stored = {}
+    c = await open_client(ack_gateway.url, await make_user(), opened)
+    sub = await c.js_sub("chat", "chat.room.123", ack=True)  # new messages only: live at once
+    await publish_all(js, [("chat.room.123", _payload(0, "acked"))], stored)
+    check_exact("acked", await read_through(sub, 1), [1], stored)
+    await sub.ack(1)
+    await c.ping()
+    await publish_all(js, [("chat.room.123", _payload(1, "unacked"))], stored)
+    check_exact("first", await read_through(sub, 2), [2], stored)
+    again = await sub.get(timeout=ACK_WAIT * 15)
+    assert again["op"] == "js_msg" and again["data"]["seq"] == 2, again
+    assert again["data"]["payload"] == stored[2][1]
+    await sub.ack(2)
+    await c.ping()
+    assert sub.get_nowait() is None
