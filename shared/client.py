@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -36,9 +37,29 @@ class RequestError(Exception):
         self.reason = reason
 
 
+# The reason of an `ack` the server refused (acked already, or its ack wait expired).
+_ACK_REFUSED = re.compile(r"seq (\d+) is not awaiting an ack")
+_ACKED_KEPT = 1024  # duplicates acked by `dedupe` whose refusal is recognised, at most
+
+
 class ClientSubscription:
+    """One subscription. `last_seq` is the highest `js_msg` seq `get()` has returned (or the
+    one a resume was told to start after). With `dedupe` (opt-in, js_subs only: a test that
+    counts deliveries must see them all), `get()` drops a `js_msg` at or below it and counts
+    it in `duplicates`; with `ack: true` it also acks it, else the server would send it again
+    after every ack wait (the refusal of such an ack, already acked, is no error here)."""
+
     def __init__(
-        self, client: GatewayClient, op: str, target: str, inbox: str, pattern: str
+        self,
+        client: GatewayClient,
+        op: str,
+        target: str,
+        inbox: str,
+        pattern: str,
+        *,
+        dedupe: bool = False,
+        last_seq: int = 0,
+        ack: bool = False,
     ) -> None:
         self.client, self.op, self.target, self.inbox, self.pattern = (
             client,
@@ -51,20 +72,65 @@ class ClientSubscription:
         self.ok: dict[str, Any] = {}
         self.revoked = asyncio.Event()
         self.error: dict[str, Any] | None = None
+        self.dedupe = dedupe
+        self.last_seq = last_seq
+        self.duplicates = 0
+        self._ack_mode = ack
+        self._acked: dict[int, None] = {}  # duplicates acked by dedupe (insertion order)
 
     async def get(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next envelope for this subscription."""
+        """The next envelope for this subscription (with `dedupe`: no duplicate js_msg)."""
         async with asyncio.timeout(timeout):
-            return await self.queue.get()
+            while True:
+                env = await self.queue.get()
+                if self._fresh(env):
+                    return env
 
     def get_nowait(self) -> dict[str, Any] | None:
-        try:
-            return self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        while True:
+            try:
+                env = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+            if self._fresh(env):
+                return env
 
-    async def unsub(self) -> None:
-        await self.client.request("unsub", inbox=self.inbox)
+    def _fresh(self, env: dict[str, Any]) -> bool:
+        """Track `last_seq`; False for a js_msg that `dedupe` drops."""
+        if env.get("op") != "js_msg":
+            return True
+        seq = int(env["data"]["seq"])
+        if seq > self.last_seq:
+            self.last_seq = seq
+            return True
+        if not self.dedupe:
+            return True
+        self.duplicates += 1
+        if self._ack_mode:
+            self._acked[seq] = None
+            if len(self._acked) > _ACKED_KEPT:
+                del self._acked[next(iter(self._acked))]
+            self.client._spawn(self._ack_quietly(seq))
+        return False
+
+    async def _ack_quietly(self, seq: int) -> None:
+        with contextlib.suppress(ConnectionClosed, ConnectionError, aiohttp.ClientError):
+            await self.ack(seq)
+
+    def _refused_ack(self, env: dict[str, Any]) -> bool:
+        """The server refused an ack that dedupe sent for a duplicate (acked already)."""
+        data = env.get("data") or {}
+        m = _ACK_REFUSED.fullmatch(str(data.get("reason", "")))
+        if data.get("code") != "not_found" or m is None or int(m[1]) not in self._acked:
+            return False
+        del self._acked[int(m[1])]
+        return True
+
+    async def unsub(self, *, delete_durable: bool = False) -> None:
+        """End the subscription; `delete_durable` also deletes its durable (a js_sub with
+        one; else the server answers `bad_request` and ends nothing)."""
+        data = {"delete_durable": True} if delete_durable else None
+        await self.client.request("unsub", inbox=self.inbox, data=data)
         self.client.subs.pop(self.inbox, None)
 
     async def ack(self, seq: int) -> None:
@@ -325,9 +391,11 @@ class GatewayClient:
         result: dict[str, Any] = reply
         return result
 
-    async def _subscribe(self, op: str, target: str, pattern: str, data: Any) -> ClientSubscription:
+    async def _subscribe(
+        self, op: str, target: str, pattern: str, data: Any, **local: Any
+    ) -> ClientSubscription:
         inbox = self.new_inbox()
-        sub = ClientSubscription(self, op, target, inbox, pattern)
+        sub = ClientSubscription(self, op, target, inbox, pattern, **local)
         self.subs[inbox] = sub
         try:
             reply = await self.request(op, target, data, inbox=inbox)
@@ -348,8 +416,28 @@ class GatewayClient:
             data["since_revision"] = since_revision
         return await self._subscribe("kv_sub", bucket, pattern, data)
 
-    async def js_sub(self, stream: str, filter: str = ">", **options: Any) -> ClientSubscription:
-        return await self._subscribe("js_sub", stream, filter, {"filter": filter, **options})
+    async def js_sub(
+        self,
+        stream: str,
+        filter: str = ">",
+        *,
+        dedupe: bool = False,
+        last_seq: int = 0,
+        **options: Any,
+    ) -> ClientSubscription:
+        """`options` go to the server (`durable`, `ack`, `start_seq`, …). `dedupe` (client
+        side, off by default) makes `get()` drop js_msgs at or below `last_seq`: pass the
+        `last_seq` of the subscription a durable is resumed from to drop, across the resume,
+        what it had already (a resumed durable sends its unacked messages again)."""
+        return await self._subscribe(
+            "js_sub",
+            stream,
+            filter,
+            {"filter": filter, **options},
+            dedupe=dedupe,
+            last_seq=last_seq,
+            ack=bool(options.get("ack")),
+        )
 
     async def ping(self) -> None:
         await self.request("ping")
@@ -406,12 +494,12 @@ class GatewayClient:
                 self._first.set_result(env)
             return
         if op == "ping":
-            task = asyncio.ensure_future(self._pong(inbox))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pong(inbox))
             return
         if op == "error":
             sub = self.subs.get(inbox) if inbox else None
+            if sub is not None and sub._refused_ack(env):
+                return
             if sub is not None:
                 sub.error = env
                 sub.queue.put_nowait(env)
@@ -432,6 +520,11 @@ class GatewayClient:
             for sub in self.subs.values():
                 if sub.op == "kv_sub" and sub.target == target and match(sub.pattern, key):
                     sub.queue.put_nowait(env)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _pong(self, inbox: str | None) -> None:
         with contextlib.suppress(ConnectionClosed, ConnectionError, aiohttp.ClientError):

@@ -101,15 +101,33 @@ export interface StreamOptions {
   /** RFC 3339 */
   startTime?: string;
   batch?: number;
+  /** explicit acks: a message is acked once its handlers are done (at-least-once) */
   ack?: boolean;
+  /**
+   * a durable: its position is kept on the server (any tab, any gateway resumes it). The
+   * start options count only when it is created; a re-subscription resumes after its floor.
+   */
   durable?: string;
 }
 
-/** What a js_sub's `ok` means for the app (also the argument of a stream's `reset`/`gap`). */
+/** The `ok` of a js_sub. */
+export interface StreamOk {
+  /** the first seq it delivers (a resumed durable's redeliveries included) */
+  position?: number;
+  /** false: the resume point is gone (purged, stream recreated, durable deleted or expired) */
+  recovered?: boolean;
+  /** with a durable: made now, or taken over where it stood */
+  durable?: "created" | "resumed";
+}
+
+/**
+ * What a js_sub's `ok` means for the app (also the argument of a stream's `reset`/`gap`):
+ * either one means the app must reload its state.
+ */
 export interface ResumeReport {
   /** the stream was recreated: seqs start again */
   reset: boolean;
-  /** messages not yet seen are gone (purged) */
+  /** messages not yet seen are gone (purged; or the durable was deleted or expired) */
   gap: boolean;
   /** the seq a resume asked for, null when it was no resume */
   expected: number | null;
@@ -121,9 +139,11 @@ export class StreamBook {
   opts: StreamOptions;
   lastSeq: number;
   next: number | null;
+  /** whether the subscription being sent is a resume (an `ok` came before) */
   resumed: boolean;
+  /** the js_sub `data`: start options the first time; then start_seq, or a durable alone */
   request(): Record<string, any>;
-  ok(data: { position?: number; recovered?: boolean }): ResumeReport;
+  ok(data: StreamOk): ResumeReport;
   accept(seq: number): boolean;
 }
 
@@ -292,20 +312,47 @@ export interface StreamMessage<P = any> {
 }
 
 export interface StreamSubscriptionOptions<P> extends StreamOptions {
-  /** may return a promise: with `ack`, the message is acked once it resolves */
+  /**
+   * may return a promise: with `ack`, the message is acked once it resolves; if it rejects,
+   * the message is not acked, and handed on again when the server sends it again
+   */
   onMessage?: (m: StreamMessage<P>) => unknown;
   onRevoked?: (error: ServerError) => void;
 }
 
+export interface StreamCloseOptions {
+  /** also delete the stream's durable on the server (`unsub` with `delete_durable`) */
+  deleteDurable?: boolean;
+}
+
+/**
+ * A JetStream subscription, de-duplicated by seq (also across reconnects). A durable one
+ * taken over by a newer subscription (another tab or device) ends: `error` event with code
+ * `taken_over`, status `failed`, never re-subscribed by the client (close it and open a new
+ * stream to take it back).
+ */
 export class StreamSubscription<P = any> extends Subscription {
   readonly state: StreamState;
+  /** the last seq delivered to the app */
   readonly lastSeq: number;
+  readonly ack: boolean;
+  readonly durable: string | null;
   readonly book: StreamBook;
   /** resolves once the message with this seq (or a later one) was delivered */
   seen(seq: number, opts?: { timeout?: number }): Promise<number>;
+  /**
+   * End the stream (idempotent; resolves at once). With `deleteDurable` its durable is
+   * deleted too: resolves once the server confirmed it; rejects with a SyncError when it
+   * could not be (`bad_request`: no durable; `taken_over`, `revoked`, `closed`: not held
+   * here; `unavailable`: the connection was lost before the answer, it may or may not be
+   * deleted). While reconnecting, the delete is sent once the stream is subscribed again.
+   */
+  close(opts?: StreamCloseOptions): Promise<void>;
   on(event: "message", fn: (m: StreamMessage<P>) => unknown): Off;
   on(event: "state", fn: (state: StreamState) => void): Off;
+  /** the resume could not be honoured: reload the app's state */
   on(event: "reset" | "gap", fn: (r: ResumeReport) => void): Off;
+  /** `error`: e.g. `taken_over` (final) */
   on(event: "revoked" | "error", fn: (error: ServerError) => void): Off;
   on(event: "closed", fn: () => void): Off;
 }

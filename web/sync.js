@@ -12,6 +12,9 @@
 //   todos.on("change", () => render(todos.values));
 //   const chat = client.stream("chat", { filter: "chat.room.general", startSeq: 1 });
 //   chat.on("message", (m) => append(m.payload));
+//   const jobs = client.stream("jobs", { durable: "inbox", ack: true, onMessage: handle });
+//   jobs.on("error", (e) => e.code === "taken_over" && showTakenOver()); // another tab took it
+//   await jobs.close({ deleteDurable: true }); // or close(): the durable waits on the server
 //
 // Layout: pure parts first (frame splitting, wildcard matching, routing, backoff, resume
 // bookkeeping, the fallback decision, long-poll bookkeeping — exported and unit-tested with
@@ -368,8 +371,13 @@ function b64(s) {
 
 /**
  * Where a JetStream subscription is: the last seq delivered to the app (dedupe: a seq at or
- * below it is a redelivery), and where a re-subscription starts (`last + 1`, or the first
- * `ok`'s position when nothing came yet).
+ * below it is a redelivery, also across a reconnect), and where a re-subscription starts
+ * (`last + 1`, or the first `ok`'s position when nothing came yet).
+ *
+ * A durable (`durable`) keeps its position on the server (its floor in KV `gw_durables`):
+ * the first subscription sends the start options (used only if the durable is created), a
+ * re-subscription sends the durable alone and the server resumes after its floor, unacked
+ * messages first (at-least-once: what the app already had is dropped here by `seq`).
  */
 export class StreamBook {
   /** @param {StreamOptions} [opts] */
@@ -378,6 +386,7 @@ export class StreamBook {
     this.lastSeq = 0;
     /** @type {number | null} the seq the next subscription starts at, once known */
     this.next = null;
+    /** whether the subscription being sent is a resume (an `ok` came before) */
     this.resumed = false;
   }
 
@@ -389,7 +398,8 @@ export class StreamBook {
     if (o.batch !== undefined) data.batch = o.batch;
     if (o.ack) data.ack = true;
     if (o.durable) data.durable = o.durable;
-    this.resumed = this.next !== null && !o.durable; // a durable resumes on the server
+    this.resumed = this.next !== null;
+    if (this.resumed && o.durable) return data; // the server knows where it stands
     if (this.resumed) data.start_seq = this.next;
     else if (o.startSeq !== undefined) data.start_seq = o.startSeq;
     else if (o.timeDelta !== undefined) data.time_delta = o.timeDelta;
@@ -400,16 +410,21 @@ export class StreamBook {
   /**
    * The `ok` of the js_sub. Returns what the app must know: `reset` when the stream was
    * recreated (seqs start again: forget what we had), `gap` when messages we had not seen
-   * are gone (purged): both only for a resume that the server could not honour.
-   * @param {{position?: number, recovered?: boolean}} data
+   * are gone (purged; for a durable also: the durable was deleted or expired, and started
+   * afresh): both only for a resume that the server could not honour. A resumed durable's
+   * `position` may lie at or below `lastSeq` (unacked messages come again): no reset.
+   * @param {{position?: number, recovered?: boolean, durable?: "created" | "resumed"}} data
    * @returns {ResumeReport}
    */
   ok(data) {
     const position = Number(data && data.position) || 1;
     const expected = this.resumed ? this.next : null;
+    // A durable that had to be created again lost its position, whatever `recovered` says.
+    const lost =
+      !!data && (data.recovered === false || (!!this.opts.durable && data.durable === "created"));
     let reset = false;
     let gap = false;
-    if (this.resumed && data && data.recovered === false && expected !== null) {
+    if (this.resumed && lost && expected !== null) {
       if (position < expected) {
         reset = true;
         this.lastSeq = position - 1;
@@ -728,7 +743,11 @@ export class SyncError extends Error {
 /** Sent on this connection and not ended: what server messages may reach. @param {Subscription} s */
 const isLive = (s) => s.status === "pending" || s.status === "active";
 
-/** Retry these server errors on a subscription after a backoff; the rest are final. */
+/**
+ * Retry these server errors on a subscription after a backoff; the rest are final. Among
+ * them `taken_over` (a newer subscription holds the durable): sending it again would take
+ * the durable back, and two tabs would take it from each other for ever.
+ */
 const RETRYABLE = new Set(["unavailable", "limit", "internal", "backpressure"]);
 
 /**
@@ -771,6 +790,15 @@ class Subscription extends Emitter {
 
   /** @param {Envelope} _env */
   onMessage(_env) {}
+
+  /**
+   * True for an error with this subscription's inbox that does not end it (the refusal of
+   * something else sent with the inbox).
+   * @param {ServerError} _err
+   */
+  ignores(_err) {
+    return false;
+  }
 
   /** @param {ServerError} err */
   onError(err) {
@@ -977,7 +1005,25 @@ export class KvStore extends Subscription {
  * @typedef {{seq: number, subject: string, payload: any, time: string}} StreamMessage
  */
 
-/** A JetStream consumer: seq tracking, de-duplication, resume at `last + 1`. */
+/** The reason of an `ack` the server refused: the seq was acked already, or comes again. */
+const ACK_REFUSED = /^seq \d+ is not awaiting an ack$/;
+
+/** Failed seqs remembered for their redelivery, at most. */
+const FAILED_KEPT = 1000;
+
+/**
+ * A JetStream subscription: seq tracking, de-duplication by seq (also across reconnects),
+ * resume at `last + 1` — or, for a durable, where the server says it stands.
+ *
+ * With `ack: true` a message is acked once its handlers are done. A redelivery of one the app
+ * already has (delivery is at-least-once) is not handed on again but acked, once the first
+ * delivery's handlers are done, so that the server does not send it again and again; one
+ * whose handler failed is handed on again.
+ *
+ * A durable taken over by a newer subscription (another tab or device) ends with the
+ * `error` event, code `taken_over`, status `failed`: it is never sent again by the client
+ * (that would take the durable back). To take it back, close it and open a new stream.
+ */
 export class StreamSubscription extends Subscription {
   /**
    * @param {SyncClient} client
@@ -989,9 +1035,17 @@ export class StreamSubscription extends Subscription {
     super(client, "js_sub", name, opts.filter || ">");
     this.book = new StreamBook(opts);
     this.ack = !!opts.ack;
+    /** @type {string | null} */
+    this.durable = opts.durable || null;
     /** @type {"connecting" | "loading" | "live" | "error"} */
     this.state = "connecting";
     this._waiters = new Waiters();
+    /** @type {Map<number, Promise<boolean>>} ack mode: seq → its handlers (true: done, false: failed) */
+    this._handling = new Map();
+    /** @type {Set<number>} ack mode: seqs whose handler failed, handed on again when they come again */
+    this._failed = new Set();
+    /** @type {Deferred | null} a `close({deleteDurable: true})` waiting for the subscription to be live */
+    this._deleting = null;
     if (opts.onMessage) this.on("message", opts.onMessage);
     if (opts.onRevoked) this.on("revoked", opts.onRevoked);
   }
@@ -1016,8 +1070,17 @@ export class StreamSubscription extends Subscription {
   /** @param {any} data */
   onOk(data) {
     super.onOk(data);
+    if (this._deleting) {
+      this._sendDelete();
+      return;
+    }
     const r = this.book.ok(data || {});
-    if (r.reset) this.emit("reset", r);
+    if (r.reset) {
+      // seqs start again: the old ones' handlers and failures are not the new ones'
+      this._handling.clear();
+      this._failed.clear();
+      this.emit("reset", r);
+    }
     if (r.gap) this.emit("gap", r);
     this._setState("live");
   }
@@ -1027,33 +1090,80 @@ export class StreamSubscription extends Subscription {
     if (env.op !== "js_msg" || env.inbox !== this.inbox) return;
     const d = env.data || {};
     const seq = Number(d.seq);
-    const fresh = this.book.accept(seq);
+    if (!Number.isSafeInteger(seq) || seq < 1) return;
     const inbox = this.inbox;
-    if (!fresh) {
-      if (this.ack) this.client._ack(this, inbox, seq); // a redelivery: ack it again
-      return;
-    }
     /** @type {StreamMessage} */
     const msg = { seq, subject: d.subject, payload: carried(d.payload, d.payload_b64), time: d.time };
-    const results = this._call("message", [msg]);
-    if (this.ack) {
-      Promise.all(results).then(
-        () => this.client._ack(this, inbox, seq),
-        () => {}, // not acked: the server redelivers it
-      );
+    if (this.book.accept(seq)) {
+      this._hand(msg, inbox);
+      this._waiters.check(this.book.lastSeq);
+      return;
     }
-    this._waiters.check(this.book.lastSeq);
+    // The app has it already (a resumed durable's unacked ones, an expired ack wait).
+    if (!this.ack) return;
+    if (this._failed.delete(seq)) {
+      this._hand(msg, inbox);
+      return;
+    }
+    const running = this._handling.get(seq);
+    if (!running) {
+      this.client._ack(this, inbox, seq);
+      return;
+    }
+    running.then((done) => {
+      if (this.status === "closed") return;
+      if (done) this.client._ack(this, inbox, seq);
+      else if (this._failed.delete(seq)) this._hand(msg, inbox);
+    });
+  }
+
+  /**
+   * Hand a message to the app; with acks, ack it (on the inbox it came with, if still
+   * current) once every handler is done, or remember that one failed.
+   * @param {StreamMessage} msg @param {string | null} inbox
+   */
+  _hand(msg, inbox) {
+    const results = this._call("message", [msg]);
+    if (!this.ack) return;
+    const seq = msg.seq;
+    const running = Promise.all(results).then(
+      () => true,
+      () => false, // not acked: the server sends it again, and it is handed on again
+    );
+    this._handling.set(seq, running);
+    running.then((done) => {
+      if (this._handling.get(seq) === running) this._handling.delete(seq);
+      if (this.status === "closed") return;
+      if (done) {
+        this.client._ack(this, inbox, seq);
+        return;
+      }
+      this._failed.add(seq);
+      if (this._failed.size > FAILED_KEPT) this._failed.delete(/** @type {number} */ (this._failed.values().next().value));
+    });
+  }
+
+  /**
+   * An ack the server refused (acked already, or its ack wait expired and it comes again)
+   * is no error of the subscription.
+   * @param {ServerError} err
+   */
+  ignores(err) {
+    return this.ack && isLive(this) && err.code === "not_found" && ACK_REFUSED.test(err.reason);
   }
 
   /** @param {ServerError} err */
   onError(err) {
     super.onError(err);
-    if (this.status !== "idle") this._setState("error");
+    if (this.status === "idle") return; // retried
+    this._setState("error");
+    this._failDelete(new SyncError(err.code, err.reason));
   }
 
   onRevoked() {
     super.onRevoked();
     this._setState("error");
+    this._failDelete(new SyncError("revoked", "capability revoked"));
   }
 
   onConnectionLost() {
@@ -1073,10 +1183,79 @@ export class StreamSubscription extends Subscription {
     return this._waiters.wait(Number(seq), () => this.book.lastSeq, opts.timeout);
   }
 
-  close() {
-    super.close();
-    this._waiters.rejectAll(new SyncError("closed", "stream closed"));
+  /**
+   * End the subscription (idempotent). The durable of a stream stays on the server, to be
+   * resumed later; with `{deleteDurable: true}` it is deleted (`unsub` with
+   * `delete_durable`): the promise resolves once the server confirmed it, and rejects with a
+   * SyncError when it could not be: not a durable, not held here (`taken_over`, `revoked`,
+   * ended), the connection lost before the answer (`unavailable`: it may or may not be
+   * deleted). While reconnecting, the delete is sent once the stream is subscribed again.
+   * @param {{deleteDurable?: boolean}} [opts]
+   * @returns {Promise<void>}
+   */
+  close(opts = {}) {
+    if (opts.deleteDurable) return this._delete();
+    if (this.status !== "closed") {
+      super.close();
+      this._closed(new SyncError("closed", "stream closed"));
+    }
+    return Promise.resolve();
   }
+
+  /** @returns {Promise<void>} */
+  _delete() {
+    if (!this.durable) return Promise.reject(new SyncError("bad_request", "not a durable stream"));
+    if (this._deleting) return this._deleting.promise;
+    if (this.status === "closed") return Promise.reject(new SyncError("closed", "stream closed"));
+    if (!isLive(this) && this.status !== "idle") {
+      const e = this.error || { code: this.status, reason: "" };
+      return Promise.reject(new SyncError(e.code, `the durable is not held here${e.reason ? `: ${e.reason}` : ""}`));
+    }
+    this._deleting = deferred();
+    const promise = this._deleting.promise;
+    if (isLive(this)) this._sendDelete(); // pending: the server answers the js_sub first
+    return promise;
+  }
+
+  /** Send the unsub that deletes the durable; the subscription is closed at once. */
+  _sendDelete() {
+    const deleting = /** @type {Deferred} */ (this._deleting);
+    this._deleting = null;
+    this.client._remove(this, deleting);
+    this.status = "closed";
+    this.emit("closed");
+    this._closed(new SyncError("closed", "stream closed"));
+  }
+
+  /** @param {SyncError} error */
+  _failDelete(error) {
+    const deleting = this._deleting;
+    this._deleting = null;
+    if (deleting) deleting.reject(error);
+  }
+
+  /** @param {SyncError} error */
+  _closed(error) {
+    this._waiters.rejectAll(error);
+    this._handling.clear();
+    this._failed.clear();
+    this._failDelete(error);
+  }
+}
+
+/**
+ * @typedef {{promise: Promise<void>, resolve: () => void, reject: (e: Error) => void}} Deferred
+ */
+
+/** @returns {Deferred} */
+function deferred() {
+  /** @type {any} */
+  const d = {};
+  d.promise = new Promise((resolve, reject) => {
+    d.resolve = resolve;
+    d.reject = reject;
+  });
+  return d;
 }
 
 // ---------------------------------------------------------------- transports
@@ -1423,6 +1602,8 @@ export class SyncClient extends Emitter {
     this.subs = new Set();
     /** @type {Map<string, Subscription>} */
     this._inboxes = new Map();
+    /** @type {Map<string, Deferred>} unsubs that delete a durable, by inbox, until answered */
+    this._replies = new Map();
     this._ids = 0;
     this.attempt = 0;
     this.connects = 0; // connections that got their first cap_update
@@ -1511,6 +1692,7 @@ export class SyncClient extends Emitter {
     if (this._closed) return;
     this._closed = true;
     for (const s of [...this.subs]) s.close();
+    this._dropReplies("client closed before the server answered: the durable may or may not be deleted");
     this._stopTimers();
     this._endProbe();
     clearTimeout(this._refreshTimer);
@@ -1566,16 +1748,49 @@ export class SyncClient extends Emitter {
     return sub;
   }
 
-  /** @param {Subscription} sub */
-  _remove(sub) {
+  /**
+   * Forget a subscription; if it is live on this connection, `unsub` it. The unsub names
+   * the inbox alone: with a target, one the server had just ended would end every other
+   * subscription of ours on that target instead. With `deleting` it deletes the durable
+   * too, and `deleting` settles with the server's answer (see `_settle`).
+   * @param {Subscription} sub @param {Deferred} [deleting]
+   */
+  _remove(sub, deleting) {
     this.subs.delete(sub);
-    if (sub.inbox !== null) {
-      this._inboxes.delete(sub.inbox);
-      if (this._ready && isLive(sub)) {
-        this._send({ op: "unsub", target: sub.target, inbox: sub.inbox });
-      }
-      sub.inbox = null;
+    const inbox = sub.inbox;
+    sub.inbox = null;
+    if (inbox !== null) this._inboxes.delete(inbox);
+    if (inbox === null || !this._ready || !isLive(sub)) {
+      deleting?.reject(new SyncError("unavailable", "not subscribed: nothing deleted"));
+      return;
     }
+    /** @type {Envelope} */
+    const env = { op: "unsub", inbox };
+    if (deleting) {
+      env.data = { delete_durable: true };
+      this._replies.set(inbox, deleting);
+    }
+    this._send(env);
+  }
+
+  /**
+   * The answer to an unsub that deletes a durable (its inbox is no subscription's any more):
+   * true if it was one.
+   * @param {Envelope} env @param {ServerError | null} error
+   */
+  _settle(env, error) {
+    const waiting = env.inbox != null ? this._replies.get(env.inbox) : undefined;
+    if (!waiting) return false;
+    this._replies.delete(/** @type {string} */ (env.inbox));
+    if (error) waiting.reject(new SyncError(error.code, error.reason));
+    else waiting.resolve();
+    return true;
+  }
+
+  /** The connection is gone: no answer will come to what waits for one. @param {string} reason */
+  _dropReplies(reason) {
+    for (const waiting of this._replies.values()) waiting.reject(new SyncError("unavailable", reason));
+    this._replies.clear();
   }
 
   /** @param {Subscription} sub */
@@ -1703,6 +1918,7 @@ export class SyncClient extends Emitter {
     this._ready = false;
     this._stopTimers();
     this._inboxes.clear();
+    this._dropReplies("connection lost before the server answered: the durable may or may not be deleted");
     for (const sub of this.subs) sub.onConnectionLost();
   }
 
@@ -1842,9 +2058,10 @@ export class SyncClient extends Emitter {
         const err = { code: String((env.data || {}).code || "internal"), reason: String((env.data || {}).reason || "") };
         const sub = this._byInbox(env);
         if (sub) {
+          if (sub.ignores(err)) return;
           this._inboxes.delete(/** @type {string} */ (env.inbox));
           sub.onError(err);
-        } else {
+        } else if (!this._settle(env, err)) {
           this._lastError = err;
           this.emit("error", err);
         }
@@ -1852,7 +2069,11 @@ export class SyncClient extends Emitter {
       }
       case "ok": {
         const sub = this._byInbox(env);
-        if (sub && sub.status === "pending") sub.onOk(env.data);
+        if (sub) {
+          if (sub.status === "pending") sub.onOk(env.data);
+        } else {
+          this._settle(env, null);
+        }
         return;
       }
       default: {

@@ -281,11 +281,53 @@ test("StreamBook: new-only or time_delta subscriptions resume from the first ok'
   assert.deepEqual(book.request(), { filter: "x.>", start_seq: 42 }, "nothing came: resume at the position");
   const td = new StreamBook({ timeDelta: 60, ack: true });
   assert.deepEqual(td.request(), { filter: ">", ack: true, time_delta: 60 });
-  const durable = new StreamBook({ durable: "d1", startSeq: 1 });
-  durable.request();
-  durable.ok({ position: 1 });
-  durable.accept(1);
-  assert.deepEqual(durable.request(), { filter: ">", durable: "d1", start_seq: 1 }, "the server resumes a durable");
+});
+
+test("StreamBook: a durable sends its start once, then resumes on the server and dedupes", () => {
+  const durable = new StreamBook({ durable: "d1", startSeq: 1, ack: true });
+  assert.deepEqual(durable.request(), { filter: ">", ack: true, durable: "d1", start_seq: 1 });
+  assert.equal(durable.resumed, false);
+  durable.ok({ position: 1, recovered: true, durable: "created" });
+  for (const s of [1, 2, 3]) assert.ok(durable.accept(s));
+  assert.deepEqual(durable.request(), { filter: ">", ack: true, durable: "d1" }, "the durable alone: the server knows");
+  assert.equal(durable.resumed, true);
+  // Resumed after its ack floor (2 was never acked): 2 and 3 come again, no reset.
+  assert.deepEqual(durable.ok({ position: 2, recovered: true, durable: "resumed" }), {
+    reset: false,
+    gap: false,
+    expected: 4,
+    position: 2,
+  });
+  assert.ok(!durable.accept(2) && !durable.accept(3), "redeliveries of what the app has");
+  assert.ok(durable.accept(4));
+  assert.equal(durable.lastSeq, 4);
+});
+
+test("StreamBook: a durable that is gone on resume is a gap (or a reset), never silent", () => {
+  const deleted = new StreamBook({ durable: "d1", startSeq: 1 });
+  deleted.request();
+  deleted.ok({ position: 1, recovered: true, durable: "created" });
+  for (const s of [1, 2]) deleted.accept(s);
+  deleted.request();
+  const g = deleted.ok({ position: 9, recovered: false, durable: "created" });
+  assert.ok(g.gap && !g.reset, "deleted or expired: started afresh after what we had");
+  assert.equal(g.expected, 3);
+  // created again although `recovered` says nothing (its record lost): its position is lost too
+  const lost = new StreamBook({ durable: "d1" });
+  lost.request();
+  lost.ok({ position: 5, recovered: true, durable: "created" });
+  lost.accept(5);
+  lost.request();
+  assert.ok(lost.ok({ position: 7, recovered: true, durable: "created" }).gap);
+  // the stream was recreated: seqs start again and are not dropped as duplicates
+  const recreated = new StreamBook({ durable: "d1" });
+  recreated.request();
+  recreated.ok({ position: 5, durable: "created" });
+  recreated.accept(5);
+  recreated.request();
+  const r = recreated.ok({ position: 1, recovered: false, durable: "resumed" });
+  assert.ok(r.reset && !r.gap);
+  assert.ok(recreated.accept(1));
 });
 
 test("StreamBook: a resume the server could not honour is a reset or a gap", () => {
