@@ -80,6 +80,7 @@ class Outbox:
         "_buffered",
         "_can_send",
         "_closed",
+        "_delivered",
         "_dirty",
         "_flusher",
         "_on_slow",
@@ -89,11 +90,13 @@ class Outbox:
         "_send_now",
         "_size",
         "_task",
+        "_unacked",
         "_wake",
         "_write_timeout",
         "_writing",
         "max_bytes",
         "pushed",
+        "track",
         "written",
     )
 
@@ -108,6 +111,7 @@ class Outbox:
         can_send: CanSendFn | None = None,
         send_now: SendNowFn | None = None,
         buffered: Callable[[], int] | None = None,
+        unacked: Callable[[], int | None] | None = None,
     ) -> None:
         self._send = send
         self._flusher = flusher if can_send and send_now else None
@@ -129,6 +133,9 @@ class Outbox:
         # `pushed` reached P has been written once `delivered` reaches P (durable floors).
         self.pushed = 0
         self.written = 0
+        self._unacked = unacked  # bytes written but not acknowledged by the client's TCP
+        self._delivered = 0
+        self.track = False  # read `delivered` after each write (a durable needs it)
 
     def start(self) -> None:
         if self._flusher is None:
@@ -257,12 +264,27 @@ class Outbox:
             self.written += before - self._size
             frames += 1
         self._after_write()
+        if self.track:
+            self.delivered  # noqa: B018 -- read now, while the socket can say
         return frames
 
     @property
     def delivered(self) -> int:
-        """Bytes of frames written to the socket (a long poll's: handed to a GET)."""
-        return self.written - (self._buffered() if self._buffered is not None else 0)
+        """Bytes of frames the client's end has received: written, less what the transport
+        still holds (a long poll's buffer) and what the client's TCP has not acknowledged.
+        Read while the socket is open; once it is closed, the last value read (a write
+        into a connection the client has just cut succeeds, yet never arrives)."""
+        unacked = self._unacked() if self._unacked is not None else 0
+        if unacked is None:
+            return self._delivered
+        held = self._buffered() if self._buffered is not None else 0
+        self._delivered = max(self._delivered, self.written - held - unacked)
+        return self._delivered
+
+    @property
+    def delivered_seen(self) -> int:
+        """`delivered` as last read (no system call)."""
+        return self._delivered
 
     def room(self) -> int:
         """Bytes that may still be queued before the bound (negative: over it)."""
@@ -303,6 +325,8 @@ class Outbox:
                     self._on_slow("write timed out" if isinstance(e, TimeoutError) else str(e))
                     return
                 self.written += taken
+                if self.track:
+                    self.delivered  # noqa: B018 -- read now, while the socket can say
                 metrics.FRAMES_OUT.inc()
                 self._after_write()
             self._writing = False

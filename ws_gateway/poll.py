@@ -123,6 +123,9 @@ class PollTransport:
     def buffered(self) -> int:
         return self.size
 
+    def unacked(self) -> int:
+        return 0  # `buffered` is what a GET has not taken yet
+
     def ping(self) -> None:
         pass  # no transport-level keepalive: the session's `ping` envelope is the heartbeat
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import gc
 import logging
 import signal
 import socket
+import struct
+import termios
 from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -26,6 +29,7 @@ from ws_gateway.wsframe import text_frame
 
 log = logging.getLogger("ws_gateway.server")
 
+_OPEN_TCP_STATES = (1, 8)  # TCP_ESTABLISHED, TCP_CLOSE_WAIT (linux/tcp_states.h)
 WRITE_HIGH = 1 << 16  # socket buffer above which a client counts as not keeping up
 
 
@@ -67,6 +71,26 @@ class WsTransport:
 
     def buffered(self) -> int:
         return 0  # bounded by WRITE_HIGH and SOCKET_SEND_BUFFER: can_send says when full
+
+    def unacked(self) -> int | None:
+        # What asyncio still holds, plus the kernel's unacknowledged bytes (SIOCOUTQ:
+        # write_seq - snd_una on Linux). Counted as frame bytes, this over-counts by the
+        # frame headers: a durable's floor errs towards sending again, never skipping.
+        sock = self._transport.get_extra_info("socket")
+        if sock is None or self._transport.is_closing():
+            # Closed by the client with a close frame (an orderly TCP close follows): it
+            # read everything before it; cut without one, the socket can no longer say.
+            return 0 if self._protocol.close_rcvd is not None else None
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            # Read after the count: a reset purges the queue (a count of 0 that means
+            # nothing) and moves the state past these two, never back.
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return None
+        if state not in _OPEN_TCP_STATES:
+            return None
+        return int(struct.unpack("i", raw)[0]) + self._transport.get_write_buffer_size()
 
     def ping(self) -> None:
         # A WebSocket ping from the hub's clock, instead of websockets' keepalive task per

@@ -98,6 +98,7 @@ class Session:
             can_send=transport.can_send,
             send_now=transport.send_now,
             buffered=transport.buffered,
+            unacked=transport.unacked,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._ending: set[asyncio.Task[None]] = set()  # subscription releases: awaited
@@ -154,9 +155,16 @@ class Session:
     def room(self) -> int:
         return self.outbox.room()
 
-    def sent(self) -> tuple[int, int]:
-        """Bytes of frames queued so far, and of those written to the client."""
-        return self.outbox.pushed, self.outbox.delivered
+    def track_delivery(self) -> None:
+        """Keep `sent()`'s delivered count current after every write (a durable without
+        acks resumes after what the client received)."""
+        self.outbox.track = True
+
+    def sent(self, fresh: bool = True) -> tuple[int, int]:
+        """Bytes of frames queued so far, and of those the client received (`fresh`:
+        asked of the socket now; else as last asked)."""
+        outbox = self.outbox
+        return outbox.pushed, outbox.delivered if fresh else outbox.delivered_seen
 
     def touch(self) -> None:
         """The transport saw the client alive (a long poll), even without a frame."""
@@ -177,6 +185,7 @@ class Session:
         self.close_code = d.close_code
         self.hub.unregister(self)
         final = envelope.error(d.error, d.reason) if d.error is not None else None
+        self.outbox.delivered  # noqa: B018 -- read while the socket can still say
         await self.outbox.close(final)
         try:
             await self.transport.close(d.close_code, d.reason)

@@ -101,7 +101,9 @@ class Owner(Protocol):
 
     def room(self) -> int: ...
 
-    def sent(self) -> tuple[int, int]: ...
+    def sent(self, fresh: bool = True) -> tuple[int, int]: ...
+
+    def track_delivery(self) -> None: ...
 
     def kv_wanted(self, sub: KvSubscription, key: str) -> bool: ...
 
@@ -480,6 +482,8 @@ class JsSubscription(Subscription):
                 ErrorCode.UNAVAILABLE, "durables unavailable"
             ) from None
         self.lease = lease
+        if not d.ack:
+            self._owner.track_delivery()
         if lease.created:
             recovered = recovered and not lease.gone
         else:
@@ -505,16 +509,16 @@ class JsSubscription(Subscription):
         self._drop_written()
         return self._unwritten[0][1] - 1 if self._unwritten else cursor.last
 
-    def _drop_written(self) -> None:
-        delivered = self._owner.sent()[1]
+    def _drop_written(self, fresh: bool = True) -> None:
+        delivered = self._owner.sent(fresh)[1]
         unwritten = self._unwritten
         while unwritten and unwritten[0][0] <= delivered:
             unwritten.popleft()
 
     def _handed(self, first: int, last: int) -> None:
         """Messages `first`..`last` were queued (without acks, for the floor)."""
-        self._drop_written()  # bounded by what the outbox holds
-        self._unwritten.append((self._owner.sent()[0], first))
+        self._drop_written(fresh=False)  # bounded by what the outbox (and socket) hold
+        self._unwritten.append((self._owner.sent(False)[0], first))
 
     async def _keep(self) -> None:
         """Save the floor every DURABLE_SAVE seconds (also unchanged: that keeps it alive)."""

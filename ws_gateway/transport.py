@@ -25,6 +25,11 @@ class Transport(Protocol):
         (a long-poll buffer until the next GET; a socket's are bounded by the kernel)."""
         ...
 
+    def unacked(self) -> int | None:
+        """Bytes written that the client's end has not acknowledged yet (None: the
+        connection is closed, it cannot say any more)."""
+        ...
+
     def ping(self) -> None:
         """A transport-level keepalive, if it has one (a WebSocket ping), without awaiting."""
         ...
