@@ -14,12 +14,15 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from shared import kvwire
 
 _BATCH = 1024
+_RETRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,7 @@ async def live_entries(
                 sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
                 try:
                     while pending:
-                        for msg in await sub.fetch(min(pending, _BATCH), timeout=timeout):
+                        for msg in await _fetch(sub, min(pending, _BATCH), timeout):
                             pending = msg.metadata.num_pending or 0
                             if kvwire.kv_op(msg.headers) == "put":
                                 seq = msg.metadata.sequence.stream
@@ -72,3 +75,16 @@ async def live_entries(
             with contextlib.suppress(Exception):
                 await asyncio.shield(js.delete_consumer(stream, info.name))
     return out
+
+
+async def _fetch(sub: JetStreamContext.PullSubscription, n: int, timeout: float) -> list[Msg]:
+    """A pull on a consumer just created on a replicated stream may be answered 503 while
+    the consumer's group forms (seen on the 3-node cluster): asked again, briefly."""
+    for attempt in range(_RETRIES):
+        try:
+            return await sub.fetch(n, timeout=timeout)
+        except ServiceUnavailableError:
+            if attempt == _RETRIES - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import msgspec
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from shared import kvwire
 from shared.capabilities import DURABLES_BUCKET as DURABLES_BUCKET
 from shared.errors import ErrorCode
-from shared.kvlist import live_entries
 from shared.settings import Settings
 from shared.users import USER_ID_RE
 
@@ -126,15 +126,23 @@ def _decode(key: str, value: bytes) -> DurableRecord | None:
 
 
 async def _read(kv: KeyValue, key: str) -> _Found:
+    """The key's latest record, read from the stream's leader: a direct get (nats-py's
+    `kv.get` on a bucket with allow_direct) may be answered by a replica that has not
+    applied the latest write yet, and a compare-and-set from a stale revision always
+    loses (seen on the 3-node cluster: 4-7 % of reads right after a write)."""
+    js: JetStreamContext = kv._js
     try:
-        entry = await kv.get(key)
-    except KeyNotFoundError as e:
-        # nats-py puts a delete or purge marker's entry on the error; a key never written
-        # has none.
-        marker = e.entry.revision if e.entry is not None else None
-        return _Found(marker or 0, None)
-    assert entry.revision is not None
-    return _Found(entry.revision, _decode(key, entry.value or b""))
+        msg = await js.get_msg(
+            kv._stream,
+            subject=kv._pre + key,
+            direct=False,
+        )
+    except NotFoundError:
+        return _Found(0, None)  # never written (or its marker expired)
+    assert msg.seq is not None
+    if kvwire.kv_op(msg.headers) != "put":
+        return _Found(msg.seq, None)  # a delete or purge marker
+    return _Found(msg.seq, _decode(key, msg.data or b""))
 
 
 class Lease:
@@ -296,13 +304,23 @@ class DurableStore:
         (`key` itself not counted). Headers only; the values are read only when the count
         reaches the cap, to leave out expired records. Concurrent creations of different
         durables may overshoot the cap by their number."""
-        pattern = f"{stream}.{uid}.*"
-        listed = await live_entries(self._js, DURABLES_BUCKET, values=False, pattern=pattern)
-        if sum(1 for e in listed if e.key != key) < self._cap:
-            return
-        entries = await live_entries(self._js, DURABLES_BUCKET, values=True, pattern=pattern)
-        held = sum(
-            1 for e in entries if e.key != key and self._current(_decode(e.key, e.value), now)
+        # Subjects with a message, counted by the stream's leader (no consumer: a storm of
+        # new durables must not create one each); markers and expired records among them
+        # are told apart, by reading them, only when the count reaches the cap.
+        prefix = kvwire.subject_of(DURABLES_BUCKET, "")
+        info = await self._js.stream_info(
+            kvwire.stream_of(DURABLES_BUCKET),
+            subjects_filter=kvwire.subject_of(DURABLES_BUCKET, f"{stream}.{uid}.*"),
         )
+        others = [
+            subj[len(prefix) :] for subj in (info.state.subjects or {}) if subj != prefix + key
+        ]
+        if len(others) < self._cap:
+            return
+        kv = await self._kv()
+        held = 0
+        for other in others:
+            found = await _read(kv, other)
+            held += self._current(found.record, now)
         if held >= self._cap:
             raise DurableLimit(f"at most {self._cap} durables per user on stream {stream!r}")

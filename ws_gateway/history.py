@@ -99,7 +99,8 @@ class History:
         self._prefix = ""
         self._ids = itertools.count()
         self._open: dict[str, _Read] = {}
-        self._streams: dict[str, tuple[object, int]] = {}  # created, first seq: as last seen
+        # created, first seq, deleted count: as last seen by a subscription's setup
+        self._streams: dict[str, tuple[object, int, int]] = {}
 
     async def block(self, stream: str, filter: str, start: int, mark: Callable[[], int]) -> Block:
         """The block of (stream, filter) that starts at `start`. `mark()` is read as the
@@ -143,15 +144,16 @@ class History:
             _, old = self._cache.popitem(last=False)
             self.cached_bytes -= old.size
 
-    def check(self, stream: str, created: object, first: int) -> None:
+    def check(self, stream: str, created: object, first: int, deleted: int) -> None:
         """What the stream's info says now: a stream recreated (sequences now name other
-        messages) loses its blocks; one whose first sequence moved (purged, aged out) loses
-        the blocks below it."""
+        messages) or with messages deleted inside it (a moderation delete, a subject purge)
+        loses its blocks; one whose first sequence moved (purged, aged out) loses the
+        blocks below it."""
         seen = self._streams.get(stream)
-        self._streams[stream] = (created, first)
-        if seen is None or seen == (created, first):
+        self._streams[stream] = (created, first, deleted)
+        if seen is None or seen == (created, first, deleted):
             return
-        gone = seen[0] != created
+        gone = seen[0] != created or seen[2] != deleted
         for key in [k for k in self._cache if k[0] == stream]:
             if gone or self._cache[key].next <= first:
                 self.cached_bytes -= self._cache.pop(key).size
@@ -174,6 +176,25 @@ class History:
         request = {"seq": start, "batch": BLOCK, "next_by_subj": filter, "max_bytes": BLOCK_BYTES}
         block.mark = mark()
         return await self._request(stream, request, block)
+
+    async def leader_next(self, stream: str, filter: str, seq: int) -> int | None:
+        """The first sequence at or after `seq` matching `filter`, asked of the stream's
+        leader (a direct get may be answered by a replica that lags): None when there is
+        none. Raises HistoryUnavailable."""
+        request = json.dumps({"seq": seq, "next_by_subj": filter}).encode()
+        try:
+            reply = await self._nc.request(
+                f"$JS.API.STREAM.MSG.GET.{stream}", request, timeout=READ_TIMEOUT
+            )
+            answer = json.loads(reply.data)
+        except Exception as e:
+            raise HistoryUnavailable(e) from None
+        error = answer.get("error")
+        if error is None:
+            return int(answer["message"]["seq"])
+        if error.get("code") == 404:
+            return None  # no message at or after it
+        raise HistoryUnavailable(f"msg get: {error}")
 
     async def first_at(self, stream: str, filter: str, when: dt.datetime) -> int | None:
         """The sequence of the first message matching `filter` stored at or after `when`;

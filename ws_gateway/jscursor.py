@@ -53,6 +53,7 @@ class Cursor:
         wait_room: Callable[[bool], Awaitable[int]],
         half: int,
         gate: Callable[[], Awaitable[None]],
+        gate_open: Callable[[], bool],
         ack_window: int | None,
         ack_wait: float,
         on_handed: Callable[[int, int], None] | None = None,
@@ -64,7 +65,7 @@ class Cursor:
         self._history, self._tail = history, tail
         self._deliver, self._room, self._wait_room, self._half = deliver, room, wait_room, half
         self._deliver_many = deliver_many
-        self._gate = gate
+        self._gate, self._gate_open = gate, gate_open
         self._window, self._ack_wait = ack_window, ack_wait
         self._on_handed = on_handed
         self.pending: dict[int, float] = {}  # ack mode: seq → when it was handed on
@@ -75,6 +76,7 @@ class Cursor:
         self._buffer_bytes = 0
         self._buffer_from: int | None = None  # None: the buffer is not complete
         self._task: asyncio.Task[None] | None = None
+        self._epoch = 0  # rewinds so far
 
     def start(self) -> None:
         if self._task is None:
@@ -93,7 +95,7 @@ class Cursor:
         if not self.live:
             if self._buffer_from is not None and seq > self._buffer_from:
                 self._buffer.append((seq, body))
-                self._buffer_bytes += len(body)
+                self._buffer_bytes += len(self._prefix) + len(body)
                 if self._buffer_bytes > BUFFER_BYTES:
                     self._drop_buffer()
             return
@@ -140,6 +142,7 @@ class Cursor:
         if left > 0:
             return left
         self.last = min(self.last, oldest - 1)
+        self._epoch += 1  # a catch-up under way starts again from here
         self.pending.clear()
         self._acked.set()
         self._fall_behind()
@@ -148,20 +151,27 @@ class Cursor:
     # ------------------------------------------------------------------ catching up
 
     async def _run(self) -> None:
-        while True:
-            while not self._behind.is_set():
-                wait = self._expired()
-                if wait is None and self._window is not None:
-                    # Nothing unacked now; live messages may become so without waking us.
-                    wait = self._ack_wait / 4
-                try:
-                    async with asyncio.timeout(wait):
-                        await self._behind.wait()
-                except TimeoutError:
-                    pass
-            await self._catch_up()
+        try:
+            while True:
+                while not self._behind.is_set():
+                    wait = self._expired()
+                    if wait is None and self._window is not None:
+                        # Nothing unacked now; live messages may become so without waking us.
+                        wait = self._ack_wait / 4
+                    try:
+                        async with asyncio.timeout(wait):
+                            await self._behind.wait()
+                    except TimeoutError:
+                        pass
+                while not await self._catch_up(self._epoch):
+                    pass  # rewound meanwhile (ack wait): again from the rewound point
+        except _Stopped:
+            return  # the subscription takes nothing more: its end stops this task
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, epoch: int) -> bool:
+        """Read history from `last + 1` until caught up with the tail, then go LIVE (True).
+        False when a rewind happened meanwhile (`epoch` moved): nothing read since counts.
+        Every await is followed by that check: a rewind can happen during any of them."""
         self._drop_buffer()
         self._buffer_from = self._tail.position
         start = aligned(self.last + 1)
@@ -176,40 +186,66 @@ class Cursor:
                 log.info("history retry", extra={"stream": self.stream, "error": str(e)})
                 await asyncio.sleep(backoff)  # NATS away or the stream gone (the tail says)
                 backoff = min(backoff * 2, RETRY[1])
+                if self._epoch != epoch:
+                    return False
                 continue
             backoff = RETRY[0]
+            if self._epoch != epoch:
+                return False
             i = block.after(self.last)
             while i < len(block.seqs):
-                before = self.last
                 room = await self._ready()
-                if self.last < before:
-                    break  # the ack wait expired meanwhile: read from the rewound point
+                if self._epoch != epoch:
+                    return False
                 j = self._push(block, i, room)
                 if j == i and not self._window_full():
                     # One message larger than the room: it goes alone into an empty queue.
                     await self._wait_room(True)
+                    await self._ready_now()
+                    if self._epoch != epoch:
+                        return False
                     j = self._push(block, i, 0, one=True)
                 i = j
-            else:
-                if not block.at_end:
-                    start = block.next
+            if not block.at_end:
+                start = block.next
+                continue
+            if block.mark > self.last:
+                # Complete up to `mark` on the server that answered, which may be a replica
+                # behind the tail: the stream's leader confirms nothing lies in between.
+                try:
+                    nxt = await self._history.leader_next(self.stream, self.filter, self.last + 1)
+                except HistoryUnavailable:
+                    nxt = self.last + 1  # unconfirmed: read again
+                if self._epoch != epoch:
+                    return False
+                if nxt is not None and nxt <= block.mark:
+                    start = self.last + 1  # the replica was behind: read again
+                    await asyncio.sleep(0)
                     continue
-                self.last = max(self.last, block.mark)
-                if self._buffer_from is not None and block.mark >= self._buffer_from:
-                    await self._ready()  # the buffer (≤ BUFFER_BYTES) fits in half the room
-                    for seq, body in self._buffer:
-                        if seq > self.last and self._deliver(self._prefix + body):
-                            self._handed(seq)
-                    self._drop_buffer()
-                    self.live = True
-                    self._behind.clear()
-                    return
+            self.last = max(self.last, block.mark)
+            if self._buffer_from is None or block.mark < self._buffer_from:
                 # The tail ran ahead of the buffer: keep a new one and read on.
                 self._drop_buffer()
                 self._buffer_from = self._tail.position
                 start = self.last + 1
                 continue
-            start = aligned(self.last + 1)
+            await self._ready()  # the buffer (≤ BUFFER_BYTES of frames) fits half the room
+            if self._epoch != epoch:
+                return False
+            if self._buffer_from is None:
+                self._buffer_from = self._tail.position  # overflowed meanwhile: read on
+                start = self.last + 1
+                continue
+            # From here to LIVE, nothing awaits: no tail message can slip between.
+            run = [(seq, body) for seq, body in self._buffer if seq > self.last]
+            if run:
+                if not self._deliver_many([self._prefix + body for _, body in run]):
+                    raise _Stopped
+                self._handed_run([seq for seq, _ in run])
+            self._drop_buffer()
+            self.live = True
+            self._behind.clear()
+            return True
 
     def _window_full(self) -> bool:
         return self._window is not None and len(self.pending) >= self._window
@@ -227,29 +263,43 @@ class Cursor:
         if k <= i:
             return i
         prefix = self._prefix
-        frames = [prefix + body for body in block.bodies[i:k]]
-        if not self._deliver_many(frames):
-            return len(block.seqs)  # the subscription ended: nothing more
-        seqs = block.seqs[i:k]
+        if not self._deliver_many([prefix + body for body in block.bodies[i:k]]):
+            raise _Stopped  # the subscription ended: none of these was handed on
+        self._handed_run(block.seqs[i:k])
+        return k
+
+    def _handed_run(self, seqs: list[int]) -> None:
         self.last = seqs[-1]
         if self._window is not None:
             self.pending.update(dict.fromkeys(seqs, time.monotonic()))
         if self._on_handed is not None:
             self._on_handed(seqs[0], seqs[-1])
-        return k
 
     async def _ready(self) -> int:
         """Wait until this cursor may hand on more: deliveries not held (capabilities being
-        re-read), an ack window with room, room in the outbox. The room in bytes."""
-        await self._gate()
-        while self._window_full():
-            self._acked.clear()
-            try:
-                async with asyncio.timeout(self._expired()):
-                    await self._acked.wait()
-            except TimeoutError:
-                pass
-        return await self._wait_room(False)
+        re-read), an ack window with room, room in the outbox; all three at once, when it
+        returns (the room in bytes)."""
+        while True:
+            await self._gate()
+            while self._window_full():
+                self._acked.clear()
+                try:
+                    async with asyncio.timeout(self._expired()):
+                        await self._acked.wait()
+                except TimeoutError:
+                    pass
+            room = await self._wait_room(False)
+            if self._gate_open() and not self._window_full():
+                return room
+
+    async def _ready_now(self) -> None:
+        """After waiting for an empty queue: the gate still open (else wait for it)."""
+        while not self._gate_open():
+            await self._gate()
+
+
+class _Stopped(Exception):
+    """The subscription takes nothing more (it ended): the cursor stops."""
 
 
 def _closed(frames: object) -> bool:

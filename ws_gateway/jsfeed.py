@@ -39,8 +39,11 @@ class JsTail:
     ) -> None:
         self.stream = stream
         self.refs = 0
-        # filter → (its tokens, its members); a member is in exactly one filter's set
+        # filter → (its tokens, its members); a member is in exactly one filter's set.
+        # Literal filters (no wildcard) are found by the subject itself: thousands of
+        # subscribers with a subject each cost one lookup per message, not one match each.
         self.filters: dict[str, tuple[Tokens, set[TailMember]]] = {}
+        self.literal: dict[str, set[TailMember]] = {}
         self.reader = StreamReader(
             nc,
             js,
@@ -60,12 +63,22 @@ class JsTail:
         return self.reader.position
 
     def add(self, filter: str, member: TailMember) -> None:
+        if _is_literal(filter):
+            self.literal.setdefault(filter, set()).add(member)
+            return
         entry = self.filters.get(filter)
         if entry is None:
             entry = self.filters[filter] = (tokens(filter), set())
         entry[1].add(member)
 
     def remove(self, filter: str, member: TailMember) -> None:
+        if _is_literal(filter):
+            found = self.literal.get(filter)
+            if found is not None:
+                found.discard(member)
+                if not found:
+                    del self.literal[filter]
+            return
         entry = self.filters.get(filter)
         if entry is not None:
             entry[1].discard(member)
@@ -73,8 +86,15 @@ class JsTail:
                 del self.filters[filter]
 
     def _on_message(self, d: Delivery) -> bool:
-        subject = tokens(d.subject)
         body: bytes | None = None
+        exact = self.literal.get(d.subject)
+        if exact:
+            body = envelope.js_body(d.stream_seq, d.subject, d.data, envelope.rfc3339_ns(d.time_ns))
+            for m in tuple(exact):
+                m.on_tail(d.stream_seq, body)
+        if not self.filters:
+            return True
+        subject = tokens(d.subject)
         for toks, members in tuple(self.filters.values()):
             if not match_tokens(toks, subject):
                 continue
@@ -89,6 +109,10 @@ class JsTail:
     def _on_lost(self, e: Exception) -> None:
         if self.on_gone:
             self.on_gone(self)
+
+
+def _is_literal(filter: str) -> bool:
+    return "*" not in filter and ">" not in filter
 
 
 class JsTails(Feeds[str, JsTail]):

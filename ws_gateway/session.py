@@ -186,6 +186,12 @@ class Session:
         self.hub.unregister(self)
         final = envelope.error(d.error, d.reason) if d.error is not None else None
         self.outbox.delivered  # noqa: B018 -- read while the socket can still say
+        # Subscriptions end first: nothing is handed on to an outbox that takes no more
+        # (a cursor would count it as handed on), and their releases run meanwhile.
+        counts = {"sub": 0, "kv_sub": 0, "js_sub": 0}
+        for sub in list(self.subs.values()):
+            counts[sub.kind] += 1
+            self._end(sub)
         await self.outbox.close(final)
         try:
             await self.transport.close(d.close_code, d.reason)
@@ -193,10 +199,6 @@ class Session:
             log.info("transport close failed", extra={"session": self.id, "error": repr(e)})
         for task in list(self._tasks):
             await cancel_and_wait(task)
-        counts = {"sub": 0, "kv_sub": 0, "js_sub": 0}
-        for sub in list(self.subs.values()):
-            counts[sub.kind] += 1
-            self._end(sub)
         while self._ending:  # releases are awaited, never cancelled: nothing is left held
             await asyncio.gather(*self._ending, return_exceptions=True)
         self.hub.closed(self)

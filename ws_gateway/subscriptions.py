@@ -393,7 +393,7 @@ class JsSubscription(Subscription):
         first, last = info.state.first_seq, info.state.last_seq
         start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
         if info.config.allow_direct:
-            self._node.history.check(stream, info.created, first)
+            self._node.history.check(stream, info.created, first, info.state.num_deleted or 0)
             begin = await self._begin(start, first, last)
             if d.durable is not None:
                 return await self._resume(begin, recovered, first, last)
@@ -452,14 +452,21 @@ class JsSubscription(Subscription):
             return begin
         tail = self.tail
         assert tail is not None
-        try:
-            block = await self._node.history.block(
-                self.ref.target, self.ref.pattern, aligned(begin), lambda: tail.position
-            )
-        except HistoryUnavailable:
-            return begin
-        i = block.after(begin - 1)
-        return block.seqs[i] if i < len(block.seqs) else begin
+        start = aligned(begin)
+        for _ in range(8):  # blocks cut short by their byte bound: a few more, not forever
+            try:
+                block = await self._node.history.block(
+                    self.ref.target, self.ref.pattern, start, lambda: tail.position
+                )
+            except HistoryUnavailable:
+                return begin
+            i = block.after(begin - 1)
+            if i < len(block.seqs):
+                return block.seqs[i]
+            if block.at_end:
+                return begin
+            start = block.next
+        return begin
 
     async def _resume(self, begin: int, recovered: bool, first: int, last: int) -> dict[str, Any]:
         """Take the durable over (or create it at `begin`) and read on from its floor."""
@@ -486,6 +493,8 @@ class JsSubscription(Subscription):
             self._owner.track_delivery()
         if lease.created:
             recovered = recovered and not lease.gone
+        elif lease.floor > last:  # the stream was recreated since: its floor means nothing
+            begin, recovered = max(first, 1), False
         else:
             begin = lease.floor + 1
             if begin < first:  # its messages were purged or aged out meanwhile
@@ -583,6 +592,7 @@ class JsSubscription(Subscription):
             wait_room=self._owner.wait_room,
             half=settings.send_queue_bytes // 2,
             gate=self._node.delivering_open,
+            gate_open=self._node.delivering,
             ack_window=max(d.batch * 4, 1000) if d.ack else None,
             ack_wait=settings.js_ack_wait,
             on_handed=self._handed if d.durable and not d.ack else None,

@@ -9,7 +9,8 @@ websockets building a frame per connection.
 
 from __future__ import annotations
 
-_MEMO_BYTES = 4 << 20  # frames kept for reuse within a tick or two; then forgotten
+_MEMO_BYTES = 4 << 20  # data and frames kept for reuse within a tick or two; then forgotten
+_MEMO_MAX = 64 << 10  # larger data is framed each time (a tick's fan-out frames are small)
 
 _memo: dict[int, tuple[bytes, bytes]] = {}
 _memo_bytes = [0]
@@ -28,9 +29,11 @@ def text_frame(data: bytes) -> bytes:
     else:
         head = b"\x81\x7f" + n.to_bytes(8, "big")
     framed = head + data
-    if _memo_bytes[0] + len(framed) > _MEMO_BYTES:
+    if n > _MEMO_MAX:
+        return framed
+    if _memo_bytes[0] + 2 * n > _MEMO_BYTES:
         _memo.clear()
         _memo_bytes[0] = 0
     _memo[id(data)] = (data, framed)  # holding `data` keeps its id from being reused
-    _memo_bytes[0] += len(framed)
+    _memo_bytes[0] += 2 * n
     return framed
