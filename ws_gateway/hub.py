@@ -61,6 +61,7 @@ from ws_gateway.transport import Transport
 
 log = logging.getLogger("ws_gateway.hub")
 
+MAX_CATCHUPS = 256  # per process; two gateways stay well inside a stream's 1,000 consumers
 HEARTBEAT_TICK = 1.0  # seconds between the sessions' clock ticks (at most)
 
 REWATCH_BACKOFF_MAX = 5.0
@@ -98,6 +99,7 @@ class Hub:
         self.js_tails.on_gone = self._tail_gone
         self.history = History(nc, settings.js_history_bytes)
         self.durables = DurableStore(self.js, settings)
+        self.catchups = asyncio.Semaphore(MAX_CATCHUPS)  # kv_sub catch-up consumers at once
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
         self.by_user: dict[str, set[Session]] = defaultdict(set)

@@ -76,6 +76,7 @@ class Node(Protocol):
     js_tails: JsTails
     history: History
     durables: DurableStore
+    catchups: asyncio.Semaphore
     checkpoint: Checkpoints
 
     def delivering(self) -> bool: ...
@@ -278,6 +279,7 @@ class KvSubscription(Subscription):
         self.catchup: StreamReader | None = None
         self._member: Member | None = None
         self._synced = False
+        self._slot: object = None  # the catch-up slot held until `synced`
         self._cutoff = 0
         self._skip_through = 0
 
@@ -316,7 +318,17 @@ class KvSubscription(Subscription):
             on_lost=lambda e: self._owner.subscription_lost(self),
             gate=self._node.delivering,
         )
-        self.catchup = await self._hold("catchup", reader.start(pull=False), _close_reader)
+        # A catch-up is a consumer of its own until `synced`: at most MAX_CATCHUPS at once
+        # per process (the stream's consumer limit is shared by every gateway), the rest
+        # wait their turn here.
+        slots = self._node.catchups
+        self._slot = await self._hold("catchup_slot", slots.acquire(), _give(slots))
+        try:
+            self.catchup = await self._hold("catchup", reader.start(pull=False), _close_reader)
+        except (ReplyError, Ended):
+            raise
+        except Exception as e:
+            raise js_reply_error(e, kvwire.stream_of(bucket)) or e from None
         return {"position": resume.position, "recovered": resume.recovered}
 
     def _wanted(self, key: str) -> bool:
@@ -353,6 +365,7 @@ class KvSubscription(Subscription):
         self._member.go_live(self._cutoff)
         catchup, self.catchup = self.catchup, None
         self._release_now(catchup)
+        self._release_now(self._slot)
 
     def on_nats_reconnect(self) -> None:
         if self.catchup is not None:
@@ -662,3 +675,10 @@ class JsSubscription(Subscription):
 
 async def _close_reader(reader: StreamReader) -> None:
     await reader.close()
+
+
+def _give(slots: asyncio.Semaphore) -> Callable[[object], Awaitable[None]]:
+    async def give(_: object) -> None:
+        slots.release()
+
+    return give

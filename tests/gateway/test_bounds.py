@@ -7,6 +7,7 @@ the same ack mode, and KV resume without superseded values.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -17,6 +18,7 @@ from nats.js import api
 from shared.client import GatewayClient, RequestError
 from shared.settings import Settings
 from tests.gateway.conftest import ALICE_CAPS, ClientFactory, UserFactory
+from ws_gateway.hub import MAX_CATCHUPS
 from ws_gateway.outbox import Outbox
 from ws_gateway.server import Gateway
 
@@ -202,3 +204,43 @@ async def test_durables_per_user_are_capped_and_expire_when_unused(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_kv_catch_ups_at_once_are_bounded_and_the_rest_wait(
+    settings: Settings, nc: NATS, make_user: UserFactory
+) -> None:
+    """300 kv_subs set up at once (more than MAX_CATCHUPS): every one is `ok` and synced,
+    and the bucket's consumers never exceed the catch-up slots plus the shared feeds —
+    before, the 1,001st concurrent catch-up of a process hit the stream's consumer limit
+    and the client was told `internal`."""
+    many = msgspec.structs.replace(settings, max_readers_per_user=1000)
+    js = nc.jetstream()
+    kv = await js.key_value("articles")
+    for i in range(20):
+        await kv.put(f"a{i}", b'"x"')
+    async with Gateway(many, host="127.0.0.1", port=0) as gw:
+        token = await make_user()
+        clients = [await GatewayClient.connect(gw.url, token=token) for _ in range(6)]
+        peak = 0
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                info = await js.stream_info("KV_articles")
+                peak = max(peak, info.state.consumer_count)
+
+        async def one(i: int) -> None:
+            sub = await clients[i % 6].kv_sub("articles", f"a{i % 20}")
+            while (await sub.get())["data"]["op"] != "synced":
+                pass
+
+        sampler = asyncio.create_task(sample())
+        try:
+            await asyncio.gather(*(one(i) for i in range(300)))
+        finally:
+            done.set()
+            await sampler
+            for c in clients:
+                await c.close()
+    assert 0 < peak <= MAX_CATCHUPS + 20  # + one shared feed per pattern
