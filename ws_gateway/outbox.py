@@ -24,10 +24,6 @@ from ws_gateway import metrics
 log = logging.getLogger("ws_gateway.outbox")
 
 MAX_BATCH_BYTES = 1 << 20
-# A tick's joined data kept for other outboxes with the same frames (a room's): only a
-# queue this small is shared (fan-out ticks are), and at most this much per tick.
-JOIN_SHARE_MAX = 64 << 10
-JOIN_SHARE_BYTES = 4 << 20
 
 SendFn = Callable[[bytes], Awaitable[None]]
 CanSendFn = Callable[[], bool]
@@ -42,19 +38,14 @@ SlowFn = Callable[[str], None]
 
 
 class Flusher:
-    """Flushes every outbox pushed to during one event-loop tick, in one callback.
+    """Flushes every outbox pushed to during one event-loop tick, in one callback."""
 
-    Outboxes of one room hold the same frames (the same objects) in a tick: their joined
-    data is joined once (`joined`), so the transport can frame it once for all of them."""
-
-    __slots__ = ("_dirty", "_loop", "_scheduled", "joined", "joined_bytes")
+    __slots__ = ("_dirty", "_loop", "_scheduled")
 
     def __init__(self) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
-        self.joined: dict[tuple[int, ...], tuple[list[bytes], bytes]] = {}
-        self.joined_bytes = 0
 
     def mark(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
@@ -68,8 +59,6 @@ class Flusher:
         frames = 0
         for outbox in dirty:
             frames += outbox.flush_now()
-        self.joined.clear()
-        self.joined_bytes = 0
         if frames:
             metrics.FRAMES_OUT.inc(frames)  # once per tick, not per connection
 
@@ -232,20 +221,7 @@ class Outbox:
                 del queue[: i + 1]
                 self._size -= size - (i + 1)
                 return data
-        flusher = self._flusher
-        if flusher is not None and not self._writing and self._size <= JOIN_SHARE_MAX:
-            key = tuple(map(id, queue))
-            hit = flusher.joined.get(key)
-            if hit is not None:
-                data = hit[1]
-            else:
-                data = b"\n".join(queue)
-                if flusher.joined_bytes + self._size <= JOIN_SHARE_BYTES:
-                    # The list is kept with the result: its frames' ids stay theirs.
-                    flusher.joined[key] = (list(queue), data)
-                    flusher.joined_bytes += self._size
-        else:
-            data = b"\n".join(queue)
+        data = b"\n".join(queue)
         queue.clear()
         self._size = 0
         return data

@@ -25,7 +25,6 @@ from shared.settings import Settings
 from ws_gateway.handshake import GatewayConnection, process_request
 from ws_gateway.hub import Hub
 from ws_gateway.poll import PollServer
-from ws_gateway.wsframe import text_frame
 
 log = logging.getLogger("ws_gateway.server")
 
@@ -64,10 +63,10 @@ class WsTransport:
         )
 
     def send_now(self, data: bytes) -> None:
-        # The frame websockets would build, built once per tick for every socket that gets
-        # the same data (wsframe.py); websockets' own frames (pings, close) are whole frames
-        # too, so writes never interleave inside one.
-        self._transport.write(text_frame(data))
+        # websockets frames it: writing a frame built once for a room's sockets ourselves
+        # (tried in c22064e) measured 25 % slower at N=1,000 (1.45-1.62M vs 2.0-2.2M msg/s).
+        self._protocol.send_text(data)
+        self._ws.send_data()
 
     def buffered(self) -> int:
         return 0  # bounded by WRITE_HIGH and SOCKET_SEND_BUFFER: can_send says when full
