@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,7 @@ log = logging.getLogger("ws_gateway.durables")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # stream and durable names
 # Compare-and-set attempts before giving up: each lost one means another open or save of the
 # same durable landed in between, so more than a few means a storm of takeovers.
-ATTEMPTS = 8
+ATTEMPTS = 12
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: the key's revision is not the expected one
 
 
@@ -267,7 +268,7 @@ class DurableStore:
         DurableConflict, DurableLimit, DurableUnavailable."""
         key = durable_key(stream, uid, name)
         kv = await self._kv()
-        for _ in range(ATTEMPTS):
+        for attempt in range(ATTEMPTS):
             found = await _read(kv, key)
             now = time.time()
             record = found.record
@@ -288,7 +289,10 @@ class DurableStore:
                 else:
                     revision = await kv.create(key, _encoder.encode(new))
             except KeyWrongLastSequenceError:
-                continue  # another open or save came first: look again
+                # Another open or save came first: look again, after a pause that grows and
+                # differs between contenders (two gateways retrying in step keep colliding).
+                await asyncio.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
+                continue
             return Lease(
                 kv,
                 key,
