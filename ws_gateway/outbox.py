@@ -175,14 +175,7 @@ class Outbox:
             self._on_slow("send queue full")
             return False
         self._queue.append(frame)
-        self._size += len(frame)
-        self.pushed += len(frame)
-        if self._flusher is not None and not self._writing:
-            if not self._dirty:
-                self._dirty = True
-                self._flusher.mark(self)
-        else:
-            self._wake_writer()
+        self._queued(len(frame))
         return True
 
     def push_many(self, frames: list[bytes]) -> bool:
@@ -196,6 +189,12 @@ class Outbox:
             self._on_slow("send queue full")
             return False
         self._queue.extend(frames)
+        self._queued(size)
+        return True
+
+    def _queued(self, size: int) -> None:
+        """Account for `size` bytes just queued and have them written: by the flusher at
+        the end of this tick, or by the writer task when one is waiting on the socket."""
         self._size += size
         self.pushed += size
         if self._flusher is not None and not self._writing:
@@ -204,7 +203,6 @@ class Outbox:
                 self._flusher.mark(self)
         else:
             self._wake_writer()
-        return True
 
     def _take(self) -> bytes:
         queue = self._queue
