@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from nats.js.errors import ServerError
 
 from shared import natsio
 from shared.settings import Settings, load
@@ -41,13 +43,32 @@ async def _wipe(js: JetStreamContext) -> None:
         await js.delete_stream(info.config.name)
 
 
+# nats-server 2.15 now and then fails to create a stream right after one of the same name
+# was deleted (500, err_code 10049 "error creating store for stream"; seen twice in CI and
+# once in 1,000 wipe-and-provision rounds on a loaded machine; its cause in the server is not
+# traced). Only tests delete and re-create
+# streams (production provisions once), so the fixture does it again, a bounded few times.
+STORE_RACE_ATTEMPTS = 3
+
+
+async def _fresh(js: JetStreamContext, settings: Settings) -> None:
+    for attempt in range(STORE_RACE_ATTEMPTS):
+        await _wipe(js)
+        try:
+            await natsio.provision(js, settings)
+            return
+        except ServerError as e:
+            if e.err_code != 10049 or attempt == STORE_RACE_ATTEMPTS - 1:
+                raise
+        await asyncio.sleep(0.1 * (attempt + 1))  # a back-off, not a synchronisation
+
+
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[NATS]:
     """A client on a freshly provisioned server: every stream and bucket empty."""
     conn = await nats.connect(settings.nats_url[0])
     js = conn.jetstream()
-    await _wipe(js)
-    await natsio.provision(js, settings)
+    await _fresh(js, settings)
     try:
         yield conn
     finally:
