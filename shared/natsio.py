@@ -19,7 +19,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from shared import kvwire
-from shared.capabilities import DURABLES_BUCKET
+from shared.capabilities import DURABLES_BUCKET, DURABLES_WATCH
 from shared.settings import Settings
 
 log = logging.getLogger("shared.natsio")
@@ -309,7 +309,16 @@ def limits(settings: Settings) -> dict[str, dict[str, int]]:
     return out
 
 
-async def _apply_limits(js: JetStreamContext, stream: str, want: dict[str, int]) -> None:
+def _extra(stream: str) -> dict[str, object]:
+    """Config beyond limits: the durables bucket republishes each stored write for the
+    gateways that hold durables (ws_gateway/durables.py watches them)."""
+    if stream != kvwire.stream_of(DURABLES_BUCKET):
+        return {}
+    source = kvwire.subject_of(DURABLES_BUCKET, ">")
+    return {"republish": {"src": source, "dest": f"{DURABLES_WATCH}.>"}}
+
+
+async def _apply_limits(js: JetStreamContext, stream: str, want: dict[str, object]) -> None:
     """Bring an existing stream to these limits; no request when it has them already (so
     the API, whose NATS user may not update streams, can run `provision` after the admin
     CLI). The config travels as the server's JSON, so fields nats-py does not know stay."""
@@ -373,4 +382,4 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     for stream, want in caps.items():
         # allow_direct: also turned on for streams made before the gateway read history
         # through direct get (and for buckets, where nats-py already sets it).
-        await _apply_limits(js, stream, {**want, "allow_direct": True})
+        await _apply_limits(js, stream, {**want, "allow_direct": True, **_extra(stream)})

@@ -4,9 +4,14 @@ durable. This module only stores them; it knows nothing of sockets or of reading
 A record holds a durable's filter, its ack mode, its floor (every stream seq <= floor is
 done, handed on or acked; the durable resumes at floor + 1), its holder (an opaque id of the
 subscription serving it) and the time of its last save. Opening a durable takes it over by
-compare-and-set on the KV revision; the former holder learns it at its next save
-(`TakenOver`). Holders save periodically, also with an unchanged floor: that keeps the
-durable alive.
+compare-and-set on the KV revision. Leases learn at once when someone else writes their key:
+the bucket republishes every stored write to `DURABLES_WATCH.<key>` (a failed
+compare-and-set is never stored, so never seen); the store's one subscription per process
+hands each to the leases of that key, and a write by someone else after a lease's own ends
+that lease (`lost` is set; its next save raises `TakenOver`). Every process so sees every
+stored write (at most one per durable per save interval of its holder), not a subscription
+(and a task) per durable. Holders save when the floor moves, and now and then
+with an unchanged one: that keeps the durable alive.
 
 Key `<stream>.<uid>.<name>`. Stream and durable names are `[A-Za-z0-9_-]{1,64}`, user ids
 `[A-Za-z0-9-]{1,64}` (shared/users.py): each a valid KV key token without a dot, so no
@@ -14,7 +19,8 @@ encoding is needed and `<stream>.<uid>.*` lists exactly one user's durables on o
 
 A durable is *gone* when its key holds a delete marker (the user deleted it) or a record not
 saved for `durable_inactive`: opening it starts afresh. The bucket keeps one revision per
-key and no TTL, so delete markers stay and a deleted durable is told from a new one.
+key for 2 x `durable_inactive` (its TTL), so a deleted durable is told from a new one that
+long.
 
     Exception
      └── DurableError
@@ -37,12 +43,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared import kvwire
 from shared.capabilities import DURABLES_BUCKET as DURABLES_BUCKET
+from shared.capabilities import DURABLES_WATCH
 from shared.errors import ErrorCode
 from shared.settings import Settings
 from shared.users import USER_ID_RE
@@ -154,7 +164,18 @@ class Lease:
     floor + 1); `revision`: the KV revision this lease last wrote. Saves and the delete of
     one lease run one at a time, in call order."""
 
-    __slots__ = ("_ended", "_kv", "_lock", "_record", "created", "gone", "key", "revision")
+    __slots__ = (
+        "_ended",
+        "_kv",
+        "_lock",
+        "_record",
+        "_store",
+        "created",
+        "gone",
+        "key",
+        "lost",
+        "revision",
+    )
 
     def __init__(
         self,
@@ -170,6 +191,25 @@ class Lease:
         self.created, self.gone = created, gone
         self._lock = asyncio.Lock()
         self._ended: str | None = None  # why this lease holds nothing any more
+        self._store: DurableStore | None = None  # watching the key for this lease
+        self.lost = asyncio.Event()  # set when a write by someone else ended the lease
+
+    def _foreign(self, seq: int, why: str) -> None:
+        """A write by someone else was stored at `seq`. Only one after the lease's own ends
+        it: one before is what the lease's compare-and-set replaced."""
+        if seq > self.revision:
+            self._end(why)
+
+    def _end(self, why: str) -> None:
+        if self._ended is None:
+            self._ended = why
+            self.lost.set()
+
+    def close(self) -> None:
+        """Stop watching the key (the lease's writes may go on: its final save, a delete)."""
+        if self._store is not None:
+            store, self._store = self._store, None
+            store._unwatch(self)
 
     @property
     def floor(self) -> int:
@@ -194,7 +234,9 @@ class Lease:
 
     async def delete(self) -> None:
         """End the durable for good: a delete marker, written only while this lease holds
-        it (a later open reports it `gone`). Raises TakenOver otherwise."""
+        it (a later open reports it `gone`). Raises TakenOver otherwise. Its own delete
+        marker must not end it as someone else's would: the watch stops first."""
+        self.close()
 
         async def write() -> None:
             await self._kv.delete(self.key, last=self.revision)
@@ -229,9 +271,9 @@ class Lease:
         then adopt its revision; otherwise the lease has ended."""
         found = await _read(self._kv, self.key)
         if found.record is None:
-            self._ended = "deleted"
+            self._end("deleted")
         elif found.record.holder != self.holder:
-            self._ended = "taken over by another subscription"
+            self._end("taken over by another subscription")
         else:
             self.revision = found.revision
 
@@ -239,11 +281,72 @@ class Lease:
 class DurableStore:
     """The durable records of every user, in bucket `gw_durables` (provisioned beforehand)."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
-        self._js = js
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings) -> None:
+        self._nc, self._js = nc, js
         self._inactive = settings.durable_inactive
         self._cap = settings.max_durables_per_user
         self._bucket: KeyValue | None = None
+        self._sub: Subscription | None = None
+        # key -> holder -> its lease, or (while it opens) the highest foreign write seen:
+        # (its seq, why) or None.
+        self._watched: dict[str, dict[str, Lease | tuple[int, str] | None]] = {}
+
+    async def start(self) -> None:
+        """Subscribe the process's one watch of every durable's stored writes (at start:
+        an open reads the key only once the watch is on, so no later write is missed)."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(
+                f"{DURABLES_WATCH}.>",
+                cb=self._on_write,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is closed or closing: nothing to stop
+                pass
+
+    async def _on_write(self, msg: Msg) -> None:
+        key = msg.subject[len(DURABLES_WATCH) + 1 :]
+        holders = self._watched.get(key)
+        if not holders:
+            return
+        headers = msg.headers or {}
+        try:
+            seq = int(headers.get("Nats-Sequence", "0"))
+        except ValueError:
+            return
+        record = _decode(key, msg.data) if kvwire.kv_op(headers) == "put" else None
+        why = "deleted" if record is None else "taken over by another subscription"
+        for holder, seen in list(holders.items()):
+            if record is not None and record.holder == holder:
+                continue  # its own write
+            if isinstance(seen, Lease):
+                seen._foreign(seq, why)
+            elif seen is None or seq > seen[0]:
+                holders[holder] = (seq, why)
+
+    def _watch(self, key: str, holder: str) -> None:
+        self._watched.setdefault(key, {})[holder] = None
+
+    def _adopt(self, lease: Lease) -> None:
+        holders = self._watched.setdefault(lease.key, {})
+        seen = holders.get(lease.holder)
+        holders[lease.holder], lease._store = lease, self
+        if isinstance(seen, tuple):
+            lease._foreign(*seen)
+
+    def _unwatch(self, lease: Lease | str, holder: str = "") -> None:
+        key, holder = (lease.key, lease.holder) if isinstance(lease, Lease) else (lease, holder)
+        holders = self._watched.get(key)
+        if holders is not None:
+            holders.pop(holder, None)
+            if not holders:
+                del self._watched[key]
 
     async def _kv(self) -> KeyValue:
         if self._bucket is None:
@@ -265,9 +368,24 @@ class DurableStore:
     ) -> Lease:
         """Take the durable over for `holder`, or create it at `floor_if_new` if it does not
         exist or is gone. Raises ValueError (a name or uid that is not one key token),
-        DurableConflict, DurableLimit, DurableUnavailable."""
+        DurableConflict, DurableLimit, DurableUnavailable. The lease watches its key until
+        `Lease.close`."""
         key = durable_key(stream, uid, name)
         kv = await self._kv()
+        await self.start()
+        self._watch(key, holder)
+        try:
+            lease = await self._take(kv, key, filter, ack, holder, floor_if_new)
+        except BaseException:
+            self._unwatch(key, holder)
+            raise
+        self._adopt(lease)
+        return lease
+
+    async def _take(
+        self, kv: KeyValue, key: str, filter: str, ack: bool, holder: str, floor_if_new: int
+    ) -> Lease:
+        stream, uid, name = key.split(".")
         for attempt in range(ATTEMPTS):
             found = await _read(kv, key)
             now = time.time()

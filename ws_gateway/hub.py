@@ -98,7 +98,7 @@ class Hub:
         self.js_tails = JsTails(nc, self.js, self.delivering)
         self.js_tails.on_gone = self._tail_gone
         self.history = History(nc, settings.js_history_bytes)
-        self.durables = DurableStore(self.js, settings)
+        self.durables = DurableStore(nc, self.js, settings)
         self.catchups = asyncio.Semaphore(MAX_CATCHUPS)  # kv_sub catch-up consumers at once
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
@@ -143,6 +143,7 @@ class Hub:
         # After the watch started: a revocation is either listed or delivered by it.
         await self._list_revoked()
         await self.history.start()
+        await self.durables.start()
         self._clock = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
@@ -186,6 +187,7 @@ class Hub:
         await self.kv_feeds.close()
         await self.js_tails.close()
         await self.history.close()
+        await self.durables.close()
 
     # ------------------------------------------------------------------ auth watches lost
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -52,7 +54,8 @@ log = logging.getLogger("ws_gateway.subscriptions")
 
 T = TypeVar("T")
 
-DURABLE_SAVE = 1.0  # seconds between saves of a durable's floor (and its keep-alive)
+DURABLE_SAVE = 1.0  # at most one save of a durable's floor per this many seconds
+KEEPALIVES = 8  # saves of an unmoved floor per durable_inactive: a durable held stays current
 
 
 class State(enum.Enum):
@@ -543,12 +546,21 @@ class JsSubscription(Subscription):
         self._unwritten.append((self._owner.sent(False)[0], first))
 
     async def _keep(self) -> None:
-        """Save the floor every DURABLE_SAVE seconds (also unchanged: that keeps it alive)."""
-        assert self.lease is not None
+        """Save the floor when it moved (at most every DURABLE_SAVE seconds) and, unmoved,
+        every keep-alive interval (that keeps the durable alive); end the subscription at
+        once when the lease is lost (another subscription took the durable over)."""
+        lease = self.lease
+        assert lease is not None
+        keepalive = max(DURABLE_SAVE, self._node.settings.durable_inactive / KEEPALIVES)
+        saved, at = lease.floor, time.monotonic()
         while True:
-            await asyncio.sleep(DURABLE_SAVE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lease.lost.wait(), DURABLE_SAVE)
+            floor, now = self._floor(), time.monotonic()
+            if floor == saved and now - at < keepalive and not lease.lost.is_set():
+                continue
             try:
-                await self.lease.save(self._floor())
+                await lease.save(floor)
             except TakenOver:
                 self._owner.subscription_lost(
                     self, ErrorCode.TAKEN_OVER, "durable taken over by another subscription"
@@ -556,9 +568,12 @@ class JsSubscription(Subscription):
                 return
             except Exception as e:  # NATS away: the next save carries the floor
                 self._not_kept("save", e)
+                continue
+            saved, at = floor, now
 
     async def _leave(self, lease: Lease) -> None:
         await cancel_and_wait(self._keeper)
+        lease.close()
         try:
             if self.delete_durable:
                 await lease.delete()

@@ -9,8 +9,11 @@ import time
 
 import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
 
+from shared.capabilities import DURABLES_WATCH
 from shared.kvlist import live_entries
 from shared.settings import Settings
 from ws_gateway.durables import (
@@ -25,8 +28,8 @@ from ws_gateway.durables import (
 
 
 @pytest.fixture
-def store(js: JetStreamContext, settings: Settings) -> DurableStore:
-    return DurableStore(js, settings)
+def store(nc: NATS, js: JetStreamContext, settings: Settings) -> DurableStore:
+    return DurableStore(nc, js, settings)
 
 
 async def _record(js: JetStreamContext, key: str) -> DurableRecord:
@@ -69,6 +72,54 @@ async def test_another_holder_resumes_at_the_saved_floor_and_the_first_is_taken_
     await second.save(8)
     record = await _record(js, "chat.u1.d")
     assert (record.holder, record.floor) == ("h2", 8)
+
+
+async def test_the_older_lease_learns_a_takeover_without_a_save_of_its_own(
+    nc: NATS, js: JetStreamContext, settings: Settings
+) -> None:
+    """Two stores (two gateways): when the second takes the durable over, the first lease is
+    `lost` at once, from the bucket's republished write; a delete by the holder ends a
+    lease of the other store likewise. The holder's own writes never end its lease."""
+    one, two = DurableStore(nc, js, settings), DurableStore(nc, js, settings)
+    first = await one.open("chat", "u1", "d", ">", True, "h1", 0)
+    await first.save(3)
+    second = await two.open("chat", "u1", "d", ">", True, "h2", 0)
+    await asyncio.wait_for(first.lost.wait(), 10)
+    with pytest.raises(TakenOver):
+        await first.save(4)
+    third = await one.open("chat", "u1", "d", ">", True, "h3", 0)
+    await asyncio.wait_for(second.lost.wait(), 10)
+    await third.save(5)
+    fourth = await two.open("chat", "u1", "d", ">", True, "h4", 0)
+    await asyncio.wait_for(third.lost.wait(), 10)
+    fourth.close()
+    fifth = await one.open("chat", "u1", "d", ">", True, "h5", 0)
+    await fifth.delete()
+    assert not fifth.lost.is_set()
+    await one.close()
+    await two.close()
+
+
+async def test_a_failed_compare_and_set_is_never_seen_as_a_takeover(
+    store: DurableStore, nc: NATS, js: JetStreamContext
+) -> None:
+    """The bucket republishes stored writes only: a compare-and-set that lost (another
+    gateway's stale open) reaches no watch, and the lease saves on."""
+    seen: asyncio.Queue[int] = asyncio.Queue()
+
+    async def on_write(msg: object) -> None:
+        seen.put_nowait(int(msg.headers["Nats-Sequence"]))  # type: ignore[attr-defined]
+
+    watch = await nc.subscribe(f"{DURABLES_WATCH}.chat.u1.d", cb=on_write)
+    lease = await store.open("chat", "u1", "d", ">", True, "h1", 0)
+    kv = await js.key_value(DURABLES_BUCKET)
+    with pytest.raises(KeyWrongLastSequenceError):
+        await kv.update("chat.u1.d", b"{}", last=lease.revision + 7)
+    await lease.save(2)
+    assert [await asyncio.wait_for(seen.get(), 10) for _ in range(2)] == [1, 2]
+    assert seen.empty() and not lease.lost.is_set()
+    await lease.save(3)
+    await watch.unsubscribe()
 
 
 async def test_a_durable_asked_for_with_another_filter_or_ack_mode_conflicts(
@@ -146,11 +197,11 @@ async def test_a_record_not_saved_for_durable_inactive_is_gone(
 
 
 async def test_new_durables_are_capped_per_user_and_stream(
-    js: JetStreamContext, settings: Settings
+    nc: NATS, js: JetStreamContext, settings: Settings
 ) -> None:
     """At the cap a new durable is DurableLimit; resuming one is free; other users and
     other streams have their own count; a deleted or expired durable frees its place."""
-    store = DurableStore(js, msgspec.structs.replace(settings, max_durables_per_user=3))
+    store = DurableStore(nc, js, msgspec.structs.replace(settings, max_durables_per_user=3))
     leases = [await store.open("chat", "u1", f"d{i}", ">", False, "h", 0) for i in range(3)]
     with pytest.raises(DurableLimit, match="at most 3 durables"):
         await store.open("chat", "u1", "d3", ">", False, "h", 0)
