@@ -10,9 +10,8 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -175,6 +174,34 @@ def credentials(settings: Settings, role: Role | None) -> tuple[str, str] | None
 # ---------------------------------------------------------------- connection
 
 
+class Client(NATS):
+    """nats-py's client, minus a socket leak: a connection attempt that fails after the TCP
+    connect (the server refuses the CONNECT, or goes away mid-handshake while it restarts)
+    leaves its socket open, and the next attempt reuses the transport over it (nats-py
+    2.x). Found by the test suite as an unraisable "unclosed StreamWriter" warning."""
+
+    async def _connect_to_server(self, s: Any) -> None:
+        if self._transport is not None:
+            self._transport.close()  # type: ignore[no-untyped-call]  # idempotent
+        await super()._connect_to_server(s)
+
+    async def connect(self, *args: Any, **options: Any) -> None:
+        try:
+            await super().connect(*args, **options)
+        except BaseException:
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]
+            raise
+
+
+async def nats_connect(servers: str | list[str], **options: Any) -> NATS:
+    """`nats.connect`, with the client above: every connection of the gateway, the API and
+    the tests is made here."""
+    nc = Client()
+    await nc.connect(servers, **options)
+    return nc
+
+
 async def connect(
     settings: Settings,
     name: str,
@@ -220,7 +247,7 @@ async def connect(
     deadline = asyncio.get_running_loop().time() + connect_timeout
     while True:
         try:
-            return await nats.connect(
+            return await nats_connect(
                 servers=list(settings.nats_url),
                 name=name,
                 # nats-py's default gives up after ~60 attempts; a gateway must outlive

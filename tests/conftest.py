@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
@@ -66,7 +65,7 @@ async def _fresh(js: JetStreamContext, settings: Settings) -> None:
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[NATS]:
     """A client on a freshly provisioned server: every stream and bucket empty."""
-    conn = await nats.connect(settings.nats_url[0])
+    conn = await natsio.nats_connect(settings.nats_url[0])
     js = conn.jetstream()
     await _fresh(js, settings)
     try:

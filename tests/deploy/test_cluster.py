@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import nats
 
 from deploy import stack as ops
 from shared import natsio
@@ -25,7 +24,7 @@ async def test_killing_a_nats_node_loses_no_acknowledged_write(tmp_path: Path) -
         s, layout = stack.settings, stack.layout
         assert s.nats_replicas == 3 and len(s.nats_url) == 3
         user, password = natsio.credentials(s, "provision") or (None, None)
-        nc = await nats.connect(servers=list(s.nats_url), user=user, password=password)
+        nc = await natsio.nats_connect(servers=list(s.nats_url), user=user, password=password)
         try:
             info = await nc.jetstream().stream_info("KV_articles")
             assert info.config.num_replicas == 3
@@ -91,7 +90,9 @@ async def test_killing_a_nats_node_loses_no_acknowledged_write(tmp_path: Path) -
                         headers={"Authorization": f"Bearer {alice}"},
                     ) as resp:
                         assert resp.status == 200, article_id
-                nc = await nats.connect(servers=list(s.nats_url), user=user, password=password)
+                nc = await natsio.nats_connect(
+                    servers=list(s.nats_url), user=user, password=password
+                )
                 try:
                     js = nc.jetstream()
                     for seq in acked_chat:

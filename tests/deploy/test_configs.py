@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js import api
 
 from deploy import stack
 from deploy.render import Layout, nats_server_binary, nginx_binary, render, script_hashes
 from deploy.render import stack_env as make_stack_env
+from shared.natsio import nats_connect
 from shared.settings import Settings, load
 from tests.deploy.stackrun import ROOT, clean_env, free_base_port, nats_node_down
 
@@ -134,7 +134,7 @@ async def test_nats_cluster_keeps_acknowledged_writes_when_a_node_is_killed(
     """3 nodes form a cluster; SIGKILL one during R3 writes: no acked write is lost and the
     node rejoins (supervisord restarts it)."""
     s, layout = nats_only
-    nc = await nats.connect(
+    nc = await nats_connect(
         servers=list(s.nats_url), max_reconnect_attempts=-1, reconnect_time_wait=0.2
     )
     try:

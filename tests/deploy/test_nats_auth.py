@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -140,7 +139,7 @@ async def as_role(stack: Stack) -> AsyncIterator[Callable[[Role], Awaitable[Clie
         async def on_error(e: Exception) -> None:
             errors.put_nowait(e)
 
-        nc = await nats.connect(
+        nc = await natsio.nats_connect(
             list(stack.settings.nats_url),
             user=creds[0],
             password=creds[1],

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
@@ -363,7 +362,7 @@ async def api(http: aiohttp.ClientSession) -> Api:
 async def nc(stack: Stack) -> AsyncIterator[NATS]:
     # NATS asks for credentials: the admin CLI's user (provision) reads consumers too.
     user, password = natsio.credentials(stack.settings, "provision") or (None, None)
-    conn = await nats.connect(
+    conn = await natsio.nats_connect(
         f"nats://127.0.0.1:{stack.settings.nats_port}", user=user, password=password
     )
     try:

@@ -39,7 +39,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
@@ -92,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 async def stack_nc(stack: Stack) -> AsyncIterator[NATS]:
     """The stack's NATS as the admin CLI's user (creates streams, writes users, reads all)."""
     user, password = natsio.credentials(stack.settings, "provision") or (None, None)
-    conn = await nats.connect(
+    conn = await natsio.nats_connect(
         servers=list(stack.settings.nats_url), user=user, password=password, connect_timeout=5
     )
     try:

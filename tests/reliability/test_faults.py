@@ -13,13 +13,12 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect as ws_connect
 
 from shared.client import GatewayClient, RequestError
-from shared.natsio import buckets
+from shared.natsio import buckets, nats_connect
 from shared.settings import Settings
 from shared.users import REVOKED_BUCKET
 from tests.api.conftest import Api
@@ -47,7 +46,7 @@ class Feed:
         async def quiet(e: Exception) -> None:
             pass  # nats-py's default logs a traceback per reconnect attempt (5 a second)
 
-        self.nc = await nats.connect(
+        self.nc = await nats_connect(
             self.url,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
@@ -235,7 +234,7 @@ async def test_nats_restart_mid_stream(
 
 async def _not_stored(url: str, seqs: list[int]) -> list[int]:
     """The KV_todos sequences (acknowledged before a restart) the server no longer has."""
-    probe = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=30)
+    probe = await nats_connect(url, connect_timeout=2, max_reconnect_attempts=30)
     try:
         js = probe.jetstream(timeout=2)
         for _ in range(100):  # JetStream takes a moment to recover its streams

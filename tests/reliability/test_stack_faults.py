@@ -154,7 +154,9 @@ def _keep_logs(stack: Stack, tmp_path: Path, secrets_seen: Secrets) -> None:
 async def _nats(s: Settings, **options: Any) -> nats.NATS:
     """A client of the stack's NATS as the admin CLI's user (NATS asks for credentials)."""
     user, password = natsio.credentials(s, "provision") or (None, None)
-    return await nats.connect(servers=list(s.nats_url), user=user, password=password, **options)
+    return await natsio.nats_connect(
+        servers=list(s.nats_url), user=user, password=password, **options
+    )
 
 
 async def _leader(s: Settings, stream: str) -> str:

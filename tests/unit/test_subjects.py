@@ -6,12 +6,12 @@ import asyncio
 import itertools
 import random
 
-import nats
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
+from shared.natsio import nats_connect
 from shared.subjects import (
     MAX_SUBJECT_LENGTH,
     is_subset,
@@ -368,7 +368,7 @@ async def test_match_agrees_with_nats_server(nats_server: NatsServer) -> None:
         validate_subject(s)
     assert len(pats) * len(subjects) >= 2000
 
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_connect(nats_server.url)
     try:
         received: dict[str, list[str]] = {p: [] for p in pats}
         done: dict[str, asyncio.Event] = {p: asyncio.Event() for p in pats}
