@@ -263,7 +263,7 @@ async def test_connect_subscribe_disconnect_leaves_nothing_behind(
         if i % 50 == 0:
             await c.kv_sub("todos", "user.alice.>")
         await c.close()
-    await until(lambda: not hub.sessions, "every session to close", 10)
+    await until(lambda: not hub.sessions and not hub.closing, "every session to close", 10)
     assert not hub.by_user and not hub.by_jti
     assert len(hub.router) == 0
     assert len(hub.nc._subs) == subs_before

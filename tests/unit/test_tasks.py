@@ -1,0 +1,54 @@
+"""shared/tasks.cancel_and_wait: the task is stopped and awaited, its outcome dropped, and
+the caller's own cancellation (a timeout around it) is never swallowed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.tasks import cancel_and_wait
+
+
+async def test_the_task_is_cancelled_and_finished_its_outcome_dropped() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def fails() -> None:
+        raise ValueError("dropped")
+
+    task = asyncio.create_task(forever())
+    await started.wait()
+    await cancel_and_wait(task)
+    assert task.cancelled()
+    failed = asyncio.create_task(fails())
+    await asyncio.wait({failed})
+    await cancel_and_wait(failed)  # finished with an error: nothing raised
+    await cancel_and_wait(None)
+
+
+async def test_a_timeout_around_the_caller_fires_while_the_task_is_slow_to_stop() -> None:
+    """A task that takes its time to stop: the caller's deadline still ends the wait (the
+    task is left to finish on its own), as TimeoutError, not as a silent return."""
+    running, stopping, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            running.set()
+            await asyncio.Event().wait()
+        finally:
+            stopping.set()
+            await release.wait()  # cleanup that outlasts the caller's deadline
+
+    task = asyncio.create_task(slow_to_stop())
+    await running.wait()  # started: its finally runs on the cancel
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await cancel_and_wait(task)
+    assert stopping.is_set() and not task.done()
+    release.set()
+    await asyncio.wait({task})
+    assert task.cancelled()
