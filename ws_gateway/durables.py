@@ -47,13 +47,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared import kvwire
 from shared.capabilities import DURABLES_BUCKET as DURABLES_BUCKET
 from shared.capabilities import DURABLES_WATCH
 from shared.errors import ErrorCode
+from shared.kvlist import leader_get
 from shared.settings import Settings
 from shared.users import USER_ID_RE
 
@@ -137,23 +138,12 @@ def _decode(key: str, value: bytes) -> DurableRecord | None:
 
 
 async def _read(kv: KeyValue, key: str) -> _Found:
-    """The key's latest record, read from the stream's leader: a direct get (nats-py's
-    `kv.get` on a bucket with allow_direct) may be answered by a replica that has not
-    applied the latest write yet, and a compare-and-set from a stale revision always
-    loses (seen on the 3-node cluster: 4-7 % of reads right after a write)."""
-    js: JetStreamContext = kv._js
-    try:
-        msg = await js.get_msg(
-            kv._stream,
-            subject=kv._pre + key,
-            direct=False,
-        )
-    except NotFoundError:
-        return _Found(0, None)  # never written (or its marker expired)
-    assert msg.seq is not None
-    if kvwire.kv_op(msg.headers) != "put":
-        return _Found(msg.seq, None)  # a delete or purge marker
-    return _Found(msg.seq, _decode(key, msg.data or b""))
+    """The key's latest record, from the stream's leader: a compare-and-set from a revision
+    a lagging replica reported always loses."""
+    read = await leader_get(kv._js, DURABLES_BUCKET, key)
+    if read.value is None:
+        return _Found(read.revision, None)  # never written, or a delete or purge marker
+    return _Found(read.revision, _decode(key, read.value))
 
 
 class Lease:

@@ -36,7 +36,7 @@ from shared import kvwire
 from shared.auth import Claims, TokenVerifier
 from shared.capabilities import CompiledCapabilities
 from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
-from shared.kvlist import live_entries
+from shared.kvlist import leader_get, live_entries
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.users import (
@@ -430,10 +430,13 @@ class Hub:
     async def _read_user(self, uid: str) -> UserRead:
         try:
             entry = await (await self._bucket(USERS_BUCKET)).get(uid)
-        except KeyNotFoundError as e:
-            # deleted (nats-py's KeyDeletedError carries the marker's entry) or never was
-            marker = getattr(e, "entry", None)
-            return UserRead(None, (marker.revision or 0) if marker is not None else 0)
+        except KeyNotFoundError:
+            # Deleted or never was, says a direct get, which a replica that has not applied
+            # the latest write may answer: the leader decides (a user created a moment ago
+            # is admitted).
+            read = await leader_get(self.js, USERS_BUCKET, uid)
+            record = decode_user(read.value) if read.value else None
+            return UserRead(record, read.revision)
         revision = entry.revision or 0
         record = decode_user(entry.value) if entry.value else None
         return UserRead(record, revision)
