@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 
 from http_api.schemas import Article, Todo
 from shared import kvwire
-from shared.kvlist import live_entries
+from shared.kvlist import leader_get, live_entries
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
@@ -86,7 +86,12 @@ class _Bucket(Generic[T]):
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
-            return None
+            # A direct get, which a replica behind the latest write may answer: missing is
+            # asked of the leader (a user logging in right after signing up is found).
+            read = await leader_get(self._js, self.name, key)
+            if read.value is None:
+                return None
+            return Versioned(self._decoder.decode(read.value), read.revision)
         if entry.value is None or entry.revision is None:
             return None
         return Versioned(self._decoder.decode(entry.value), entry.revision)
@@ -214,21 +219,19 @@ class Store:
         `grace_until` (Unix seconds) to send their own refresh (value `<exp> <grace>`)."""
         return await self._revoked.put(jti, f"{exp} {grace_until}".encode())
 
+    # Revocations are read from the stream's leader, not by direct get: a replica behind
+    # the latest write would let a token revoked a moment ago in (a logout, then a request).
+
     async def is_revoked(self, jti: str) -> bool:
-        try:
-            await self._revoked.get(jti)
-        except KeyNotFoundError:
-            return False
-        return True
+        return (await leader_get(self._js, REVOKED_BUCKET, jti)).value is not None
 
     async def revoked_before(self, uid: str) -> int:
         """T of the user's mark (every token with iat < T is revoked); 0 when none."""
-        try:
-            entry = await self._revoked.get(USER_MARK + uid)
-        except KeyNotFoundError:
+        read = await leader_get(self._js, REVOKED_BUCKET, USER_MARK + uid)
+        if read.value is None:
             return 0
         try:
-            return int(entry.value or b"0")
+            return int(read.value or b"0")
         except ValueError:
             log.warning("malformed revocation mark", extra={"event": "revocation_mark_bad"})
             return 0
