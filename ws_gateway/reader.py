@@ -1,6 +1,8 @@
 """Read a JetStream stream continuously through a pull consumer, resumably.
 
-One reader per KV watch or JetStream subscription. Messages are handled in the NATS
+One reader per KV watch, KV catch-up and shared stream tail (never one per JetStream
+subscription: those are cursors on the tail, ws_gateway/jscursor.py). No acks: its
+consumers are ephemeral, in memory, R1. Messages are handled in the NATS
 subscription callback (no extra queue hop); the next pull is issued only when the sink
 has room, so a slow reader of history is slowed, not dropped. If the consumer is lost
 (NATS restart, ephemeral consumer expired during an outage, leader change) the reader
@@ -20,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError, ServerError
+from nats.js.errors import NotFoundError
 
 from shared.tasks import cancel_and_wait
 from ws_gateway.rules import Start
@@ -42,23 +44,6 @@ class Delivery:
     data: bytes
     headers: dict[str, str] | None
     time_ns: int  # when the stream stored it
-    reply: str
-    redelivered: bool
-
-
-async def durables_of(js: JetStreamContext, stream: str, prefix: str) -> int:
-    """How many consumers of `stream` are named with `prefix` (one page of names per
-    1,024 consumers: paid only when a new durable is about to be created)."""
-    count, offset = 0, 0
-    while True:
-        page = await js._api_request(  # nats-py has no consumer-names call
-            f"$JS.API.CONSUMER.NAMES.{stream}", json.dumps({"offset": offset}).encode(), timeout=5
-        )
-        names = page.get("consumers") or []
-        count += sum(1 for n in names if n.startswith(prefix))
-        offset += len(names)
-        if not names or offset >= page.get("total", 0):
-            return count
 
 
 def parse_ack_reply(reply: str) -> tuple[str, int, int, int, int]:
@@ -73,10 +58,6 @@ def parse_ack_reply(reply: str) -> tuple[str, int, int, int, int]:
     if len(t) == 9:
         return t[3], int(t[4]), int(t[5]), int(t[7]), int(t[8])
     return t[5], int(t[6]), int(t[7]), int(t[9]), int(t[10])
-
-
-class DurableConflict(Exception):
-    """The durable asked for exists with another filter: it is not ours to bind."""
 
 
 OnMessage = Callable[[Delivery], bool]  # False: the sink is closed, not delivered
@@ -94,21 +75,15 @@ class StreamReader:
         on_message: OnMessage,
         *,
         batch: int = 256,
-        ack: bool = False,
-        durable: str | None = None,
         wait_room: WaitRoom | None = None,
         on_lost: Callable[[Exception], None] | None = None,
         gate: Callable[[], bool] | None = None,
-        durable_inactive: float = 3 * 86400.0,
     ) -> None:
         self._nc, self._js = nc, js
-        self._durable_inactive = durable_inactive  # unused this long, the server drops it
         self.stream, self.filter_subject = stream, filter_subject
         self._start = start
         self._on_message = on_message
         self._batch = batch
-        self._ack = ack
-        self.durable = durable
         self._wait_room = wait_room
         self._on_lost = on_lost
         self._gate = gate  # False: hold deliveries (capabilities being re-read after an outage)
@@ -132,10 +107,10 @@ class StreamReader:
 
     async def start(self, *, pull: bool = True) -> StreamReader:
         """Create (or bind to) the consumer, then start pulling (`pull=False`: only when
-        `pull()` is called). Raises NotFoundError, DurableConflict.
+        `pull()` is called). Raises NotFoundError.
 
         All or nothing: if it fails or is cancelled part way, what it made is released
-        (an ephemeral consumer deleted, a durable parked) before the error propagates."""
+        (its consumer deleted) before the error propagates."""
         try:
             self.info = info = await self._ensure_consumer(self._start)
             self.initial_pending = info.num_pending or 0
@@ -174,12 +149,7 @@ class StreamReader:
                 await self._sub.unsubscribe()
             except Exception as e:
                 self._log_release("unsubscribe", e)
-        if self.durable and self.consumer and self._nc.is_connected:  # bound by us
-            try:
-                await self._park_durable()
-            except Exception as e:
-                self._log_release("durable park", e)
-        if self.consumer and not self.durable and self._nc.is_connected:
+        if self.consumer and self._nc.is_connected:
             try:
                 await self._js.delete_consumer(self.stream, self.consumer)
             except Exception as e:  # the server removes it after its inactive threshold
@@ -194,92 +164,24 @@ class StreamReader:
     # ------------------------------------------------------------------ consumer
 
     def _config(self, start: Start) -> api.ConsumerConfig:
-        cfg = api.ConsumerConfig(
+        return api.ConsumerConfig(
             deliver_policy=start.policy,
             opt_start_seq=start.seq,
             opt_start_time=start.time,
-            ack_policy=api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE,
+            ack_policy=api.AckPolicy.NONE,
             filter_subject=self.filter_subject,  # None: the whole stream
-            max_ack_pending=max(self._batch * 4, 1000) if self._ack else None,
-            ack_wait=30.0 if self._ack else None,
-            inactive_threshold=self._durable_inactive if self.durable else EPHEMERAL_INACTIVE,
-            mem_storage=None if self.durable else True,
-            num_replicas=None if self.durable else 1,
+            inactive_threshold=EPHEMERAL_INACTIVE,
+            mem_storage=True,
+            num_replicas=1,
         )
-        if self.durable:
-            cfg.durable_name = self.durable
-            cfg.name = self.durable
-        return cfg
 
     async def _ensure_consumer(self, start: Start) -> api.ConsumerInfo:
-        if not self.durable:
-            created: api.ConsumerInfo = await self._js.add_consumer(
-                self.stream, self._config(start)
-            )
-            self.consumer = created.name
-            return created
-        # Bind to the durable, or create it. Another connection of the user may be parking
-        # the same durable (delete + re-create at its position) right now: a create that
-        # loses that race is answered "exists with another config", so look again.
-        for attempt in range(5):
-            try:
-                info: api.ConsumerInfo = await self._js.consumer_info(self.stream, self.durable)
-                if info.config.filter_subject != self.filter_subject:
-                    raise DurableConflict("durable exists with another filter")
-                # Bound to with another ack mode, acks would be asked for messages the
-                # server never waits on (an unbounded unacked map), or never given.
-                ack = api.AckPolicy.EXPLICIT if self._ack else api.AckPolicy.NONE
-                if info.config.ack_policy != ack:
-                    raise DurableConflict("durable exists with another ack mode")
-                self.consumer = self.durable
-                return info
-            except NotFoundError as e:
-                if e.err_code == STREAM_NOT_FOUND:
-                    raise
-            try:
-                made: api.ConsumerInfo = await self._js.add_consumer(
-                    self.stream, self._config(start)
-                )
-                self.consumer = made.name
-                return made
-            except (BadRequestError, ServerError):  # 10012: exists with another config
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.02 * (attempt + 1))  # let the parking finish
-        raise AssertionError("unreachable")
-
-    async def _park_durable(self) -> None:
-        """Recreate the durable at its position, dropping our outstanding pull request.
-
-        A pull request outlives the connection that made it; without this, the next
-        message would be handed to a reply subject nobody listens to (and, without acks,
-        be lost to the user who resumes the durable).
-        """
-        assert self.durable
-        info = await self._js.consumer_info(self.stream, self.durable)
-        if self._ack:
-            resume = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-        else:
-            # What this reader handed on, not what the server delivered: messages sent to
-            # our dead pull request after the client left never reached anyone.
-            resume = max(self.last_seq, self._bound_at) + 1
-        await self._js.delete_consumer(self.stream, self.durable)
-        await self._js.add_consumer(
-            self.stream, self._config(Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=resume))
-        )
+        created: api.ConsumerInfo = await self._js.add_consumer(self.stream, self._config(start))
+        self.consumer = created.name
+        return created
 
     async def _recreate(self) -> None:
         """After a loss: resume right after the last delivered message."""
-        if self.durable:
-            if self._ack:
-                await self._ensure_consumer(self._start)  # unacked ones come back anyway
-            else:
-                try:
-                    await self._park_durable()  # its position, not the server's delivered
-                except NotFoundError:
-                    await self._ensure_consumer(self._start)
-                self.consumer = self.durable
-            return
         if self.consumer:
             try:
                 await self._js.delete_consumer(self.stream, self.consumer)
@@ -404,11 +306,10 @@ class StreamReader:
             # From a request being abandoned (the consumer is recreated from the last
             # delivered message): taking one now could skip one dropped before it.
             return
-        consumer, num_delivered, seq, ts, pending = parse_ack_reply(msg.reply)
+        consumer, _, seq, ts, pending = parse_ack_reply(msg.reply)
         if consumer != self.consumer:
             return  # in flight from a consumer this reader already replaced
-        redelivered = num_delivered > 1
-        if seq <= self.last_seq and not (self._ack and redelivered):
+        if seq <= self.last_seq:
             return  # a duplicate after a consumer was recreated
         self._remaining -= 1
         if self._remaining <= 0:
@@ -428,8 +329,6 @@ class StreamReader:
                 data=msg.data,
                 headers=headers,
                 time_ns=ts,
-                reply=msg.reply,
-                redelivered=redelivered,
             )
         )
         if delivered:

@@ -70,13 +70,6 @@ def js_start(d: JsSubData, first: int, last: int, now: dt.datetime) -> tuple[Sta
     return Start(api.DeliverPolicy.NEW), True
 
 
-def js_position(start: Start, delivered: int, last: int) -> int:
-    """The first stream sequence the subscription will deliver (its `ok`'s `position`)."""
-    if start.policy == api.DeliverPolicy.NEW:
-        return last + 1
-    return max(delivered, 0) + 1
-
-
 def is_primary(patterns: Mapping[str, Tokens], pattern: str, subject: Tokens) -> bool:
     """True when `pattern` is the smallest of a session's `patterns` matching `subject`: a
     message that several of one session's subscriptions match is delivered once, by it."""

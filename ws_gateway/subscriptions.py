@@ -47,8 +47,8 @@ from ws_gateway.history import History, HistoryUnavailable, aligned
 from ws_gateway.jscursor import Cursor
 from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
-from ws_gateway.reader import Delivery, DurableConflict, StreamReader, durables_of
-from ws_gateway.rules import Start, Tokens, js_position, js_reply_error, js_start, kv_resume
+from ws_gateway.reader import Delivery, StreamReader
+from ws_gateway.rules import Start, Tokens, js_reply_error, js_start, kv_resume
 
 log = logging.getLogger("ws_gateway.subscriptions")
 
@@ -383,7 +383,6 @@ class JsSubscription(Subscription):
     ) -> None:
         super().__init__(ref, owner, node)
         self.data = data
-        self.reader: StreamReader | None = None
         self.tail: JsTail | None = None
         self.cursor: Cursor | None = None
         self.lease: Lease | None = None
@@ -393,7 +392,6 @@ class JsSubscription(Subscription):
         # (bytes pushed to the outbox once it was queued, seq), oldest first.
         self._unwritten: collections.deque[tuple[int, int]] = collections.deque()
         self._keeper: asyncio.Task[None] | None = None
-        self.unacked: dict[int, str] = {}
         self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
 
     async def _setup(self) -> dict[str, Any]:
@@ -408,40 +406,20 @@ class JsSubscription(Subscription):
         await self._step("stream_info")
         first, last = info.state.first_seq, info.state.last_seq
         start, recovered = js_start(d, first, last, dt.datetime.now(dt.UTC))
-        if info.config.allow_direct:
-            self._node.history.check(stream, info.created, first, info.state.num_deleted or 0)
-            begin = await self._begin(start, first, last)
-            if d.durable is not None:
-                return await self._resume(begin, recovered, first, last)
-            await self._share(begin)
-            return {"position": begin, "recovered": recovered}
-        durable = f"u_{self._owner.uid}_{d.durable}" if d.durable else None
-        if durable is not None:
-            await self._check_durables(stream, durable)
-        reader = StreamReader(
-            self._node.nc,
-            self._node.js,
-            stream,
-            self.ref.pattern,
-            start,
-            self._on_message,
-            batch=d.batch,
-            ack=d.ack,
-            durable=durable,
-            wait_room=self._owner.wait_room,
-            on_lost=lambda e: self._owner.subscription_lost(self),
-            gate=self._node.delivering,
-            durable_inactive=self._node.settings.durable_inactive,
-        )
-        try:
-            self.reader = await self._hold("reader", reader.start(pull=False), _close_reader)
-        except DurableConflict as e:
-            raise ReplyError(ErrorCode.BAD_REQUEST, str(e)) from None
-        except Exception as e:
-            raise js_reply_error(e, stream) or e from None
-        cinfo = reader.info
-        delivered = cinfo.delivered.stream_seq if cinfo and cinfo.delivered else 0
-        return {"position": js_position(start, delivered or 0, last), "recovered": recovered}
+        if not info.config.allow_direct:
+            # Every js_sub reads the shared history (direct get) and tail: without it, a
+            # consumer per subscription would grow with users, to the stream's limit.
+            raise ReplyError(
+                ErrorCode.UNAVAILABLE,
+                f"stream {stream!r} does not allow direct get: an operator must set"
+                " allow_direct on it",
+            )
+        self._node.history.check(stream, info.created, first, info.state.num_deleted or 0)
+        begin = await self._begin(start, first, last)
+        if d.durable is not None:
+            return await self._resume(begin, recovered, first, last)
+        await self._share(begin)
+        return {"position": begin, "recovered": recovered}
 
     async def _begin(self, start: Start, first: int, last: int) -> int:
         """The first sequence the subscription delivers (from the stream's info)."""
@@ -630,62 +608,16 @@ class JsSubscription(Subscription):
         self._stops.append(lambda: tail.remove(flt, cursor))
         self._held.append((cursor, cursor.stop))
 
-    async def _check_durables(self, stream: str, durable: str) -> None:
-        """A new durable beyond the user's cap on this stream is `limit` (durables outlive
-        connections: unbounded, they would fill JetStream). Binding an existing one is free.
-        Concurrent creations may overshoot the cap by their number."""
-        js = self._node.js
-        try:
-            await js.consumer_info(stream, durable)
-            return
-        except NotFoundError:
-            pass
-        except Exception as e:
-            raise js_reply_error(e, stream) or e from None
-        cap = self._node.settings.max_durables_per_user
-        held = await durables_of(js, stream, f"u_{self._owner.uid}_")
-        await self._step("durables")
-        if held >= cap:
-            raise ReplyError(
-                ErrorCode.LIMIT, f"at most {cap} durables per user on stream {stream!r}"
-            )
-
     def _on_live(self) -> None:
-        if self.reader is not None:
-            self.reader.pull()
         if self.cursor is not None:
             self.cursor.start()
         if self.lease is not None:
             self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
-    def _on_message(self, m: Delivery) -> bool:
-        if self.state is not State.LIVE:
-            return False
-        if self.data.ack:
-            self.unacked[m.stream_seq] = m.reply
-        return self.deliver(self._encoder.encode(m.stream_seq, m.subject, m.data, m.time_ns))
-
     async def ack(self, seq: int) -> None:
-        """Acknowledge one delivered message (with a consumer: confirmed by the server)."""
-        if self.cursor is not None:
-            if not self.cursor.ack(seq):
-                raise ReplyError(ErrorCode.NOT_FOUND, f"seq {seq} is not awaiting an ack")
-            return
-        reply = self.unacked.pop(seq, None)
-        if reply is None:
+        """Acknowledge one delivered message."""
+        if self.cursor is None or not self.cursor.ack(seq):
             raise ReplyError(ErrorCode.NOT_FOUND, f"seq {seq} is not awaiting an ack")
-        try:
-            # A confirmed ack: the ack floor has moved when this returns, so a durable
-            # parked right after (client leaving) resumes after it, not before.
-            await self._node.nc.request(reply, b"+ACK", timeout=2)
-        except Exception:
-            if self.live:
-                self.unacked[seq] = reply
-            raise ReplyError(ErrorCode.UNAVAILABLE, "ack not confirmed: retry") from None
-
-    def on_nats_reconnect(self) -> None:
-        if self.reader is not None:
-            self.reader.mark_lost()
 
 
 async def _close_reader(reader: StreamReader) -> None:

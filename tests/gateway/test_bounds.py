@@ -110,18 +110,22 @@ async def test_kv_and_js_subscriptions_per_user_are_capped(
 async def test_a_nats_consumer_limit_is_limit_not_bad_request(
     make_user: UserFactory, connect: ClientFactory, nc: NATS
 ) -> None:
-    """A stream at its consumer limit refuses the next js_sub: the client hears `limit`
-    (a server bound), never `bad_request`, and can go on."""
-    await nc.jetstream().add_stream(
-        api.StreamConfig(name="capped", subjects=["capped.>"], max_consumers=1)
+    """A stream at its consumer limit (its one consumer taken by another application)
+    refuses the gateway's shared tail: the client hears `limit` (a server bound), never
+    `bad_request`, and can go on; once the slot is free, the same js_sub is served."""
+    js = nc.jetstream()
+    await js.add_stream(
+        api.StreamConfig(name="capped", subjects=["capped.>"], max_consumers=1, allow_direct=True)
     )
+    other = await js.add_consumer("capped", api.ConsumerConfig(durable_name="other"))
     c = await connect(await make_user("alice", {**ALICE_CAPS, "streams": {"capped": [">"]}}))
-    await c.js_sub("capped", "capped.a")
     for _ in range(12):  # more than MAX_BAD_FRAMES: none of them counts as a bad frame
         with pytest.raises(RequestError) as e:
             await c.js_sub("capped", "capped.b")
         assert e.value.code == "limit"
     await c.ping()
+    await js.delete_consumer("capped", other.name)
+    await c.js_sub("capped", "capped.b")
 
 
 async def test_a_durable_is_bound_only_with_its_own_ack_mode(

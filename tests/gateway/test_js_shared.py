@@ -34,7 +34,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from shared import natsio
-from shared.client import ClientSubscription, GatewayClient
+from shared.client import ClientSubscription, GatewayClient, RequestError
 from shared.settings import Settings
 from shared.subjects import match
 from shared.tasks import cancel_and_wait
@@ -789,31 +789,23 @@ async def _stopped_reader(
 # ------------------------------------------------------ 7. a stream without allow_direct
 
 
-async def test_a_stream_without_direct_get_still_replays_exactly(
+async def test_a_stream_without_direct_get_is_refused_as_unavailable(
     make_user: UserFactory, connect: ClientFactory, nc: NATS
 ) -> None:
-    """On a stream without allow_direct (no shared history: a consumer per subscription),
-    start_seq replays exactly the filter's messages in order, across a block's worth, then
-    live ones."""
+    """A stream without allow_direct has no shared history: rather than a NATS consumer per
+    subscription (growing with users to the stream's limit), its js_sub is `unavailable`,
+    naming the setting, creates no consumer, and the session goes on."""
     js = nc.jetstream()
     await js.add_stream(api.StreamConfig(name="plain", subjects=["plain.>"], allow_direct=False))
     assert (await js.stream_info("plain")).config.allow_direct is not True
-    token = await make_user("reader", {"streams": {"plain": [">"]}})
-    stored: Stored = {}
-    items = [(f"plain.{'ab'[i % 2]}", _payload(i, "plain")) for i in range(1200)]
-    await publish_all(js, items, stored)
-    c = await connect(token)
-    a = await c.js_sub("plain", "plain.a", start_seq=700, batch=100)
-    every = await c.js_sub("plain", ">", start_seq=1, batch=1000)
-    assert a.ok == {"position": 700, "recovered": True}
-    assert every.ok == {"position": 1, "recovered": True}
-    live = [(f"plain.{'ab'[i % 2]}", _payload(i, "plain")) for i in range(1200, 1210)]
-    await publish_all(js, live, stored)
-    want_a = expected(stored, "plain.a", 700)
-    check_exact("plain.a", await read_through(a, want_a[-1]), want_a, stored)
-    want_all = expected(stored, ">", 1)
-    check_exact("plain >", await read_through(every, want_all[-1]), want_all, stored)
-    await assert_nothing_more(c, every, "plain >")
+    await js.publish("plain.a", b"1")
+    c = await connect(await make_user("reader", {"streams": {"plain": [">"]}}))
+    for durable in (None, "d"):
+        with pytest.raises(RequestError) as e:
+            await c.js_sub("plain", "plain.a", start_seq=1, durable=durable)
+        assert e.value.code == "unavailable" and "allow_direct" in e.value.reason
+    assert (await js.stream_info("plain")).state.consumer_count == 0
+    await c.ping()
 
 
 # ------------------------------------------------------------- 8. ack: true redelivery

@@ -15,7 +15,6 @@ from ws_gateway.rules import (
     Resume,
     Start,
     is_primary,
-    js_position,
     js_start,
     kv_resume,
 )
@@ -76,13 +75,6 @@ NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
 def test_js_start(data: JsSubData, first: int, last: int, start: Start, recovered: bool) -> None:
     """Where a js_sub starts, and whether what it asked for is all still stored."""
     assert js_start(data, first, last, NOW) == (start, recovered)
-
-
-def test_js_position() -> None:
-    """A NEW subscription reports the next sequence; others, after what was delivered."""
-    assert js_position(Start(api.DeliverPolicy.NEW), 0, 41) == 42
-    assert js_position(Start(BY_SEQ, seq=3), 0, 41) == 1
-    assert js_position(Start(BY_SEQ, seq=3), 7, 41) == 8  # a durable bound mid-stream
 
 
 def test_the_smallest_matching_pattern_delivers() -> None:
