@@ -52,3 +52,27 @@ async def test_a_timeout_around_the_caller_fires_while_the_task_is_slow_to_stop(
     release.set()
     await asyncio.wait({task})
     assert task.cancelled()
+
+
+async def test_a_cancel_that_wait_for_swallowed_is_sent_again() -> None:
+    """Python 3.11's asyncio.wait_for returns its future's result when the cancel arrives
+    as that future completes (gh-86296): a loop of them runs on. cancel_and_wait cancels
+    again, and the task ends (bounded here, so a regression fails instead of hanging)."""
+    futures: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+    rounds = 0
+
+    async def requests_in_a_loop() -> None:
+        nonlocal rounds
+        while True:
+            f = asyncio.get_running_loop().create_future()
+            futures.put_nowait(f)
+            await asyncio.wait_for(f, 30)
+            rounds += 1
+
+    task = asyncio.create_task(requests_in_a_loop())
+    first = await futures.get()
+    first.set_result(None)  # the reply lands ...
+    async with asyncio.timeout(10):
+        await cancel_and_wait(task)  # ... with the cancel, in the same loop iteration
+    assert task.cancelled()
+    assert rounds == 1  # the first cancel was swallowed: the loop went round once more
