@@ -103,6 +103,10 @@ class DurableRecord(msgspec.Struct):
     floor: int  # every stream seq <= floor is done; resume at floor + 1
     holder: str
     updated: float  # unix time of the last save
+    # The stream's creation time (stream info) when the durable was made: a stream deleted
+    # and made again under the same name numbers other messages, so the floor means
+    # nothing there. "" (a record of an older gateway): not compared.
+    stream_created: str = ""
 
 
 _decoder = msgspec.json.Decoder(DurableRecord)
@@ -118,6 +122,14 @@ def durable_key(stream: str, uid: str, name: str) -> str:
     if not USER_ID_RE.fullmatch(uid):
         raise ValueError(f"invalid user id {uid!r}")
     return f"{stream}.{uid}.{name}"
+
+
+def _same_stream(record: DurableRecord | None, stream_created: str) -> bool:
+    return (
+        record is None
+        or not (record.stream_created and stream_created)
+        or (record.stream_created == stream_created)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,17 +367,18 @@ class DurableStore:
         ack: bool,
         holder: str,
         floor_if_new: int,
+        stream_created: str = "",
     ) -> Lease:
         """Take the durable over for `holder`, or create it at `floor_if_new` if it does not
-        exist or is gone. Raises ValueError (a name or uid that is not one key token),
-        DurableConflict, DurableLimit, DurableUnavailable. The lease watches its key until
-        `Lease.close`."""
+        exist or is gone (also: made on a stream since deleted and made again). Raises
+        ValueError (a name or uid that is not one key token), DurableConflict, DurableLimit,
+        DurableUnavailable. The lease watches its key until `Lease.close`."""
         key = durable_key(stream, uid, name)
         kv = await self._kv()
         await self.start()
         self._watch(key, holder)
         try:
-            lease = await self._take(kv, key, filter, ack, holder, floor_if_new)
+            lease = await self._take(kv, key, filter, ack, holder, floor_if_new, stream_created)
         except BaseException:
             self._unwatch(key, holder)
             raise
@@ -373,14 +386,21 @@ class DurableStore:
         return lease
 
     async def _take(
-        self, kv: KeyValue, key: str, filter: str, ack: bool, holder: str, floor_if_new: int
+        self,
+        kv: KeyValue,
+        key: str,
+        filter: str,
+        ack: bool,
+        holder: str,
+        floor_if_new: int,
+        stream_created: str,
     ) -> Lease:
         stream, uid, name = key.split(".")
         for attempt in range(ATTEMPTS):
             found = await _read(kv, key)
             now = time.time()
             record = found.record
-            current = self._current(record, now)
+            current = self._current(record, now) and _same_stream(record, stream_created)
             if record is not None and current:
                 if record.filter != filter:
                     raise DurableConflict(f"durable {name!r} exists with another filter")
@@ -390,7 +410,14 @@ class DurableStore:
             else:
                 await self._check_cap(stream, uid, key, now)
                 floor = floor_if_new
-            new = DurableRecord(filter=filter, ack=ack, floor=floor, holder=holder, updated=now)
+            new = DurableRecord(
+                filter=filter,
+                ack=ack,
+                floor=floor,
+                holder=holder,
+                updated=now,
+                stream_created=stream_created,
+            )
             try:
                 if found.revision:
                     revision = await kv.update(key, _encoder.encode(new), last=found.revision)

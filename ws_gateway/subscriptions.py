@@ -417,7 +417,8 @@ class JsSubscription(Subscription):
         self._node.history.check(stream, info.created, first, info.state.num_deleted or 0)
         begin = await self._begin(start, first, last)
         if d.durable is not None:
-            return await self._resume(begin, recovered, first, last)
+            created = info.created.isoformat() if info.created else ""
+            return await self._resume(begin, recovered, first, last, created)
         await self._share(begin)
         return {"position": begin, "recovered": recovered}
 
@@ -462,13 +463,22 @@ class JsSubscription(Subscription):
             start = block.next
         return begin
 
-    async def _resume(self, begin: int, recovered: bool, first: int, last: int) -> dict[str, Any]:
+    async def _resume(
+        self, begin: int, recovered: bool, first: int, last: int, created: str
+    ) -> dict[str, Any]:
         """Take the durable over (or create it at `begin`) and read on from its floor."""
         d, stream = self.data, self.ref.target
         assert d.durable is not None
         store = self._node.durables
         opening = store.open(
-            stream, self._owner.uid, d.durable, self.ref.pattern, d.ack, self._holder, begin - 1
+            stream,
+            self._owner.uid,
+            d.durable,
+            self.ref.pattern,
+            d.ack,
+            self._holder,
+            begin - 1,
+            stream_created=created,
         )
         try:
             lease = await self._hold("durable", opening, self._leave)

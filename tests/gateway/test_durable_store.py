@@ -122,6 +122,23 @@ async def test_a_failed_compare_and_set_is_never_seen_as_a_takeover(
     await watch.unsubscribe()
 
 
+async def test_a_durable_of_a_stream_made_again_is_gone(
+    store: DurableStore, js: JetStreamContext
+) -> None:
+    """Opened with another stream creation time than its record's (the stream was deleted
+    and made again): created afresh at floor_if_new, gone, with any filter; a record
+    without one (an older gateway's) is resumed."""
+    lease = await store.open("chat", "u1", "d", "chat.a", True, "h1", 0, stream_created="t1")
+    await lease.save(9)
+    again = await store.open("chat", "u1", "d", "chat.b", True, "h2", 2, stream_created="t2")
+    assert (again.created, again.gone, again.floor) == (True, True, 2)
+    assert (await _record(js, "chat.u1.d")).stream_created == "t2"
+    old = await store.open("chat", "u1", "e", ">", True, "h3", 4)
+    await old.save(5)
+    resumed = await store.open("chat", "u1", "e", ">", True, "h4", 0, stream_created="t2")
+    assert (resumed.created, resumed.floor) == (False, 5)
+
+
 async def test_a_durable_asked_for_with_another_filter_or_ack_mode_conflicts(
     store: DurableStore, js: JetStreamContext
 ) -> None:

@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from websockets.exceptions import ConnectionClosed
 
+from shared import natsio
 from shared.client import ClientSubscription, GatewayClient, RequestError, WsTransport
 from shared.kvlist import live_entries
 from shared.settings import Settings
@@ -470,7 +471,7 @@ async def test_two_connections_resuming_at_once_one_holds_and_nothing_is_lost(
             await r.close()
 
 
-@pytest.mark.parametrize("gone", ["deleted", "expired", "purged"])
+@pytest.mark.parametrize("gone", ["deleted", "expired", "purged", "recreated"])
 async def test_recovered_is_false_after_a_gone_durable_or_a_purge_past_its_floor(
     gone: str,
     gateway: Gateway,
@@ -480,10 +481,11 @@ async def test_recovered_is_false_after_a_gone_durable_or_a_purge_past_its_floor
     settings: Settings,
 ) -> None:
     """A durable read up to seq 3, then deleted (unsub delete_durable), expired (its record
-    last saved longer than DURABLE_INACTIVE ago, written so in gw_durables), or its stream
-    purged past its floor; resumed on the other gateway with a start option: a gone one is
-    created afresh where the option says (`recovered: false`); a purged one resumes at the
-    first message left (`recovered: false`)."""
+    last saved longer than DURABLE_INACTIVE ago, written so in gw_durables), its stream
+    purged past its floor, or its stream deleted and made again (and grown past the old
+    floor); resumed on the other gateway with a start option: a gone one is created afresh
+    where the option says (`recovered: false`); a purged one resumes at the first message
+    left (`recovered: false`)."""
     js = nc.jetstream()
     token = await make_user()
     for i in range(3):
@@ -505,6 +507,11 @@ async def test_recovered_is_false_after_a_gone_durable_or_a_purge_past_its_floor
             record, updated=time.time() - settings.durable_inactive - 60
         )
         await kv.update("chat.alice.d", msgspec.json.encode(stale), last=entry.revision)
+    if gone == "recreated":
+        await js.delete_stream("chat")
+        await natsio.provision(js, settings)
+        for i in range(6):  # seqs 1..6 of the new stream, past the old floor (3)
+            await js.publish(SUBJECT, b"new %d" % i)
     await js.publish(SUBJECT, b"3")
     await js.publish(SUBJECT, b"4")
     if gone == "purged":
@@ -517,7 +524,8 @@ async def test_recovered_is_false_after_a_gone_durable_or_a_purge_past_its_floor
             assert await _seqs(again, 1) == [6]
         else:  # afresh, where its start option says: a resumed durable would ignore it
             assert again.ok == {"position": 2, "recovered": False, "durable": "created"}
-            assert await _seqs(again, 4) == [2, 3, 4, 5]
+            last = 8 if gone == "recreated" else 5
+            assert await _seqs(again, last - 1) == list(range(2, last + 1))
         assert again.get_nowait() is None
 
 
