@@ -542,7 +542,7 @@ async def test_kill_9_of_the_gateway_holding_an_ack_durable(
         publisher = asyncio.create_task(publish())
         tasks.append(publisher)
         # Kill once the first client has acked a third, and the durable's floor as saved in
-        # gw_durables (every second) has moved: the resume has a floor to start from.
+        # gw_durables (at most once a second) has moved: the resume has a floor to start from.
         await until(lambda: len(first.acked) >= n // 3, "a third acked by the first client")
 
         async def floor_moved() -> bool:
@@ -611,8 +611,8 @@ async def test_kill_9_of_the_gateway_holding_an_ack_durable(
         f"kill {len(acked_before)}, delivered but unacked then {len(unacked_at_kill)}; "
         f"kill -> resumed ok {ms(resume_s)} ({sub2.ok.get('durable')}, position {position}, "
         f"first delivered {first_seq}); lost {len(lost)}, duplicates {dups} (of them acked "
-        f"before the kill and delivered again: {redelivered_acked}; the floor is saved every "
-        f"second); all accounted for {ms(first_after)} after the kill",
+        f"before the kill and delivered again: {redelivered_acked}; a moving floor is saved at "
+        f"most once a second); all accounted for {ms(first_after)} after the kill",
         lost=lost[:20],
         duplicates=dups,
         redelivered_acked=redelivered_acked,
