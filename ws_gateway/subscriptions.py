@@ -392,6 +392,9 @@ class JsSubscription(Subscription):
         # (bytes pushed to the outbox once it was queued, seq), oldest first.
         self._unwritten: collections.deque[tuple[int, int]] = collections.deque()
         self._keeper: asyncio.Task[None] | None = None
+        # NATS came back: a takeover written while it was away was not watched, so the
+        # keeper saves once (a compare-and-set that then tells).
+        self._save_soon = False
         self._encoder = envelope.JsEncoder(ref.target, ref.inbox)
 
     async def _setup(self) -> dict[str, Any]:
@@ -545,7 +548,8 @@ class JsSubscription(Subscription):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lease.lost.wait(), DURABLE_SAVE)
             floor, now = self._floor(), time.monotonic()
-            if floor == saved and now - at < keepalive and not lease.lost.is_set():
+            due = self._save_soon or lease.lost.is_set() or now - at >= keepalive
+            if floor == saved and not due:
                 continue
             try:
                 await lease.save(floor)
@@ -557,7 +561,7 @@ class JsSubscription(Subscription):
             except Exception as e:  # NATS away: the next save carries the floor
                 self._not_kept("save", e)
                 continue
-            saved, at = floor, now
+            saved, at, self._save_soon = floor, now, False
 
     async def _leave(self, lease: Lease) -> None:
         await cancel_and_wait(self._keeper)
@@ -623,6 +627,9 @@ class JsSubscription(Subscription):
             self.cursor.start()
         if self.lease is not None:
             self._keeper = asyncio.get_running_loop().create_task(self._keep())
+
+    def on_nats_reconnect(self) -> None:
+        self._save_soon = self.lease is not None
 
     async def ack(self, seq: int) -> None:
         """Acknowledge one delivered message."""

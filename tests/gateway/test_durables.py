@@ -98,6 +98,27 @@ async def test_the_newer_connection_takes_over_and_the_older_is_told(
         assert old.get_nowait() is None  # ended: nothing more
 
 
+async def test_a_held_durable_is_saved_once_after_a_nats_reconnect(
+    gateway: Gateway, make_user: UserFactory, nc: NATS
+) -> None:
+    """A takeover written while NATS was away was not watched: after the reconnect the
+    holder saves its (unmoved) floor once, a compare-and-set that would tell it."""
+    token = await make_user()
+    hub = gateway.hub
+    assert hub is not None
+    kv = await nc.jetstream().key_value(DURABLES_BUCKET)
+    async with await GatewayClient.connect(gateway.url, token=token) as c:
+        await c.js_sub("chat", "chat.room.123", durable="d")
+        first = await kv.get("chat.alice.d")
+        for session in list(hub.sessions):
+            session.on_nats_reconnect()
+
+        async def saved() -> bool:
+            return (await kv.get("chat.alice.d")).revision != first.revision
+
+        await until_async(saved, "the floor saved after the reconnect", 10)
+
+
 async def test_a_deleted_durable_starts_afresh_not_recovered(
     gateway: Gateway, make_user: UserFactory, nc: NATS
 ) -> None:
