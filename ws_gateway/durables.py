@@ -211,7 +211,7 @@ class Lease:
         """Stop watching the key (the lease's writes may go on: its final save, a delete)."""
         if self._store is not None:
             store, self._store = self._store, None
-            store._unwatch(self)
+            store._unwatch(self.key, self.holder)
 
     @property
     def floor(self) -> int:
@@ -342,8 +342,7 @@ class DurableStore:
         if isinstance(seen, tuple):
             lease._foreign(*seen)
 
-    def _unwatch(self, lease: Lease | str, holder: str = "") -> None:
-        key, holder = (lease.key, lease.holder) if isinstance(lease, Lease) else (lease, holder)
+    def _unwatch(self, key: str, holder: str) -> None:
         holders = self._watched.get(key)
         if holders is not None:
             holders.pop(holder, None)

@@ -143,6 +143,15 @@ async def make_users(
     return {uid: issuer.issue(uid)[0] for uid in uids}
 
 
+async def one_durable_user(
+    js: JetStreamContext, s: Settings, issuer: TokenIssuer, stream: str, uid: str, name: str
+) -> tuple[str, str]:
+    """A fresh stream and one user allowed it: the user's token and the durable's key."""
+    await make_stream(js, s, stream)
+    token = (await make_users(js, issuer, [uid], stream))[uid]
+    return token, f"{stream}.{uid}.{name}"
+
+
 async def js_sub(
     client: GatewayClient, stream: str, flt: str, timeout: float = 30.0, **options: Any
 ) -> ClientSubscription:
@@ -515,9 +524,7 @@ async def test_kill_9_of_the_gateway_holding_an_ack_durable(
     s = stack.settings
     js = stack_nc.jetstream(timeout=10)
     stream, flt, name, uid = "dkill", "dkill.m", "k", "dk-0001"
-    await make_stream(js, s, stream)
-    token = (await make_users(js, stack_issuer, [uid], stream))[uid]
-    key = f"{stream}.{uid}.{name}"
+    token, key = await one_durable_user(js, s, stack_issuer, stream, uid, name)
     urls = gateway_urls(s)
     n = scale(300, 1500)
     after_kill = n // 5  # published only once the kill is done (the rest: around it)
@@ -642,9 +649,7 @@ async def test_durable_connect_drop_resume_cycles(
     s = stack.settings
     js = stack_nc.jetstream(timeout=10)
     stream, flt, name, uid = "dcycle", "dcycle.c", "cycle21", "dc-0001"
-    await make_stream(js, s, stream)
-    token = (await make_users(js, stack_issuer, [uid], stream))[uid]
-    key = f"{stream}.{uid}.{name}"
+    token, key = await one_durable_user(js, s, stack_issuer, stream, uid, name)
     urls = gateway_urls(s)
     cycles = scale(100, 1000)
     bound = CONSUMERS_PER_PROCESS * s.gateway_procs
