@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: install lock test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
+.PHONY: install lock env-example asyncapi transcript test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
 
 install: $(STAMP)
 
@@ -26,6 +26,20 @@ lock:
 	{ echo "# make lock: pyproject.toml's runtime and dev dependencies, resolved and pinned."; \
 	  $(VENV).lock/bin/pip freeze --all --exclude-editable | sort -f; } > $(LOCK)
 	rm -rf $(VENV).lock
+
+# .env.example from shared/settings.py (every variable, its default, its description);
+# tests/docs checks the committed file is current.
+env-example: install
+	$(PY) -m deploy.envfile .env.example
+
+# docs/asyncapi.json from shared/envelope.py's Structs (http_api/asyncapi.py), and the frame
+# transcript in docs/protocol.md recorded from a real session (tests/e2e/test_transcript.py);
+# tests fail when either differs from what the code makes now.
+asyncapi: install
+	$(PY) -m http_api.asyncapi docs/asyncapi.json
+
+transcript: install
+	UPDATE_TRANSCRIPT=1 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_transcript.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,7 @@ The same client measures all three servers; only the handshake and the subscript
 differ by `mode`:
 
 - `ours`: `ws_gateway` — bearer JWT on the upgrade, `cap_update`, then `sub`/`kv_sub`/`js_sub`
-  envelopes of PROTOCOL.md; it answers the gateway's app-level `ping` with `pong`.
+  envelopes of docs/protocol.md; it answers the gateway's app-level `ping` with `pong`.
 - `ceiling`: `bench/ceiling.py` — every connection gets every message; a first frame says the
   server has registered the connection.
 - `peer`: nats-server's own WebSocket listener — the NATS client protocol over WebSocket

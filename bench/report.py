@@ -357,7 +357,7 @@ def write_report(
         f"the median of {args.repeat} runs (1 at N ≥ 5,000); "
         f"latency runs of {args.latency_messages} messages at {args.rate:g} msg/s",
         "- ours: `python -m ws_gateway` (bearer JWT on every upgrade, capability checks, "
-        "PROTOCOL.md envelopes), default limits (SEND_QUEUE_BYTES 1 MiB) except "
+        "docs/protocol.md envelopes), default limits (SEND_QUEUE_BYTES 1 MiB) except "
         "MAX_CONNECTIONS_PER_USER and MAX_READERS_PER_USER (one bench user holds every "
         "connection, kv_sub and js_sub); peer: nats-server's `websocket { no_tls: true }` "
         "listener with NATS protocol clients, no auth; ceiling: `bench/ceiling.py`",

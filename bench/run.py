@@ -13,7 +13,7 @@ several processes each holding a share of the connections):
 - **ceiling**: `bench/ceiling.py`, one NATS subscription and `websockets.broadcast()` of
   pre-encoded envelopes batched per event-loop tick (no auth, no protocol);
 - **ours**: `python -m ws_gateway` with a bearer JWT per connection, capability checks and
-  PROTOCOL.md's envelopes.
+  docs/protocol.md's envelopes.
 
 Workloads: idle connections (handshakes/s while opening them, RSS per connection); fan-out to
 N subscribers of one subject (delivered msg/s at max publish rate; p50/p99 end-to-end latency

@@ -22,7 +22,7 @@ from shared.users import USERNAME_RE, UserRecord
 
 log = logging.getLogger("http_api.admin")
 
-# PROTOCOL.md's example, with per-user todos.
+# docs/protocol.md's example ("Capabilities"), with per-user todos.
 DEMO_USER_CAPABILITIES = Capabilities(
     subjects=["chat.room.*", "articles.>"],
     buckets={"todos": ["user.{uid}.>"], "articles": [">"]},

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from argon2 import PasswordHasher
 
-from http_api import openapi
+from http_api import asyncapi, openapi
 from http_api.events import Events
 from http_api.metrics import Metrics
 from http_api.middlewares import auth_middleware, problem_middleware
@@ -21,6 +21,7 @@ from http_api.passwords import Passwords
 from http_api.ratelimit import RateLimiter
 from http_api.routes import ROUTES as ROUTE_TABLE
 from http_api.state import (
+    ASYNCAPI,
     EVENTS,
     ISSUER,
     JS,
@@ -95,6 +96,7 @@ def create_app(
         table[route.handler] = route
     app[ROUTES] = table
     app[OPENAPI] = openapi.encoded(ROUTE_TABLE, session_cookie_name(settings))
+    app[ASYNCAPI] = asyncapi.encoded(session_cookie_name(settings))
     app.cleanup_ctx.append(nats_context)
     app.on_shutdown.append(_draining)
     return app

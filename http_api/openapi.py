@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
-from http_api import __version__
 from http_api.problems import DEFAULTS, PROBLEM_CONTENT_TYPE, ProblemBody
 from http_api.state import Route
+from shared import __version__
 
 REF = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
@@ -64,6 +64,8 @@ def build(routes: list[Route], cookie_name: str = "session") -> dict[str, Any]:
     problem = _content(PROBLEM_CONTENT_TYPE, schema_of[ProblemBody])
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
+        if not r.in_openapi:
+            continue
         params: list[dict[str, Any]] = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
             for n in _PATH_PARAM.findall(r.path)

@@ -58,6 +58,7 @@ class Route:
     query: tuple[QueryParam, ...] = ()
     headers: tuple[QueryParam, ...] = ()
     response_content_type: str = "application/json"
+    in_openapi: bool = True  # False: a file, not an operation (the docs page's assets)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +79,11 @@ class Principal:
     @property
     def actor(self) -> Actor:
         return Actor(self.user.id, self.user.username)
+
+    @property
+    def name(self) -> str:
+        """What other users see as the author of what the caller writes."""
+        return self.user.display_name or self.user.username
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -103,3 +109,4 @@ def principal(request: web.Request) -> Principal:
 
 
 OPENAPI = web.AppKey("openapi", bytes)  # the encoded document, built once per app
+ASYNCAPI = web.AppKey("asyncapi", bytes)  # the WebSocket protocol's, likewise

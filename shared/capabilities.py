@@ -1,4 +1,4 @@
-"""The capability document of PROTOCOL.md and the checks both processes make with it.
+"""The capability document (docs/protocol.md, "Capabilities") and the checks made with it.
 
 A request is allowed when its pattern is a *subset* of some capability pattern, never
 when a requested wildcard merely matches a pattern as if it were a literal subject.

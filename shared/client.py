@@ -179,7 +179,7 @@ class WsTransport:
 
 
 class PollTransport:
-    """The long-polling transport (PROTOCOL.md, Fallback): same envelopes over HTTP."""
+    """The long-polling transport (docs/protocol.md, "Fallback transport"): same envelopes."""
 
     def __init__(
         self, http: aiohttp.ClientSession, base: str, sid: str, headers: dict[str, str]

@@ -1,8 +1,10 @@
-"""The wire envelope of PROTOCOL.md: client ops in, server messages out.
+"""The wire envelope (docs/protocol.md, "Envelope"): client ops in, server messages out.
 
 Client frames are decoded by one module-level typed decoder into a tagged union of
 Structs. Server messages are encoded once into bytes; fan-out messages carry no inbox,
-so the same bytes go to every connection.
+so the same bytes go to every connection. `SERVER_FRAMES` describes each server frame
+as a Struct: docs/asyncapi.json is generated from these and `ClientOp`
+(`python -m http_api.asyncapi`), and tests check real frames against it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class _Op(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
 
 
 class Sub(_Op, kw_only=True, tag="sub"):
+    """A core NATS subscription to a subject or pattern."""
+
     target: Name
     data: Empty | None = None
 
@@ -43,6 +47,8 @@ class UnsubData(Struct, forbid_unknown_fields=True):
 
 
 class Unsub(_Op, kw_only=True, tag="unsub"):
+    """End the subscription named by `inbox`, else every one on `target`."""
+
     target: Name | None = None
     data: UnsubData | None = None
 
@@ -53,6 +59,8 @@ class KvSubData(Struct, forbid_unknown_fields=True):
 
 
 class KvSub(_Op, kw_only=True, tag="kv_sub"):
+    """Watch a KV bucket: current values, `synced`, then changes."""
+
     target: Name
     data: KvSubData = msgspec.field(default_factory=KvSubData)
 
@@ -68,6 +76,8 @@ class JsSubData(Struct, forbid_unknown_fields=True):
 
 
 class JsSub(_Op, kw_only=True, tag="js_sub"):
+    """Read a JetStream stream from a start point, then live."""
+
     target: Name
     data: JsSubData = msgspec.field(default_factory=JsSubData)
 
@@ -77,16 +87,22 @@ class AckData(Struct, forbid_unknown_fields=True):
 
 
 class Ack(_Op, kw_only=True, tag="ack"):
+    """Acknowledge one message of an `ack: true` js_sub (no reply unless refused)."""
+
     target: Name
     data: AckData
 
 
 class Ping(_Op, kw_only=True, tag="ping"):
+    """A heartbeat: answered by `pong` with the same inbox."""
+
     target: Name | None = None
     data: Empty | None = None
 
 
 class Pong(_Op, kw_only=True, tag="pong"):
+    """The answer to the server's `ping`."""
+
     target: Name | None = None
     data: Empty | None = None
 
@@ -96,11 +112,15 @@ class RefreshData(Struct, forbid_unknown_fields=True):
 
 
 class Refresh(_Op, kw_only=True, tag="refresh"):
+    """Replace the session's token by a newer one of the same user."""
+
     target: Name | None = None
     data: RefreshData
 
 
 class Cmd(_Op, kw_only=True, tag="cmd"):
+    """Not supported: answered `use_http` (commands go through the HTTP API)."""
+
     target: Name | None = None
     data: Any = None
 
@@ -137,42 +157,140 @@ def decode_client_frame(frame: bytes | str) -> ClientOp:
 # ---------------------------------------------------------------- server → client
 
 
-class ErrorData(Struct):
-    code: str
+# The data of each server frame. `forbid_unknown_fields` changes nothing when encoding; it
+# makes the schemas generated from these (docs/asyncapi.json) closed, so a field the
+# server sends and the document lacks fails the tests that validate real frames.
+
+
+class ErrorData(Struct, forbid_unknown_fields=True):
+    code: ErrorCode
     reason: str
 
 
-class RevokedRef(Struct):
+class RevokedRef(Struct, forbid_unknown_fields=True):
     inbox: str
-    op: str
+    op: Annotated[str, Meta(description="sub, kv_sub or js_sub")]
     target: str
 
 
-class CapUpdateData(Struct):
+class CapUpdateData(Struct, forbid_unknown_fields=True):
     user: str
     capabilities: Capabilities
     revoked: list[RevokedRef] = []
 
 
-class PayloadData(Struct, omit_defaults=True):
+class PayloadData(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """`payload`: the message, when it is JSON; else `payload_b64`: its bytes."""
+
     payload: Raw | UnsetType = UNSET
     payload_b64: str | UnsetType = UNSET
 
 
-class KvData(Struct, omit_defaults=True):
-    op: str
+class KvData(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A change of `key` (put: `value`, or `value_b64` when not JSON), or `synced`."""
+
+    op: Literal["put", "delete", "purge", "synced"]
     revision: int
     key: str | UnsetType = UNSET
     value: Raw | UnsetType = UNSET
     value_b64: str | UnsetType = UNSET
 
 
-class JsData(Struct, omit_defaults=True):
-    seq: int
+class JsData(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """What `js_body` writes (by hand, for speed)."""
+
+    seq: Annotated[int, Meta(ge=1)]
     subject: str
-    time: str
+    time: Annotated[str, Meta(description="RFC 3339, UTC, microseconds")]
     payload: Raw | UnsetType = UNSET
     payload_b64: str | UnsetType = UNSET
+
+
+class OkData(Struct, forbid_unknown_fields=True):
+    """`ok` of a kv_sub or js_sub (`position`, `recovered`, a js_sub's `durable`) or of a
+    `refresh` (`exp`); `sub` and `unsub` get an `ok` without data."""
+
+    position: (
+        Annotated[int, Meta(ge=0, description="the first revision / seq it delivers, at least")]
+        | UnsetType
+    ) = UNSET
+    recovered: (
+        Annotated[bool, Meta(description="false: the resume point is gone: reload the state")]
+        | UnsetType
+    ) = UNSET
+    durable: Literal["created", "resumed"] | UnsetType = UNSET
+    exp: Annotated[int, Meta(description="the new token's expiry (Unix s)")] | UnsetType = UNSET
+
+
+# Each server frame as a Struct (the encoders below write the same bytes directly; these
+# describe them for docs/asyncapi.json). A frame omits `v` (always 1) and null fields.
+
+
+class OkFrame(Struct, forbid_unknown_fields=True):
+    op: Literal["ok"]
+    target: str | UnsetType = UNSET
+    inbox: str | UnsetType = UNSET
+    data: OkData | UnsetType = UNSET
+
+
+class ErrorFrame(Struct, forbid_unknown_fields=True):
+    """A reply error (echoes the request's inbox), a subscription the server ended (its
+    inbox and target), or the last frame before a close (neither)."""
+
+    op: Literal["error"]
+    data: ErrorData
+    target: str | UnsetType = UNSET
+    inbox: str | UnsetType = UNSET
+
+
+class CapUpdateFrame(Struct, forbid_unknown_fields=True):
+    op: Literal["cap_update"]
+    data: CapUpdateData
+
+
+class SubMsgFrame(Struct, forbid_unknown_fields=True):
+    """Fan-out, no inbox: route it to every `sub` whose pattern matches `target`."""
+
+    op: Literal["sub_msg"]
+    target: Annotated[str, Meta(description="the subject the message was published on")]
+    data: PayloadData
+
+
+class KvMsgFrame(Struct, forbid_unknown_fields=True):
+    """A change (fan-out, no inbox: route it by `target` and `data.key`), or, with the
+    inbox of its kv_sub, `synced`: every initial value has been sent."""
+
+    op: Literal["kv_msg"]
+    target: Annotated[str, Meta(description="the bucket")]
+    data: KvData
+    inbox: str | UnsetType = UNSET
+
+
+class JsMsgFrame(Struct, forbid_unknown_fields=True):
+    op: Literal["js_msg"]
+    target: Annotated[str, Meta(description="the stream")]
+    inbox: str
+    data: JsData
+
+
+class PingFrame(Struct, forbid_unknown_fields=True):
+    """The server's heartbeat (answer `pong`), or the answer to a client's `ping`."""
+
+    op: Literal["ping", "pong"]
+    inbox: str | UnsetType = UNSET
+
+
+# Every frame the server sends: its op → its Struct (tests hold the encoders to this).
+SERVER_FRAMES: dict[str, type[Struct]] = {
+    "ok": OkFrame,
+    "error": ErrorFrame,
+    "cap_update": CapUpdateFrame,
+    "sub_msg": SubMsgFrame,
+    "kv_msg": KvMsgFrame,
+    "js_msg": JsMsgFrame,
+    "ping": PingFrame,
+    "pong": PingFrame,
+}
 
 
 class ServerMessage(Struct, omit_defaults=True):
@@ -222,7 +340,7 @@ def error(
     code: ErrorCode | str, reason: str, inbox: str | None = None, target: str | None = None
 ) -> bytes:
     return encode(
-        ServerMessage("error", target=target, inbox=inbox, data=ErrorData(str(code), reason))
+        ServerMessage("error", target=target, inbox=inbox, data=ErrorData(ErrorCode(code), reason))
     )
 
 

@@ -36,8 +36,8 @@ class ErrorCode(enum.StrEnum):
 
 
 class CloseCode(enum.IntEnum):
-    """WebSocket close codes. Reconnect after: 1000 (client's own), 1001, 1011, 1013.
-    Terminal until the user acts: 1002, 1008, 1009, 4401 (log in again), 4403."""
+    """WebSocket close codes (docs/protocol.md, "Close codes"). Final: 1002, 4403; 4401 is
+    final for the token (get a new one, then reconnect); the others reconnect with backoff."""
 
     NORMAL = 1000
     GOING_AWAY = 1001
@@ -74,7 +74,7 @@ class Disconnect:
 
 
 class Disconnects:
-    """Every disconnect the server initiates (PROTOCOL.md, close codes)."""
+    """Every disconnect the server initiates (docs/protocol.md, "Close codes")."""
 
     CLIENT_CLOSED = Disconnect(CloseCode.NORMAL, "client closed")
     SHUTDOWN = Disconnect(CloseCode.GOING_AWAY, "server shutting down")

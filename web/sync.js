@@ -1,4 +1,4 @@
-// sync.js: the browser client of natsgate's wire protocol (PROTOCOL.md v1).
+// sync.js: the browser client of natsgate's wire protocol (docs/protocol.md, v1).
 //
 // One session per app, authenticated by the `session` cookie (same origin), carried by a
 // WebSocket (`/ws`) or, where WebSocket keeps failing (3 failed opens in a row), by HTTP long
@@ -342,7 +342,7 @@ export class KvBook {
 }
 
 /**
- * What a message carries (PROTOCOL.md, "Payloads"): the embedded JSON when there is one, else
+ * What a message carries (docs/protocol.md, "Payloads"): the embedded JSON when there is one, else
  * the bytes of its base64 form (`payload_b64`, `value_b64`), else null.
  * @param {any} json @param {string | undefined} base64
  */
@@ -457,7 +457,7 @@ export class StreamBook {
  */
 
 /**
- * The fallback decision (PROTOCOL.md, "Fallback transport"), with no timers and no sockets:
+ * The fallback decision (docs/protocol.md, "Fallback transport"), with no timers and no sockets:
  * which transport the next connection attempt uses. WebSocket first; after `fallbackAfter`
  * WebSocket attempts in a row that never became a session, long polling. A polling attempt
  * that fails too says the server is away rather than WebSocket blocked: the next attempt is
@@ -1327,8 +1327,8 @@ const SEND_BATCH = 100;
 const SEND_BYTES = 32 * 1024;
 
 /**
- * One long-polling session as a Transport (PROTOCOL.md, "Fallback transport"; the HTTP
- * contract is in ws_gateway/poll.py): POST `/open?sid=S`, a loop of `GET ?sid=S&after=N`
+ * One long-polling session as a Transport (docs/protocol.md, "Fallback transport", which
+ * has the HTTP contract): POST `/open?sid=S`, a loop of `GET ?sid=S&after=N`
  * (each answer holds the frames after N; N only moves once an answer was read, so a lost one
  * is fetched again), client envelopes in POST `/send` (one request at a time, queued ones
  * batched), POST `/close`. Auth is the page's cookie, as for the WebSocket.

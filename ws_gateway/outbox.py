@@ -6,7 +6,7 @@ the queue would exceed its byte bound, the connection is marked slow and closed 
 per-client queue), not envelopes: a thousand 100 KiB articles are 100 MiB, a burst of two
 thousand 200-byte chat lines is 400 KiB. Pushed
 outboxes are flushed together by the process's `Flusher` once per event-loop tick: what
-each one queued is joined into one newline-delimited frame (PROTOCOL.md, Envelope) and
+each one queued is joined into one newline-delimited frame (docs/protocol.md, Envelope) and
 written straight to the socket when its buffer has room — no task switch per connection.
 Only a socket whose buffer is full is left to the writer task, which awaits the drain and
 gives up (backpressure) on a write that takes longer than the write timeout.

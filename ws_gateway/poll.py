@@ -1,4 +1,4 @@
-"""The long-polling fallback: the same Session over plain HTTP (PROTOCOL.md, Fallback).
+"""The long-polling fallback: the same Session over HTTP (docs/protocol.md, "Fallback transport").
 
 websockets' HTTP layer only takes body-less GETs, so the gateway process serves `/poll`
 from a second listener (aiohttp) on `poll_port`, beside `/ws`; both share the process's

@@ -1,6 +1,6 @@
 """What a session writes to: a WebSocket or a long-polling buffer, behind one interface.
 
-The session never asks which one it has (PROTOCOL.md: the session logic must not know).
+The session never asks which one it has (docs/protocol.md, "Fallback transport").
 Both can be written without awaiting (`send_now`, while `can_send`), which the per-tick
 flusher does; `send` awaits room, with the outbox's write timeout around it.
 """

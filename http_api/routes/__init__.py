@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from http_api.routes import articles, auth, commands, ops, users
+from http_api.routes import articles, auth, commands, docs, ops, users
 from http_api.state import Route
 
 ROUTES: list[Route] = [
@@ -11,4 +11,5 @@ ROUTES: list[Route] = [
     *articles.ROUTES,
     *commands.ROUTES,
     *ops.ROUTES,
+    *docs.ROUTES,
 ]

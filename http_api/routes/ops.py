@@ -1,4 +1,4 @@
-"""Health, readiness, metrics and the OpenAPI document: no token needed."""
+"""Health, readiness, metrics, the OpenAPI and AsyncAPI documents: no token needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from http_api.bodies import json_response
 from http_api.metrics import CONTENT_TYPE
 from http_api.problems import Problem
 from http_api.schemas import AnyJson, Status
-from http_api.state import METRICS, NC, OPENAPI, Route
+from http_api.state import ASYNCAPI, METRICS, NC, OPENAPI, STORE, Route
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -31,6 +31,10 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 async def openapi(request: web.Request) -> web.StreamResponse:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+async def asyncapi(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=request.app[ASYNCAPI], content_type="application/json")
 
 
 ROUTES = [
@@ -68,6 +72,15 @@ ROUTES = [
         "/api/openapi.json",
         openapi,
         "This document (OpenAPI 3.1)",
+        "ops",
+        auth=False,
+        response=AnyJson,
+    ),
+    Route(
+        "GET",
+        "/api/asyncapi.json",
+        asyncapi,
+        "The WebSocket protocol (AsyncAPI 3.0; docs/protocol.md is its prose)",
         "ops",
         auth=False,
         response=AnyJson,

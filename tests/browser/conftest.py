@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from tests.browser.helpers import CHROMIUM, CHROMIUM_ARGS
-from tests.deploy.stackrun import Stack
+from tests.deploy.stackrun import Stack, started
 
 DESKTOP = {"width": 1100, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -34,12 +34,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("stack") / "var")
-    s.start()
-    try:
+    # Logins are rate limited per username (10 a minute): more than the tests' people, who
+    # log in and out again and again, may use. The limit has tests of its own (tests/api).
+    var = tmp_path_factory.mktemp("stack") / "var"
+    with started(var, LOGIN_ATTEMPTS_PER_MINUTE="1000") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

@@ -8,17 +8,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.deploy.stackrun import Stack
+from tests.deploy.stackrun import Stack, started
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "var")
-    s.start()
-    try:
+    with started(tmp_path / "var") as s:
         yield s
-    finally:
-        s.stop()  # idempotent: the test may have stopped it already
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import xmlrpc.client
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,17 @@ class Stack:
             *(s.nats_port + i for i in range(s.nats_cluster)),
         ]
         return [p for p in ports if not _free(p)]
+
+
+@contextlib.contextmanager
+def started(var_dir: Path, **kwargs: Any) -> Iterator[Stack]:
+    """A stack started for the block and stopped after it (the stack fixtures' body)."""
+    s = Stack(var_dir, **kwargs)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()  # idempotent: the test may have stopped it already
 
 
 async def login(http: aiohttp.ClientSession, username: str) -> tuple[str, str]:

@@ -739,8 +739,8 @@ async def test_a_stopped_live_reader_is_not_closed_and_catches_up(
     (more than the outbox and both socket buffers hold): its outbox is never overfilled
     (no `send queue full` close, as a core or KV burst would get), and once it reads again
     it gets every message once, in order, then live. The socket's own write timeout is
-    set long here: a frame stuck longer than it still closes the connection (PROTOCOL.md,
-    flow control), which is not what this test is about."""
+    set long here: a frame stuck longer than it still closes the connection (docs/protocol.md,
+    "Delivery and flow control"), which is not what this test is about."""
     js = nc.jetstream()
     token = await make_user()  # chat.room.123 is among alice's streams
     patient = msgspec.structs.replace(settings, write_timeout=120.0)

@@ -1,6 +1,6 @@
 """Security 7 (frames): hypothesis-driven random and mutated client frames against a real
 gateway. Only documented error codes come back, the connection survives every frame
-except the ones PROTOCOL.md closes on (another `v`: 1002), no exception escapes a handler."""
+except the ones docs/protocol.md closes on (another `v`: 1002), no exception escapes a handler."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ FRAMES = st.one_of(
 
 
 def closes(frame: str | bytes) -> bool:
-    """PROTOCOL.md: a decodable envelope with another `v` gets unsupported_version + 1002."""
+    """docs/protocol.md, "Envelope": another `v` gets unsupported_version + 1002."""
     if isinstance(frame, bytes):
         return False
     try:
@@ -224,7 +224,7 @@ FUZZ_CAPS = {
 async def test_fuzzed_frames_get_documented_answers(
     lenient_gateway: Gateway, make_user: UserFactory, nc: NATS, figures: Figures
 ) -> None:
-    """Random and mutated frames: documented codes only, closes only where PROTOCOL.md says."""
+    """Random and mutated frames: documented codes only, closes only where docs/protocol.md says."""
     target = scale(400, 10_000)
     t_gen = time.monotonic()
     frames = generate(target)
