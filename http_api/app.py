@@ -39,7 +39,7 @@ from http_api.state import (
     Handler,
     Route,
 )
-from http_api.store import Store
+from http_api.store import Retrier, Store
 from shared import natsio
 from shared.auth import TokenIssuer, TokenVerifier, session_cookie_name
 from shared.settings import Settings
@@ -55,12 +55,19 @@ async def nats_context(app: web.Application) -> AsyncIterator[None]:
     try:
         js = nc.jetstream(timeout=settings.command_timeout)
         await natsio.provision(js, settings)  # idempotent: any worker may start first
-        store = Store(js)
+        m = app[METRICS]
+        ride = Retrier(
+            settings.nats_failover_wait,
+            on_retry=lambda kind: m.nats_retries.labels(kind).inc(),
+            on_failure=lambda kind: m.nats_failures.labels(kind).inc(),
+        )
+        store = Store(js, ride)
         await store.open()
         app[NC], app[JS], app[STORE] = nc, js, store
-        app[EVENTS] = Events(nc, js, app[METRICS])
+        app[EVENTS] = events = Events(nc, js, m)
         log.info("nats ready", extra={"event": "nats_ready", "servers": len(settings.nats_url)})
         yield
+        await events.close()
     finally:
         # Requests have finished by now; drain flushes what they published, then closes.
         if not nc.is_closed:

@@ -36,6 +36,7 @@ from http_api.state import (
 )
 from shared.auth import bearer_token, session_cookie_name
 from shared.errors import InvalidToken
+from shared.failover import Unavailable, transient
 from shared.users import compile_or_nothing
 
 log = logging.getLogger("http_api.access")
@@ -73,12 +74,25 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             extra={"route": route_label(request), "err_code": e.err_code, "code": e.code},
         )
         response = problems.response(problems.from_jetstream(e))
-    except Exception:
-        log.exception(
-            "unhandled error",
-            extra={"event": "http_error", "method": request.method, "route": route_label(request)},
-        )
-        response = problems.response(Problem(500, "internal error"))
+    except Exception as e:
+        if isinstance(e, Unavailable) or transient(e):
+            # NATS failed over for longer than NATS_FAILOVER_WAIT: busy, not broken.
+            log.warning(
+                "nats unavailable",
+                extra={"route": route_label(request), "error": type(e).__name__},
+            )
+            busy = Problem(503, "NATS is failing over: retry later", headers={"Retry-After": "2"})
+            response = problems.response(busy)
+        else:
+            log.exception(
+                "unhandled error",
+                extra={
+                    "event": "http_error",
+                    "method": request.method,
+                    "route": route_label(request),
+                },
+            )
+            response = problems.response(Problem(500, "internal error"))
     elapsed = time.perf_counter() - start
     route = route_label(request)
     metrics = request.app[METRICS]

@@ -227,8 +227,9 @@ class AuditRecord(Struct):
     when: dt.datetime
 
 
-class Status(Struct):
+class Status(Struct, omit_defaults=True):
     status: str
+    checks: dict[str, bool] | None = None  # readiness: each check and whether it passed
 
 
 AnyJson = Any

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from http_api.schemas import Article, Todo
 from shared import kvwire
-from shared.kvlist import leader_get, live_entries
+from shared.failover import LEADER_TRY, TRY_TIMEOUT, Unavailable, ride_out, transient
+from shared.kvlist import LeaderRead, leader_get, live_entries
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
@@ -44,8 +45,51 @@ log = logging.getLogger("http_api.store")
 ARTICLES_BUCKET = "articles"
 TODOS_BUCKET = "todos"
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+_EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 T = TypeVar("T")
+U = TypeVar("U")
+READY_PROBE_KEY = "readyz.probe"  # never written: a read of it only proves reads work
+
+
+class Retrier:
+    """How this process rides out a NATS failover: the wait, and the metrics of retries
+    and of operations that failed for good."""
+
+    def __init__(
+        self,
+        wait: float = 10.0,
+        on_retry: Callable[[str], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.wait, self._on_retry, self._on_failure = wait, on_retry, on_failure
+
+    async def __call__(self, kind: str, op: Callable[[], Awaitable[U]]) -> U:
+        try:
+            return await ride_out(op, self.wait, kind, on_retry=self._on_retry)
+        except Unavailable:
+            if self._on_failure is not None:
+                self._on_failure(kind)
+            raise
+
+
+async def leader_or_replica(
+    js: JetStreamContext, kv: KeyValue, bucket: str, key: str, ride: Retrier
+) -> LeaderRead:
+    """The key as the stream's leader has it (a write a moment ago is seen); while the
+    leader is being elected, as any replica has it (a direct get), so that losing a node
+    fails no read."""
+    try:
+        async with asyncio.timeout(LEADER_TRY):
+            return await leader_get(js, bucket, key)
+    except Exception as e:
+        if not transient(e):
+            raise
+    try:
+        entry = await ride("read", lambda: kv.get(key))
+    except KeyNotFoundError:
+        return LeaderRead(0, None)
+    return LeaderRead(entry.revision or 0, entry.value)
 
 
 class StoreError(Exception):
@@ -77,18 +121,20 @@ def todo_key(uid: str, item: str) -> str:
 class _Bucket(Generic[T]):
     """One KV bucket holding msgspec-encoded values of one type."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, name: str, typ: type[T]) -> None:
-        self._js, self._kv, self.name = js, kv, name
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, name: str, typ: type[T], ride: Retrier
+    ) -> None:
+        self._js, self.kv, self.name, self._ride = js, kv, name, ride
         self._decoder = msgspec.json.Decoder(typ)
         self._encoder = msgspec.json.Encoder()
 
     async def get(self, key: str) -> Versioned[T] | None:
         try:
-            entry = await self._kv.get(key)
+            entry = await self._ride("read", lambda: self.kv.get(key))
         except KeyNotFoundError:
             # A direct get, which a replica behind the latest write may answer: missing is
             # asked of the leader (a user logging in right after signing up is found).
-            read = await leader_get(self._js, self.name, key)
+            read = await leader_or_replica(self._js, self.kv, self.name, key, self._ride)
             if read.value is None:
                 return None
             return Versioned(self._decoder.decode(read.value), read.revision)
@@ -134,50 +180,68 @@ class _Bucket(Generic[T]):
         out.sort(key=lambda kv: kv[0])
         return out
 
-    async def create(self, key: str, value: T) -> int:
+    async def publish(self, key: str, payload: bytes, headers: dict[str, str]) -> int:
+        """One write, retried through a failover under one Nats-Msg-Id: however many tries
+        reach the server, it is stored once (a repeat is answered with the first's ack)."""
+        headers["Nats-Msg-Id"] = secrets.token_urlsafe(16)
+        subject = kvwire.subject_of(self.name, key)
         try:
-            return await self._kv.create(key, self._encoder.encode(value))
-        except KeyWrongLastSequenceError:
-            raise Exists(key) from None
-
-    async def put(self, key: str, value: T) -> int:
-        return await self._kv.put(key, self._encoder.encode(value))
-
-    async def update(self, key: str, value: T, last: int) -> int:
-        try:
-            return await self._kv.update(key, self._encoder.encode(value), last=last)
-        except KeyWrongLastSequenceError:
-            raise Conflict(key) from None
-
-    async def delete(self, key: str, last: int | None = None) -> int:
-        """Place a delete marker; its revision (nats-py's kv.delete does not return one)."""
-        headers = {kvwire.OPERATION_HEADER: "DEL"}
-        if last is not None:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
-        try:
-            ack = await self._js.publish(kvwire.subject_of(self.name, key), b"", headers=headers)
+            ack = await self._ride(
+                "write", lambda: self._js.publish(subject, payload, headers=headers)
+            )
         except APIError as e:
             if e.err_code in _WRONG_LAST_SEQUENCE:
                 raise Conflict(key) from None
             raise
         return ack.seq
 
+    async def create(self, key: str, value: T) -> int:
+        payload = self._encoder.encode(value)
+        try:
+            return await self.publish(key, payload, {_EXPECT_LAST: "0"})
+        except Conflict:
+            # A deleted key may be created again (as nats-py's kv.create allows).
+            read = await leader_or_replica(self._js, self.kv, self.name, key, self._ride)
+            if read.value is not None or not read.revision:
+                raise Exists(key) from None
+        try:
+            return await self.publish(key, payload, {_EXPECT_LAST: str(read.revision)})
+        except Conflict:
+            raise Exists(key) from None
+
+    async def put(self, key: str, value: T) -> int:
+        return await self.publish(key, self._encoder.encode(value), {})
+
+    async def update(self, key: str, value: T, last: int) -> int:
+        return await self.publish(key, self._encoder.encode(value), {_EXPECT_LAST: str(last)})
+
+    async def delete(self, key: str, last: int | None = None) -> int:
+        """Place a delete marker; its revision (nats-py's kv.delete does not return one)."""
+        headers = {kvwire.OPERATION_HEADER: "DEL"}
+        if last is not None:
+            headers[_EXPECT_LAST] = str(last)
+        return await self.publish(key, b"", headers)
+
 
 class Store:
     """Typed access to our KV buckets; `open()` binds them (they must be provisioned)."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, ride: Retrier | None = None) -> None:
         self._js = js
+        self.ride = ride or Retrier()
 
     async def open(self) -> None:
-        js = self._js
-        self.users = _Bucket(js, await js.key_value(USERS_BUCKET), USERS_BUCKET, UserRecord)
-        self.credentials = _Bucket(
-            js, await js.key_value(CREDENTIALS_BUCKET), CREDENTIALS_BUCKET, Credential
-        )
-        self._revoked = await js.key_value(REVOKED_BUCKET)
-        self.articles = _Bucket(js, await js.key_value(ARTICLES_BUCKET), ARTICLES_BUCKET, Article)
-        self.todos = _Bucket(js, await js.key_value(TODOS_BUCKET), TODOS_BUCKET, Todo)
+        js, ride = self._js, self.ride
+
+        async def bucket(name: str, typ: type[U]) -> _Bucket[U]:
+            return _Bucket(js, await js.key_value(name), name, typ, ride)
+
+        self.users = await bucket(USERS_BUCKET, UserRecord)
+        self.credentials = await bucket(CREDENTIALS_BUCKET, Credential)
+        self._revoked = await bucket(REVOKED_BUCKET, str)  # raw text values: publish only
+        self._revoked_kv = await js.key_value(REVOKED_BUCKET)
+        self.articles = await bucket(ARTICLES_BUCKET, Article)
+        self.todos = await bucket(TODOS_BUCKET, Todo)
 
     # ------------------------------------------------------------ users and credentials
 
@@ -212,26 +276,32 @@ class Store:
 
     async def revoke(self, jti: str, exp: int) -> int:
         """Key = jti, value = expiry (Unix seconds, as text); the bucket's TTL forgets it."""
-        return await self._revoked.put(jti, str(exp).encode())
+        return await self._revoked.publish(jti, str(exp).encode(), {})
 
     async def rotate(self, jti: str, exp: int, grace_until: int) -> int:
         """A refreshed token: revoked for new uses now; sockets using it may go on until
         `grace_until` (Unix seconds) to send their own refresh (value `<exp> <grace>`)."""
-        return await self._revoked.put(jti, f"{exp} {grace_until}".encode())
+        return await self._revoked.publish(jti, f"{exp} {grace_until}".encode(), {})
 
     # Revocations are read from the stream's leader, not by direct get: a replica behind
     # the latest write would let a token revoked a moment ago in (a logout, then a request).
+    # Only while the leader is being elected does a replica answer (leader_or_replica):
+    # no revocation can be written then either.
+
+    async def _read_revoked(self, key: str) -> bytes | None:
+        read = await leader_or_replica(self._js, self._revoked_kv, REVOKED_BUCKET, key, self.ride)
+        return read.value
 
     async def is_revoked(self, jti: str) -> bool:
-        return (await leader_get(self._js, REVOKED_BUCKET, jti)).value is not None
+        return await self._read_revoked(jti) is not None
 
     async def revoked_before(self, uid: str) -> int:
         """T of the user's mark (every token with iat < T is revoked); 0 when none."""
-        read = await leader_get(self._js, REVOKED_BUCKET, USER_MARK + uid)
-        if read.value is None:
+        value = await self._read_revoked(USER_MARK + uid)
+        if value is None:
             return 0
         try:
-            return int(read.value or b"0")
+            return int(value or b"0")
         except ValueError:
             log.warning("malformed revocation mark", extra={"event": "revocation_mark_bad"})
             return 0
@@ -241,7 +311,7 @@ class Store:
         sockets are closed 4401). T is the next whole second, so that a token issued in
         this second is covered; returns T."""
         mark = max(int(time.time()) + 1, await self.revoked_before(uid))
-        await self._revoked.put(USER_MARK + uid, str(mark).encode())
+        await self._revoked.publish(USER_MARK + uid, str(mark).encode(), {})
         log.info("tokens revoked", extra={"event": "tokens_revoked", "user": uid})
         return mark
 
@@ -253,9 +323,17 @@ class Store:
 
     # ------------------------------------------------------------ health
 
-    async def ping(self) -> bool:
+    async def auth_readable(self) -> bool:
+        """This process can read its auth data now: a direct get of a probe key on the
+        users and revoked-token buckets is answered (found or not) within TRY_TIMEOUT."""
         try:
-            await self._js.account_info()
-        except (NatsTimeoutError, APIError):
+            async with asyncio.timeout(TRY_TIMEOUT):
+                for kv in (self.users.kv, self._revoked_kv):
+                    try:
+                        await kv.get(READY_PROBE_KEY)
+                    except KeyNotFoundError:
+                        pass
+        except Exception as e:
+            log.info("auth data not readable", extra={"event": "not_ready", "error": repr(e)})
             return False
         return True

@@ -392,13 +392,13 @@ class GatewayClient:
         return result
 
     async def _subscribe(
-        self, op: str, target: str, pattern: str, data: Any, **local: Any
+        self, op: str, target: str, pattern: str, data: Any, timeout: float = 10.0, **local: Any
     ) -> ClientSubscription:
         inbox = self.new_inbox()
         sub = ClientSubscription(self, op, target, inbox, pattern, **local)
         self.subs[inbox] = sub
         try:
-            reply = await self.request(op, target, data, inbox=inbox)
+            reply = await self.request(op, target, data, inbox=inbox, timeout=timeout)
         except BaseException:
             self.subs.pop(inbox, None)
             raise
@@ -409,12 +409,18 @@ class GatewayClient:
         return await self._subscribe("sub", subject, subject, None)
 
     async def kv_sub(
-        self, bucket: str, pattern: str = ">", since_revision: int | None = None
+        self,
+        bucket: str,
+        pattern: str = ">",
+        since_revision: int | None = None,
+        *,
+        timeout: float = 10.0,
     ) -> ClientSubscription:
+        """`timeout`: for the `ok` (a gateway waits out a NATS failover, NATS_FAILOVER_WAIT)."""
         data: dict[str, Any] = {"pattern": pattern}
         if since_revision is not None:
             data["since_revision"] = since_revision
-        return await self._subscribe("kv_sub", bucket, pattern, data)
+        return await self._subscribe("kv_sub", bucket, pattern, data, timeout)
 
     async def js_sub(
         self,
@@ -423,6 +429,7 @@ class GatewayClient:
         *,
         dedupe: bool = False,
         last_seq: int = 0,
+        timeout: float = 10.0,
         **options: Any,
     ) -> ClientSubscription:
         """`options` go to the server (`durable`, `ack`, `start_seq`, …). `dedupe` (client
@@ -434,6 +441,7 @@ class GatewayClient:
             stream,
             filter,
             {"filter": filter, **options},
+            timeout,
             dedupe=dedupe,
             last_seq=last_seq,
             ack=bool(options.get("ack")),

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import json
 from dataclasses import dataclass
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -112,3 +115,72 @@ async def leader_get(js: JetStreamContext, bucket: str, key: str) -> LeaderRead:
     if kvwire.kv_op(msg.headers) != "put":
         return LeaderRead(msg.seq, None)  # a delete or purge marker
     return LeaderRead(msg.seq, msg.data or b"")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWrite:
+    """One message of a bucket's stream, as a direct get returns it."""
+
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+    time_ns: int
+
+
+class DirectGetError(Exception):
+    """A direct get batch answered with an error status."""
+
+
+async def writes_after(nc: NATS, bucket: str, after: int, timeout: float) -> list[StoredWrite]:
+    """Every write to `bucket` with a stream sequence above `after`, in order, read by
+    direct get batch: any replica answers, so no stream leader is needed (during an
+    election this still reads). A replica a few milliseconds behind the leader may leave
+    out the latest writes; callers that watch the bucket get those from the watch."""
+    stream, subject = kvwire.stream_of(bucket), kvwire.subject_of(bucket, ">")
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def take(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=take)
+    out: list[StoredWrite] = []
+    try:
+        async with asyncio.timeout(timeout):
+            seq = after + 1
+            while True:
+                request = {"seq": seq, "batch": _BATCH, "next_by_subj": subject}
+                await nc.publish(
+                    f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+                )
+                while True:
+                    msg = await replies.get()
+                    h = msg.headers or {}
+                    status = h.get("Status")
+                    if status is None:
+                        seq = int(h["Nats-Sequence"])
+                        stamp = stamp_ns(h.get("Nats-Time-Stamp", ""))
+                        out.append(StoredWrite(seq, h["Nats-Subject"], h, msg.data, stamp))
+                        seq += 1
+                    elif status == "204":  # end of this batch
+                        if h.get("Nats-Num-Pending") in (None, "0"):
+                            return out
+                        break
+                    elif status == "404":  # nothing at or after seq
+                        return out
+                    else:
+                        raise DirectGetError(f"{status} {h.get('Description', '')}")
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def stamp_ns(stamp: str) -> int:
+    """Nanoseconds since the epoch of a NATS time stamp (RFC 3339, up to 9 fraction
+    digits); 0 when there is none."""
+    if not stamp:
+        return 0
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    whole = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+    return int(whole.timestamp()) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)

@@ -22,6 +22,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # NATS
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_replicas: int = 1
+    # How long a request rides out a NATS failover (a leader election, a reconnect): writes
+    # are retried with the same Nats-Msg-Id, subscriptions wait; past it, 503 / `unavailable`.
+    nats_failover_wait: float = 10.0
     # tokens
     jwt_private_key_file: str = ""  # default: <var_dir>/keys/jwt_ed25519.pem (dev keys)
     jwt_public_key_file: str = ""  # default: <var_dir>/keys/jwt_ed25519.pub.pem

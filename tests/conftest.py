@@ -34,7 +34,10 @@ def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(nats_server: NatsServer, keys_dir: Path) -> Settings:
     # Tests never read the developer's environment: every setting is explicit here.
-    return load({}, nats_url=[nats_server.url], var_dir=str(keys_dir))
+    # A NATS outage in a test is a stopped server: requests wait 1 s for it, not 10.
+    return load(
+        {}, nats_url=[nats_server.url], var_dir=str(keys_dir), nats_failover_wait=1.0
+    )
 
 
 async def _wipe(js: JetStreamContext) -> None:

@@ -24,7 +24,9 @@ import functools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import api
@@ -32,11 +34,11 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from shared import kvwire
+from shared import failover, kvwire
 from shared.auth import Claims, TokenVerifier
 from shared.capabilities import CompiledCapabilities
 from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
-from shared.kvlist import leader_get, live_entries
+from shared.kvlist import leader_get, live_entries, writes_after
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.users import (
@@ -47,6 +49,7 @@ from shared.users import (
     compile_or_nothing,
     decode_user,
 )
+from ws_gateway import metrics
 from ws_gateway.checkpoints import Checkpoints
 from ws_gateway.core import CoreRouter
 from ws_gateway.durables import DurableStore
@@ -59,6 +62,7 @@ from ws_gateway.rules import Start
 from ws_gateway.session import Session
 from ws_gateway.transport import Transport
 
+T = TypeVar("T")
 log = logging.getLogger("ws_gateway.hub")
 
 MAX_CATCHUPS = 256  # per process; two gateways stay well inside a stream's 1,000 consumers
@@ -117,6 +121,9 @@ class Hub:
         # the first listing until NATS drops, and again once re-listed after the reconnect.
         self._revoked: dict[str, float] = {}
         self._revoked_whole = False
+        # Listed once with the revoked watch running: from then on the watch's position
+        # marks what the mirror holds (until the watch is lost and made again).
+        self._listed = False
         self._revoked_pruned = time.time()
         self._loading: dict[str, asyncio.Future[UserRead]] = {}
         # The record and compiled capabilities of every user with a session here, kept
@@ -214,6 +221,7 @@ class Hub:
         )
         self._watch_lost.add(bucket)
         self._revoked_whole = False
+        self._listed = False
         if bucket == USERS_BUCKET:
             # A recreated bucket numbers its revisions from 1 again.
             self._seen.clear()
@@ -265,6 +273,34 @@ class Hub:
         if not self._delivering:
             await self._delivering_event.wait()
 
+    async def ride_out(self, op: Callable[[], Awaitable[T]], kind: str) -> T:
+        """`op` tried again while NATS fails over, up to NATS_FAILOVER_WAIT; then
+        failover.Unavailable (the client's `unavailable`)."""
+        try:
+            return await failover.ride_out(
+                op,
+                self.settings.nats_failover_wait,
+                kind,
+                on_retry=lambda k: metrics.NATS_RETRIES.labels(k).inc(),
+            )
+        except failover.Unavailable:
+            metrics.NATS_FAILURES.labels(kind).inc()
+            raise
+
+    async def serving(self) -> bool:
+        """Wait (up to NATS_FAILOVER_WAIT) until NATS is connected and the capabilities are
+        re-read after a reconnect; False if it is still not so by then."""
+        if self._delivering and self.nats_ready:
+            return True
+        await self.checkpoint("nats.wait")
+        try:
+            async with asyncio.timeout(self.settings.nats_failover_wait):
+                while not (self._delivering and self.nats_ready):
+                    await self._delivering_event.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def take_reader(self, uid: str) -> None:
         """A slot for one more JetStream-reading subscription (js_sub, kv_sub) of `uid` in
         this process: each holds a consumer or a share of one. `limit` beyond the cap."""
@@ -302,11 +338,17 @@ class Hub:
 
     async def _revalidate(self) -> None:
         """Fail closed: re-read every connected user's record before delivering again."""
+        attempt = 0
         while True:
             try:
+                # Each read bounded by TRY_TIMEOUT: a read that went to a leader that has
+                # just died is asked again at once (an election takes a few seconds), not
+                # after nats-py's 5 s.
                 for uid in list(self.by_user):
-                    self._apply(uid, await self._read_user(uid), None)
-                await self._list_revoked()
+                    async with asyncio.timeout(failover.TRY_TIMEOUT):
+                        read = await self._read_user(uid)
+                    self._apply(uid, read, None)
+                await self._catch_up_revoked()
                 for s in list(self.sessions):
                     self._close_if_revoked(s)
                 break
@@ -314,7 +356,9 @@ class Hub:
                 if not self.nc.is_connected:
                     return  # disconnected again: the next reconnect starts over
                 log.warning("revalidation retry", extra={"error": type(e).__name__})
-                await asyncio.sleep(0.5)
+                metrics.NATS_RETRIES.labels("revalidate").inc()
+                await asyncio.sleep(failover.backoff(attempt))  # a pause between tries
+                attempt += 1
         self._delivering = True
         self._delivering_event.set()
         self.router.open = True
@@ -434,7 +478,13 @@ class Hub:
             # Deleted or never was, says a direct get, which a replica that has not applied
             # the latest write may answer: the leader decides (a user created a moment ago
             # is admitted).
-            read = await leader_get(self.js, USERS_BUCKET, uid)
+            try:
+                async with asyncio.timeout(failover.LEADER_TRY):
+                    read = await leader_get(self.js, USERS_BUCKET, uid)
+            except Exception as e:
+                if not failover.transient(e):
+                    raise
+                return UserRead(None, 0)  # no leader now (an election): as the replica said
             record = decode_user(read.value) if read.value else None
             return UserRead(record, read.revision)
         revision = entry.revision or 0
@@ -448,6 +498,24 @@ class Hub:
         if kv is None:
             kv = self._buckets[name] = await self.js.key_value(name)
         return kv
+
+    async def _catch_up_revoked(self) -> None:
+        """After a reconnect: the revocations written since the watch's last delivery,
+        read by direct get from any replica (a node loss may take the bucket's leader:
+        a listing, a consumer, would wait for the election). The watch delivers, in
+        order and without a gap, everything up to its position; with that, the mirror is
+        whole again. Without a watch position to trust, a full listing."""
+        watch = self._watchers.get(REVOKED_BUCKET)
+        if watch is None or not self._listed:
+            async with asyncio.timeout(failover.TRY_TIMEOUT):
+                await self._list_revoked()
+            return
+        writes = await writes_after(
+            self.nc, REVOKED_BUCKET, watch.position, timeout=failover.TRY_TIMEOUT
+        )
+        for w in writes:
+            self._on_revoked(Delivery(w.seq, 0, w.subject, w.data, w.headers, w.time_ns))
+        self._revoked_whole = True
 
     async def _list_revoked(self) -> None:
         """Add every revoked token id in the bucket to the mirror; never removes one (a
@@ -463,6 +531,7 @@ class Hub:
             else:
                 self._revoked.setdefault(entry.key, now)
         self._revoked_whole = True
+        self._listed = True
 
     @staticmethod
     async def _read_mark(kv: KeyValue, key: str) -> int:

@@ -11,6 +11,12 @@ FRAMES_IN = Counter("gateway_frames_in_total", "Client envelopes received")
 FRAMES_OUT = Counter("gateway_frames_out_total", "WebSocket frames written (batched)")
 ENVELOPES_OUT = Counter("gateway_envelopes_out_total", "Envelopes queued to clients")
 BACKPRESSURE_CLOSES = Counter("gateway_backpressure_closes_total", "Clients closed as too slow")
+NATS_RETRIES = Counter(
+    "gateway_nats_retries_total", "NATS requests tried again while NATS fails over", ["kind"]
+)
+NATS_FAILURES = Counter(
+    "gateway_nats_failures_total", "NATS requests that failed past the failover wait", ["kind"]
+)
 DENIED = Counter("gateway_denied_total", "Requests refused by capabilities", ["op"])
 ERRORS = Counter("gateway_errors_total", "Error replies by code", ["code"])
 CLOSES = Counter("gateway_closes_total", "Connections closed by close code", ["code"])

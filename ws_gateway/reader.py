@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from shared import failover
 from shared.tasks import cancel_and_wait
 from ws_gateway.rules import Start
 
@@ -31,7 +33,10 @@ log = logging.getLogger("ws_gateway.reader")
 
 STREAM_NOT_FOUND = 10059  # JetStream's err_code; 10014 is "consumer not found"
 PULL_EXPIRES = 30.0
-IDLE_HEARTBEAT = 5.0
+# A pull request's heartbeat: a reader whose consumer's node died notices after 2.5 of them
+# (~1.9 s) and recreates it on a live node. Readers are shared per (stream, filter) per
+# process, so this costs a few small messages a second, whatever the number of clients.
+IDLE_HEARTBEAT = 0.75
 EPHEMERAL_INACTIVE = 300.0  # survives NATS outages of a few minutes without a resume
 STREAM_GRACE = 30.0  # a stream missing after a reconnect for longer than this is gone
 
@@ -110,7 +115,8 @@ class StreamReader:
         `pull()` is called). Raises NotFoundError.
 
         All or nothing: if it fails or is cancelled part way, what it made is released
-        (its consumer deleted) before the error propagates."""
+        (its consumer deleted) before the error propagates, and it may be called again."""
+        self._closed, self.consumer = False, None
         try:
             self.info = info = await self._ensure_consumer(self._start)
             self.initial_pending = info.num_pending or 0
@@ -183,8 +189,12 @@ class StreamReader:
     async def _recreate(self) -> None:
         """After a loss: resume right after the last delivered message."""
         if self.consumer:
+            # Best effort, briefly: the old consumer may have died with its node, and its
+            # inactive threshold removes it anyway. Waiting nats-py's 5 s here was most of
+            # the delivery gap after a node loss.
             try:
-                await self._js.delete_consumer(self.stream, self.consumer)
+                async with asyncio.timeout(failover.LEADER_TRY):
+                    await self._js.delete_consumer(self.stream, self.consumer)
             except Exception as e:
                 self._log_release("consumer delete", e)
         # Resume after what was handed on; with nothing handed on yet, after where the
@@ -197,7 +207,10 @@ class StreamReader:
             start = Start(api.DeliverPolicy.BY_START_SEQUENCE, seq=floor + 1)
         else:
             start = self._start
-        await self._ensure_consumer(start)
+        # Bounded: after a node loss, a creation sent while the stream elects its leader
+        # is asked again soon (the loop retries), not after nats-py's 5 s.
+        async with asyncio.timeout(failover.TRY_TIMEOUT):
+            await self._ensure_consumer(start)
 
     # ------------------------------------------------------------------ pulling
 
@@ -214,9 +227,18 @@ class StreamReader:
                     await self._pause(IDLE_HEARTBEAT)
                     continue
                 if self._lost:
+                    began = time.monotonic()
                     await self._recreate()
                     self._lost = False
                     self._missing_since = None
+                    log.info(
+                        "reader recreated",
+                        extra={
+                            "stream": self.stream,
+                            "after": self.last_seq,
+                            "ms": round((time.monotonic() - began) * 1000),
+                        },
+                    )
                 req = {
                     "batch": self._batch,
                     "expires": int(PULL_EXPIRES * 1e9),

@@ -11,13 +11,13 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import nats.errors
 from nats.js import api
-from nats.js.errors import APIError, ServiceUnavailableError
+from nats.js.errors import APIError
 
 from shared.capabilities import is_internal_tokens, overlaps_internal
 from shared.envelope import JsSubData
 from shared.errors import ErrorCode, ReplyError
+from shared.failover import Unavailable, transient
 from shared.subjects import match_tokens, tokens
 
 Tokens = tuple[str, ...]
@@ -142,15 +142,7 @@ JS_LIMITS = frozenset(
         10047,  # insufficient storage resources
     }
 )
-JS_UNAVAILABLE = frozenset({10008, 10009, 10119, 10195})  # cluster or consumer offline
 JS_STREAM_NOT_FOUND = 10059
-_OUTAGES = (
-    ServiceUnavailableError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-)
 JS_FILTER_NOT_SUBSET = 10093  # the filter does not fit the stream's subjects
 
 
@@ -158,14 +150,14 @@ def js_reply_error(e: Exception, stream: str) -> ReplyError | None:
     """What a failed JetStream request means to the client, by error code and type: a
     server limit is `limit`, an outage `unavailable`, only the client's own mistake
     `bad_request`. None: not a JetStream error (let it surface as internal)."""
-    if isinstance(e, _OUTAGES):
+    if isinstance(e, Unavailable) or transient(e):
         return ReplyError(ErrorCode.UNAVAILABLE, "JetStream is unavailable: retry later")
     if not isinstance(e, APIError):
         return None
     code = e.err_code
     if code in JS_LIMITS:
         return ReplyError(ErrorCode.LIMIT, f"JetStream limit reached: {e.description}")
-    if code in JS_UNAVAILABLE or (e.code or 0) >= 500:
+    if (e.code or 0) >= 500:
         return ReplyError(ErrorCode.UNAVAILABLE, "JetStream is unavailable: retry later")
     if code == JS_STREAM_NOT_FOUND:
         return ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}")

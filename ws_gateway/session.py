@@ -346,8 +346,10 @@ class Session:
             return auto
         return inbox
 
-    def _require_nats(self) -> None:
-        if not self.hub.nats_ready:
+    async def _require_nats(self) -> None:
+        """A request during a NATS failover waits for it (up to NATS_FAILOVER_WAIT), then
+        `unavailable`."""
+        if not await self.hub.serving():
             raise ReplyError(ErrorCode.UNAVAILABLE, "NATS is unreachable: retry later")
 
     def _deny(self, op: str, reason: str) -> ReplyError:
@@ -373,7 +375,7 @@ class Session:
         decision = self.caps.allows_subject(pattern)
         if not decision:
             raise self._deny("sub", decision.reason)
-        self._require_nats()
+        await self._require_nats()
         ref = SubscriptionRef(inbox, "sub", pattern, pattern)
         await self._open(CoreSubscription(ref, self, self.hub))
 
@@ -405,7 +407,7 @@ class Session:
         decision = self.caps.allows_kv(bucket, pattern)
         if not decision:
             raise self._deny("kv_sub", decision.reason)
-        self._require_nats()
+        await self._require_nats()
         ref = SubscriptionRef(inbox, "kv_sub", bucket, pattern)
         await self._open(KvSubscription(ref, self, self.hub, op.data.since_revision))
 
@@ -436,7 +438,7 @@ class Session:
             raise ReplyError(
                 ErrorCode.BAD_REQUEST, "give at most one of start_seq, time_delta, start_time"
             )
-        self._require_nats()
+        await self._require_nats()
         ref = SubscriptionRef(inbox, "js_sub", stream, flt)
         await self._open(JsSubscription(ref, self, self.hub, d))
 
@@ -444,7 +446,7 @@ class Session:
         sub = self.subs.get(op.inbox or "")
         if not isinstance(sub, JsSubscription) or not sub.live:
             raise ReplyError(ErrorCode.NOT_FOUND, "ack needs the inbox of a js_sub")
-        self._require_nats()
+        await self._require_nats()
         await sub.ack(op.data.seq)
 
     async def _refresh(self, op: envelope.Refresh) -> None:
@@ -454,7 +456,7 @@ class Session:
             raise ReplyError(ErrorCode.UNAUTHORIZED, str(e)) from None
         if claims.sub != self.uid:
             raise ReplyError(ErrorCode.UNAUTHORIZED, "token is for another user")
-        self._require_nats()
+        await self._require_nats()
         if await self.hub.is_revoked(claims.jti):
             raise ReplyError(ErrorCode.UNAUTHORIZED, "token revoked")
         old = self.claims

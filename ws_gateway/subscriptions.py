@@ -90,6 +90,8 @@ class Node(Protocol):
 
     def give_reader(self, uid: str) -> None: ...
 
+    async def ride_out(self, op: Callable[[], Awaitable[T]], kind: str) -> T: ...
+
 
 class Owner(Protocol):
     """The session a subscription belongs to, as the subscription sees it."""
@@ -291,14 +293,20 @@ class KvSubscription(Subscription):
         feeds = self._node.kv_feeds
         self._take_slot()
         try:
-            feed = await self._hold("feed", feeds.acquire(bucket, pattern), feeds.release)
+            feed = await self._hold(
+                "feed",
+                self._node.ride_out(lambda: feeds.acquire(bucket, pattern), "feed"),
+                feeds.release,
+            )
             # Join the shared live feed first, then read the current values: every change
             # after the catch-up's cutoff is then in the member's buffer (no gap).
             member = Member(self.deliver, self._wanted)
             feed.members.add(member)
             self._stops.append(lambda: feed.members.discard(member))
             self.feed, self._member = feed, member
-            info = await self._node.js.stream_info(kvwire.stream_of(bucket))
+            info = await self._node.ride_out(
+                lambda: self._node.js.stream_info(kvwire.stream_of(bucket)), "stream_info"
+            )
             await self._step("stream_info")
         except NotFoundError:
             raise ReplyError(ErrorCode.NOT_FOUND, f"no bucket {bucket!r}") from None
@@ -327,7 +335,12 @@ class KvSubscription(Subscription):
         slots = self._node.catchups
         self._slot = await self._hold("catchup_slot", slots.acquire(), _give(slots))
         try:
-            self.catchup = await self._hold("catchup", reader.start(pull=False), _close_reader)
+            # reader.start is all or nothing, so it may be tried again during a failover.
+            self.catchup = await self._hold(
+                "catchup",
+                self._node.ride_out(lambda: reader.start(pull=False), "consumer"),
+                _close_reader,
+            )
         except (ReplyError, Ended):
             raise
         except Exception as e:
@@ -401,7 +414,9 @@ class JsSubscription(Subscription):
         stream, d = self.ref.target, self.data
         self._take_slot()
         try:
-            info = await self._node.js.stream_info(stream)
+            info = await self._node.ride_out(
+                lambda: self._node.js.stream_info(stream), "stream_info"
+            )
         except NotFoundError:
             raise ReplyError(ErrorCode.NOT_FOUND, f"no stream {stream!r}") from None
         except Exception as e:
@@ -595,7 +610,9 @@ class JsSubscription(Subscription):
         stream, flt, d = self.ref.target, self.ref.pattern, self.data
         tails, settings = self._node.js_tails, self._node.settings
         try:
-            tail = await self._hold("tail", tails.acquire(stream), tails.release)
+            tail = await self._hold(
+                "tail", self._node.ride_out(lambda: tails.acquire(stream), "tail"), tails.release
+            )
         except Exception as e:
             raise js_reply_error(e, stream) or e from None
         self.tail = tail

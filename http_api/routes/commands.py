@@ -16,11 +16,13 @@ no reply within `settings.command_timeout` → 504.
 from __future__ import annotations
 
 import logging
+import secrets
 
 import msgspec
 from aiohttp import web
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import PubAck
 
 from http_api.authz import require_command
 from http_api.bodies import decode, json_response, read_json
@@ -56,14 +58,22 @@ def idempotency_key(request: web.Request) -> str | None:
 async def chat_send(request: web.Request, p: Principal) -> web.StreamResponse:
     body = await read_json(request, ChatSend)
     key = idempotency_key(request)
-    msg = ChatMessage(
-        body.room, body.text, p.user.id, p.user.display_name or p.user.username, now()
-    )
-    headers = {"Nats-Msg-Id": f"{p.user.id}:{key}"} if key else None
-    ack = await request.app[JS].publish(
-        f"chat.room.{body.room}", msgspec.json.encode(msg), stream="chat", headers=headers
-    )
-    duplicate = bool(ack.duplicate)
+    msg = ChatMessage(body.room, body.text, p.user.id, p.name, now())
+    # Without a key of the client's, one of ours: our own retries through a NATS failover
+    # are then stored once too.
+    msg_id = f"{p.user.id}:{key}" if key else f"{p.user.id}:~{secrets.token_urlsafe(12)}"
+    payload, tries = msgspec.json.encode(msg), 0
+
+    async def publish() -> PubAck:
+        nonlocal tries
+        tries += 1
+        return await request.app[JS].publish(
+            f"chat.room.{body.room}", payload, stream="chat", headers={"Nats-Msg-Id": msg_id}
+        )
+
+    ack = await request.app[STORE].ride("command", publish)
+    # A duplicate on a later try is our own earlier try, whose ack was lost.
+    duplicate = bool(ack.duplicate) and tries == 1
     if not duplicate:
         await request.app[EVENTS].audit(p.actor, "chat", "send", body.room, revision=ack.seq)
     return json_response(ChatSent(ack.stream, ack.seq, duplicate))

@@ -17,10 +17,17 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready = connected to NATS and able to read the auth data every request needs (any
+    replica answering is enough: no leader is needed for a read)."""
     nc = request.app.get(NC)
-    if nc is None or not nc.is_connected:
-        raise Problem(503, "NATS is not connected", headers={"Retry-After": "1"})
-    return json_response(Status("ready"))
+    checks = {"nats": nc is not None and nc.is_connected}
+    checks["auth_read"] = checks["nats"] and await request.app[STORE].auth_readable()
+    failing = [name for name, ok in checks.items() if not ok]
+    if failing:
+        raise Problem(
+            503, "not ready: " + ", ".join(failing) + " failing", headers={"Retry-After": "1"}
+        )
+    return json_response(Status("ready", checks))
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -51,7 +58,7 @@ ROUTES = [
         "GET",
         "/api/readyz",
         readyz,
-        "Readiness: the NATS connection is up",
+        "Readiness: NATS connected and the auth data readable (each check)",
         "ops",
         auth=False,
         response=Status,

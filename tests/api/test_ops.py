@@ -17,7 +17,20 @@ async def test_health_and_readiness(api: Api) -> None:
     resp = await api.client.get("/api/healthz")
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
     resp = await api.client.get("/api/readyz")
-    assert resp.status == 200 and await resp.json() == {"status": "ready"}
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready", "checks": {"nats": True, "auth_read": True}}
+
+
+async def test_not_ready_while_the_auth_data_cannot_be_read(
+    api: Api, js: JetStreamContext
+) -> None:
+    """Connected is not enough: a process that cannot read its users or revoked tokens
+    would fail every authenticated request, so it says it is not ready."""
+    await js.delete_stream("KV_auth_revoked")
+    resp = await api.client.get("/api/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert body["detail"] == "not ready: auth_read failing"
 
 
 async def test_readiness_fails_without_nats(api: Api) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 
 import aiohttp
@@ -15,11 +16,14 @@ from tests.deploy.stackrun import Stack, chat_send, chat_send_acked, login
 
 class ResumingReader:
     """A client that reconnects through nginx and re-`js_sub`s from the last seq + 1
-    (PROTOCOL.md's client-side resume rule)."""
+    (docs/protocol.md, "After a reconnect (client side)")."""
 
-    def __init__(self, url: str, token: str, start_seq: int) -> None:
-        self.url, self.token, self.next_seq = url, token, start_seq
+    def __init__(
+        self, url: str, token: str, start_seq: int, subject: str = "chat.room.restart"
+    ) -> None:
+        self.url, self.token, self.next_seq, self.subject = url, token, start_seq, subject
         self.seqs: list[int] = []
+        self.times: list[float] = []  # time.monotonic() of each delivery
         self.connections = 0
         self.subscribed = asyncio.Event()
         self.changed = asyncio.Event()
@@ -34,7 +38,7 @@ class ResumingReader:
             self.connections += 1
             try:
                 sub = await client.js_sub(
-                    "chat", "chat.room.restart", start_seq=self.next_seq, batch=100
+                    "chat", self.subject, start_seq=self.next_seq, batch=100
                 )
                 self.subscribed.set()
                 while client.close_code is None:
@@ -45,6 +49,7 @@ class ResumingReader:
                     if env["op"] == "js_msg":
                         seq = int(env["data"]["seq"])
                         self.seqs.append(seq)
+                        self.times.append(time.monotonic())
                         self.next_seq = seq + 1
                         self.changed.set()
             except Exception:

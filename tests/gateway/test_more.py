@@ -121,6 +121,30 @@ async def test_unavailable_while_nats_down_then_recovers(
         pytest.fail("no message after NATS came back")
 
 
+async def test_a_sub_asked_during_an_outage_waits_for_nats(
+    make_user: UserFactory, settings: Settings, nats_server: NatsServer, nc: NATS
+) -> None:
+    """A request made while NATS is away is answered once NATS is back (within
+    NATS_FAILOVER_WAIT), `ok`, not `unavailable`: a failover costs time, not an error."""
+    patient = msgspec.structs.replace(settings, nats_failover_wait=60.0)
+    async with Gateway(patient, host="127.0.0.1", port=0) as gw:
+        assert gw.hub is not None
+        hub = gw.hub
+        async with await GatewayClient.connect(gw.url, token=await make_user()) as c:
+            nats_server.stop()
+            try:
+                await until(lambda: not hub.nats_ready, "gateway to see NATS down")
+                waiting = hub.checkpoint.hold("nats.wait")
+                asked = asyncio.create_task(c.kv_sub("todos", "user.alice.>", timeout=90))
+                await waiting.reached()  # the kv_sub is in the gateway's hands, waiting
+                assert not asked.done()
+            finally:
+                nats_server.start()
+                waiting.release()
+            sub = await asked
+            assert "position" in sub.ok  # `ok`: RequestError("unavailable") would raise
+
+
 async def _get_or_none(sub: Any, timeout: float = 0.1) -> dict[str, Any] | None:
     try:
         return await sub.get(timeout=timeout)  # type: ignore[no-any-return]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = [f"S{i}" for i in range(1, 9)] + [f"R{i}" for i in range(1, 13)] + ["B1", "B2", "B3"]
+ORDER = [f"S{i}" for i in range(1, 9)] + [f"R{i}" for i in range(1, 14)] + ["B1", "B2", "B3"]
 ITEMS = {
     "S1": "Origin matrix",
     "S2": "Forged tokens",
@@ -34,6 +34,7 @@ ITEMS = {
     "R10": "Durables and tailers at scale",
     "R11": "Durable holder kill -9",
     "R12": "Durable resume cycles",
+    "R13": "NATS node loss",
     "B1": "JetStream readers per user",
     "B2": "Outbox bytes",
     "B3": "Long-poll memory",
