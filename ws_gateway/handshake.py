@@ -6,6 +6,7 @@ A refused upgrade is a plain HTTP response (401/403/503); nothing is upgraded.
 from __future__ import annotations
 
 import http
+import json
 import logging
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
@@ -100,16 +101,27 @@ def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain") 
     return Response(status.value, status.phrase, headers, body.encode())
 
 
+def _readiness(hub: Hub) -> Response:
+    """Ready = NATS connected, both auth watches running (revocations and capability
+    changes reach sessions) and the capabilities re-read since the last reconnect: new
+    sessions may be admitted and deliveries flow. JSON with each check."""
+    checks = {
+        "nats": hub.nats_ready,
+        "auth_watch": hub.watching,
+        "capabilities_current": hub.delivering(),
+    }
+    ready = all(checks.values())
+    body = json.dumps({"status": "ready" if ready else "unavailable", "checks": checks})
+    status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
+    return _text(status, body + "\n", "application/json")
+
+
 async def process_request(hub: Hub, ws: ServerConnection, request: Request) -> Response | None:
     path = request.path.partition("?")[0]
     if path == "/healthz":
         return _text(http.HTTPStatus.OK, "ok\n")
     if path == "/readyz":
-        if hub.ready:
-            return _text(http.HTTPStatus.OK, "ready\n")
-        if not hub.nats_ready:
-            return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unreachable\n")
-        return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "revocation watch lost\n")
+        return _readiness(hub)
     if path == "/metrics":
         return _text(http.HTTPStatus.OK, generate_latest().decode(), CONTENT_TYPE_LATEST)
     if path not in WS_PATHS:

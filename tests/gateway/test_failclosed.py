@@ -54,6 +54,10 @@ async def test_lost_auth_watch_fails_closed_until_reestablished(
                 lambda: _is(http, gateway, 503), "/readyz to report the lost watch", 40
             )
             assert await client.wait_closed() == 1001
+            async with http.get(f"http://{gateway.host}:{gateway.port}/readyz") as r:
+                body = await r.json()
+            assert body["status"] == "unavailable"
+            assert body["checks"]["auth_watch"] is False and body["checks"]["nats"] is True
         lost = [r for r in caplog.records if getattr(r, "event", None) == "auth_watch_lost"]
         assert lost and lost[0].levelno == logging.WARNING and lost[0].bucket == bucket  # type: ignore[attr-defined]
         with pytest.raises(InvalidStatus) as e:

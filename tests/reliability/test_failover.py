@@ -162,10 +162,13 @@ async def _stored_texts(stack: Stack) -> Counter[str]:
 
 
 class ReadyWatch:
-    """Polls every API worker's /api/readyz (direct, not through nginx)."""
+    """Polls every API worker's /api/readyz and every gateway's /readyz (direct, not
+    through nginx)."""
 
     def __init__(self, stack: Stack) -> None:
-        self.urls = [f"http://127.0.0.1:{p}/api/readyz" for p in stack.settings.api_ports]
+        s = stack.settings
+        self.urls = [f"http://127.0.0.1:{p}/api/readyz" for p in s.api_ports]
+        self.urls += [f"http://127.0.0.1:{p}/readyz" for p in s.gateway_ports]
         self.samples: list[tuple[float, bool]] = []
 
     async def run(self) -> None:
