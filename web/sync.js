@@ -2252,6 +2252,13 @@ export class ApiError extends Error {
 export function createApi(opts = {}) {
   const base = opts.base ?? "/api";
   const doFetch = opts.fetch || globalThis.fetch.bind(globalThis);
+  // A refresh rotates the session cookie: the old token is revoked for new requests at
+  // once. A request sent with the old cookie while the refresh was under way would get
+  // 401 "token revoked" for a session that is fine. So requests wait for a refresh in
+  // flight, and one answered 401 that a refresh overtook is sent once more.
+  /** @type {Promise<unknown> | null} */
+  let refreshing = null;
+  let refreshes = 0;
 
   /**
    * @param {string} method
@@ -2273,9 +2280,30 @@ export function createApi(opts = {}) {
       headers["If-Match"] = tag.startsWith('"') || tag === "*" ? tag : `"${tag}"`;
     }
     if (o.idempotencyKey) headers["Idempotency-Key"] = o.idempotencyKey;
+    const isRefresh = method === "POST" && path === "/auth/refresh";
+    if (!isRefresh && refreshing) await refreshing.catch(() => {});
+    const generation = refreshes;
     let resp;
     try {
-      resp = await doFetch(base + path, init);
+      const sent = doFetch(base + path, init);
+      if (isRefresh) {
+        const mine = sent
+          .then(
+            (r) => {
+              if (r.ok) refreshes++;
+            },
+            () => {},
+          )
+          .finally(() => {
+            if (refreshing === mine) refreshing = null;
+          });
+        refreshing = mine;
+      }
+      resp = await sent;
+      if (resp.status === 401 && !isRefresh && (refreshing || refreshes !== generation)) {
+        if (refreshing) await refreshing.catch(() => {});
+        if (refreshes !== generation) resp = await doFetch(base + path, init); // the new cookie
+      }
     } catch (e) {
       if (e && /** @type {any} */ (e).name === "AbortError") throw e;
       throw new ApiError(0, { title: "Network error", detail: `the server could not be reached (${e})` });
