@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared import kvwire
-from shared.capabilities import DURABLES_BUCKET
-from shared.natsio import PASSWORD_ENV, Role, buckets, configured_passwords, role_passwords
+from shared.capabilities import DURABLES_BUCKET, DURABLES_WATCH
+from shared.natsio import (
+    PASSWORD_ENV,
+    SERVICE_INBOX_PREFIX,
+    Role,
+    buckets,
+    configured_passwords,
+    role_passwords,
+)
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +174,26 @@ _NOT_GATEWAY_BUCKETS = [
     kvwire.subject_of(b.name, ">") for b in buckets(Settings()) if b.name != DURABLES_BUCKET
 ]
 
-PERMISSIONS: dict[Role, dict[str, dict[str, list[str]]]] = {
+# The buckets no service may touch: auth_* (users, capabilities, password hashes,
+# revocations; `auth_users` included, which browsers may read but only the API writes) and
+# the gateway's durables. Written through `$KV.<bucket>.>`, and read through the JetStream
+# API by stream (`KV_<bucket>`): a direct or message get, or its info.
+_SERVICE_DENIED_BUCKETS = [
+    b.name for b in buckets(Settings()) if b.name.startswith("auth_") or b.name == DURABLES_BUCKET
+]
+_NOT_SERVICE_BUCKETS = [
+    subject
+    for name in _SERVICE_DENIED_BUCKETS
+    for subject in (
+        kvwire.subject_of(name, ">"),
+        f"$JS.API.STREAM.INFO.{kvwire.stream_of(name)}",
+        f"$JS.API.STREAM.MSG.GET.{kvwire.stream_of(name)}",
+        f"$JS.API.DIRECT.GET.{kvwire.stream_of(name)}",
+        f"$JS.API.DIRECT.GET.{kvwire.stream_of(name)}.>",
+    )
+]
+
+PERMISSIONS: dict[Role, dict[str, dict[str, list[str]] | bool]] = {
     # Reads: KV gets, stream info, its own consumers (create, info, next, delete), acks.
     # Writes one bucket only: its durable js_sub records (ws_gateway/durables.py).
     # It subscribes to whatever users' capabilities allow, and its inboxes.
@@ -201,6 +227,50 @@ PERMISSIONS: dict[Role, dict[str, dict[str, list[str]]]] = {
         "publish": {"allow": [">"], "deny": ["$SYS.>"]},
         "subscribe": {"allow": ["_INBOX.>"]},
     },
+    # The team's own backend services (docs/guide.md, "A command service"): they answer
+    # the commands the API forwards, publish what browsers subscribe to, and write and read
+    # the application's buckets and streams. Nothing of the stack runs as `service`. Publish
+    # is "anything but", so a new application subject or stream needs no change here; what
+    # it may never do:
+    "service": {
+        "publish": {
+            "allow": [">"],
+            "deny": [
+                # The server's system account, and stream or bucket creation, changes and
+                # removal: provision's.
+                "$SYS.>",
+                *JS_ADMIN,
+                # Send commands: `User-Id` in a command is trusted because only the API may
+                # publish on cmd.>; a service could otherwise call another as any user.
+                "cmd.>",
+                # Consumers: a push consumer delivers where its creator says, without the
+                # server checking the creator may publish there, so one with deliver subject
+                # cmd.<name> would send stored messages (their forged `User-Id` headers too)
+                # as commands. Also the gateway's consumers are not a service's to read, ack
+                # or delete. Services read state with gets (KV get, direct get) instead.
+                "$JS.API.CONSUMER.>",
+                "$JS.ACK.>",
+                # Answers go only to the requests it received (allow_responses below), never
+                # to another client's inbox: no forged answer to the API's own requests.
+                "_INBOX.>",
+                # The audit trail is what the API did for whom: only the API writes it.
+                "audit.>",
+                # The auth buckets and the gateway's durables, written or read (see above),
+                # and where the durables bucket republishes its writes (gateways watch it).
+                *_NOT_SERVICE_BUCKETS,
+                f"{DURABLES_WATCH}.>",
+            ],
+        },
+        # Its commands, and its own inboxes (the replies to its JetStream and KV requests):
+        # `_INBOX.service.>`, not `_INBOX.>`, which would deliver it every other client's
+        # replies, the API's reads of auth_credentials (password hashes) among them. A
+        # service connects with nats-py's `inbox_prefix="_INBOX.service"`. Nothing else:
+        # what browsers publish never reaches NATS (they send commands through the API).
+        "subscribe": {"allow": ["cmd.>", f"{SERVICE_INBOX_PREFIX}.>"]},
+        # May publish on the reply subject of each request it received, once, within 2
+        # minutes (nats-server's defaults): that is how it answers a command.
+        "allow_responses": True,
+    },
 }
 
 
@@ -219,6 +289,9 @@ def nats_authorization(passwords: dict[Role, str] | None) -> str:
             f"    {{user: {role}, password: {_nats_string(passwords[role])}, permissions: {{"
         )
         for kind, rules in perms.items():
+            if isinstance(rules, bool):  # allow_responses
+                lines.append(f"      {kind}: {str(rules).lower()}")
+                continue
             parts = ", ".join(
                 f"{k}: [{', '.join(_nats_string(x) for x in v)}]" for k, v in rules.items()
             )

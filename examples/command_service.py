@@ -2,6 +2,13 @@
 
     NATS_URL=nats://127.0.0.1:4222 .venv/bin/python examples/command_service.py
 
+Against `make start`/`make run`, as the NATS user `service` (the one user that may answer
+commands), with its password from var/nats/credentials.json (dev) or NATS_SERVICE_PASSWORD:
+
+    export NATS_USER=service NATS_PASSWORD="$(.venv/bin/python -c \
+        'import json; print(json.load(open("var/nats/credentials.json"))["service"])')"
+    .venv/bin/python examples/command_service.py
+
 Browsers call it through the API, which forwards `POST /api/commands/<name>` as a NATS
 request on `cmd.<name>` (http_api/routes/commands.py):
 
@@ -41,6 +48,9 @@ from nats.aio.msg import Msg
 
 SUBJECT = "cmd.polls.*"  # one subscription for every command of the service
 QUEUE = "polls"  # several instances: each request goes to one of them
+# The inboxes of the `service` user (deploy/render.py): the replies to its own requests
+# (JetStream publishes, KV gets, once votes live in a bucket) must come where it may read.
+INBOX_PREFIX = "_INBOX.service"
 log = logging.getLogger("polls")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one subject token: a poll name is a subject part
 
@@ -135,7 +145,9 @@ async def serve(nc: Client) -> None:
 async def main() -> None:
     servers = os.environ.get("NATS_URL", "nats://127.0.0.1:4222").split(",")
     user, password = os.environ.get("NATS_USER"), os.environ.get("NATS_PASSWORD")
-    nc = await nats.connect(servers, name="polls-service", user=user, password=password)
+    nc = await nats.connect(
+        servers, name="polls-service", user=user, password=password, inbox_prefix=INBOX_PREFIX
+    )
     await serve(nc)
 
 

@@ -63,9 +63,17 @@ STREAMS: tuple[Stream, ...] = (
 # ---------------------------------------------------------------- credentials
 
 # One NATS user per role, each with its own subject permissions (deploy/render.py):
-# gateway (reads, consumers), api (writes), provision (creates streams and buckets).
-Role = Literal["gateway", "api", "provision"]
+# gateway (reads, consumers), api (writes), provision (creates streams and buckets), and
+# service: the team's own backend services, which answer `cmd.>` (docs/guide.md, "A command
+# service"). No process of the stack runs as `service`: a service presents it with
+# NATS_USER/NATS_PASSWORD.
+Role = Literal["gateway", "api", "provision", "service"]
 ROLES: tuple[Role, ...] = get_args(Role)
+
+
+# The inboxes of the `service` user: it may not subscribe to `_INBOX.>`, where every other
+# client's replies go (deploy/render.py), so its requests (JetStream, KV) carry this prefix.
+SERVICE_INBOX_PREFIX = "_INBOX.service"
 
 
 def role_of(name: str) -> Role | None:
@@ -89,6 +97,7 @@ PASSWORD_ENV: dict[Role, str] = {
     "gateway": "NATS_GATEWAY_PASSWORD",
     "api": "NATS_API_PASSWORD",
     "provision": "NATS_PROVISION_PASSWORD",
+    "service": "NATS_SERVICE_PASSWORD",
 }
 
 
@@ -98,22 +107,30 @@ def configured_passwords(settings: Settings) -> dict[Role, str]:
         "gateway": settings.nats_gateway_password,
         "api": settings.nats_api_password,
         "provision": settings.nats_provision_password,
+        "service": settings.nats_service_password,
     }
 
 
 def _read_dev_credentials(path: Path) -> dict[Role, str] | None:
+    """The roles' passwords in the file; a file from before a role was added lacks it
+    (`ensure_dev_credentials` adds it, keeping the others)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(r), str) for r in ROLES):
+    if (
+        not isinstance(raw, dict)
+        or not any(r in raw for r in ROLES)
+        or not all(isinstance(raw[r], str) for r in ROLES if r in raw)
+    ):
         raise SystemExit(f"{path} is not a NATS credentials file: delete it to regenerate")
-    return {r: str(raw[r]) for r in ROLES}
+    return {r: str(raw[r]) for r in ROLES if r in raw}
 
 
 def ensure_dev_credentials(settings: Settings) -> dict[Role, str]:
     """Generate one password per role into <var_dir>/nats/credentials.json (0600) on first
-    use, like the dev JWT keys; a role's password set in the settings wins. Never in
+    use, like the dev JWT keys; a role's password set in the settings wins. A file lacking a
+    role (made before the role existed) gets one for it, the others kept. Never in
     production: there every role's password comes from the settings."""
     configured = configured_passwords(settings)
     if settings.production:
@@ -125,9 +142,9 @@ def ensure_dev_credentials(settings: Settings) -> dict[Role, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stored = _read_dev_credentials(path)
-        if stored is None:
-            stored = {r: secrets.token_urlsafe(24) for r in ROLES}
+        stored = _read_dev_credentials(path) or {}
+        if any(r not in stored for r in ROLES):
+            stored = {r: stored.get(r) or secrets.token_urlsafe(24) for r in ROLES}
             tmp = path.with_suffix(".tmp")
             tmp.touch(mode=0o600)
             tmp.chmod(0o600)
@@ -150,6 +167,12 @@ def role_passwords(settings: Settings) -> dict[Role, str] | None:
                 "invalid settings: set every role's password or none: " + ", ".join(missing)
             )
         return None
+    lacking = [r for r in ROLES if not configured[r] and r not in stored]
+    if lacking:  # a file older than a role, not yet completed by ensure_dev_credentials
+        raise SystemExit(
+            f"{dev_credentials_path(settings)} has no password for {', '.join(lacking)}: "
+            "`make start` adds it"
+        )
     return {r: configured[r] or stored[r] for r in ROLES}
 
 
@@ -163,7 +186,7 @@ def credentials(settings: Settings, role: Role | None) -> tuple[str, str] | None
     password = configured_passwords(settings)[role]
     if not password and not settings.production:
         stored = _read_dev_credentials(dev_credentials_path(settings))
-        password = stored[role] if stored else ""
+        password = stored.get(role, "") if stored else ""
     if not password:
         if settings.production:
             raise SystemExit(f"refusing to start in production: set {PASSWORD_ENV[role]}")
@@ -214,7 +237,9 @@ async def connect(
     """Connect to any of the configured servers; once connected, reconnect forever.
 
     As `role` (default: by `name`, `role_of`) when credentials are configured."""
-    user, password = credentials(settings, role or role_of(name)) or (None, None)
+    role = role or role_of(name)
+    user, password = credentials(settings, role) or (None, None)
+    inbox = {"inbox_prefix": SERVICE_INBOX_PREFIX} if role == "service" else {}
 
     # While NATS is down every reconnect attempt (each 0.5 s) reports an error: one line
     # for the first of a kind, then a count when the link is back, not 240 lines a minute.
@@ -263,6 +288,7 @@ async def connect(
                 reconnected_cb=reconnected_cb,
                 user=user,
                 password=password,
+                **inbox,
             )
         except Exception as e:
             if asyncio.get_running_loop().time() > deadline:

@@ -93,12 +93,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_closed_keep_max: int = 1000  # closed long-poll sessions kept fetchable, per process
     poll_closed_keep_bytes: int = 64 << 20  # their buffered bytes, per process
     # NATS credentials and storage limits (issue 14)
-    # One NATS user per role (gateway, api, provision: deploy/nats/*.conf). Empty in dev:
+    # One NATS user per role (gateway, api, provision, service: deploy/render.py). Empty in dev:
     # `make start` generates them into <var_dir>/nats/credentials.json (0600). Production
     # sets them, and each process needs only its own role's; nothing set = no NATS auth.
     nats_gateway_password: str = ""
     nats_api_password: str = ""
     nats_provision_password: str = ""
+    nats_service_password: str = ""  # the team's command services (never the stack's own)
     # Explicit credentials of this process (any role or user), over the role's password.
     nats_user: str = ""
     nats_password: str = ""
@@ -222,6 +223,8 @@ DESCRIPTIONS: dict[str, str] = {
     "nats_gateway_password": "NATS password of the gateway role (empty in dev: generated)",
     "nats_api_password": "NATS password of the API role (empty in dev: generated)",
     "nats_provision_password": "NATS password of the provisioning role (empty in dev: generated)",
+    "nats_service_password": "NATS password of the service role, for your command services "
+    "(empty in dev: generated)",
     "nats_user": "this process's own NATS user, over its role's",
     "nats_password": "this process's own NATS password, over its role's",
     "nats_auth_max_bytes": "storage limit of each auth_* bucket, bytes",

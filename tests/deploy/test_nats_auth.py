@@ -1,6 +1,7 @@
 """NATS users per role on the stack `make start` runs (security review finding 16): the
 gateway reads, writes no bucket but its durables and creates no stream, the API never sees
-`$SYS`, a client without credentials is refused, and the stack still serves through nginx."""
+`$SYS`, a service answers commands but sends none and reads no auth bucket, a client without
+credentials is refused, and the stack still serves through nginx."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,14 +24,16 @@ from deploy import stack as ops
 from deploy.render import Layout, nats_server_binary, render
 from shared import natsio
 from shared.capabilities import DURABLES_BUCKET
+from shared.client import GatewayClient
 from shared.natsio import Role
 from shared.settings import load
 from tests.deploy import test_stack as serving
-from tests.deploy.stackrun import Stack, clean_env, free_base_port
+from tests.deploy.stackrun import Stack, clean_env, free_base_port, login
+from tests.e2e.test_command_service import EXAMPLE
 
 
 def test_rendered_nats_config_lists_a_user_per_role_and_stays_private(tmp_path: Path) -> None:
-    """With credentials the config has the three users (nats-server -t accepts it) and is
+    """With credentials the config has a user per role (nats-server -t accepts it) and is
     0600; without any (the test suite's own servers) it has no authorization at all."""
     s = Stack(tmp_path / "var").settings
     layout = Layout.of(s)
@@ -37,6 +41,7 @@ def test_rendered_nats_config_lists_a_user_per_role_and_stays_private(tmp_path: 
     render(s, layout)
     conf = layout.nats_dir / "n0.conf"
     text = conf.read_text()
+    assert set(passwords) == set(natsio.ROLES)
     for role, password in passwords.items():
         assert f'{{user: {role}, password: "{password}"' in text
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
@@ -52,6 +57,7 @@ PRODUCTION_PASSWORDS: dict[Role, str] = {
     "gateway": 'g"w%1,x=y',  # what supervisord and NATS configs must quote
     "api": "a'p i$x",
     "provision": "p\\r{o}v",
+    "service": "s}e r'v\"",
 }
 
 
@@ -60,7 +66,7 @@ async def test_production_passwords_reach_nats_and_each_program_only_its_own(
 ) -> None:
     """Production: passwords from the settings, quotes and all, open NATS as each role;
     in the supervisord config each program carries only its own role's (0600), and
-    nothing carries the provision password."""
+    nothing carries the provision or the service password."""
     env = {natsio.PASSWORD_ENV[r]: p for r, p in PRODUCTION_PASSWORDS.items()}
     s = load(
         clean_env(
@@ -145,6 +151,7 @@ async def as_role(stack: Stack) -> AsyncIterator[Callable[[Role], Awaitable[Clie
             password=creds[1],
             error_cb=on_error,
             allow_reconnect=False,
+            inbox_prefix=natsio.SERVICE_INBOX_PREFIX if role == "service" else "_INBOX",
         )
         opened.append(nc)
         return Client(nc, errors)
@@ -217,3 +224,72 @@ async def test_each_role_is_held_to_its_permissions_and_the_stack_still_serves(
         await serving.test_make_start_serves_everything_through_nginx_and_make_stop_leaves_nothing(
             stack, http
         )
+
+
+async def test_the_service_user_answers_commands_through_the_stack_and_is_no_api(
+    stack: Stack, as_role: Callable[[Role], Awaitable[Client]]
+) -> None:
+    """examples/command_service.py as docs/guide.md runs it beside `make start`: as the NATS
+    user `service` with its password from the dev credentials file. A vote through nginx is
+    answered by it and its tally reaches a browser's `sub`. As that user: subscribing to an
+    auth bucket or to every inbox, publishing a command, reading auth_credentials through
+    the JetStream API and creating a consumer are refused; a KV read of `articles` works."""
+    env = clean_env(
+        NATS_URL=",".join(stack.settings.nats_url),
+        NATS_USER="service",
+        NATS_PASSWORD=natsio.ensure_dev_credentials(stack.settings)["service"],
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLE), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"ready\n"
+        async with aiohttp.ClientSession(base_url=stack.url) as http:
+            token, _ = await login(http, "admin")  # commands and subjects: all
+            async with await GatewayClient.connect(
+                stack.ws_url, token=token, open_timeout=10
+            ) as browser:
+                lunch = await browser.sub("polls.lunch")
+                async with http.post(
+                    "/api/commands/polls.vote",
+                    json={"poll": "lunch", "choice": "pizza"},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+                    tally = {"poll": "lunch", "counts": {"pizza": 1}}
+                    assert await resp.json() == {**tally, "yours": "pizza"}
+                live = await lunch.get()
+                assert (live["op"], live["target"]) == ("sub_msg", "polls.lunch")
+                assert live["data"]["payload"] == tally
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.communicate()
+
+    service = await as_role("service")
+    err = await service.violation(lambda nc: nc.subscribe("$KV.auth_users.>"))
+    assert "subscription" in err.lower() and "$kv.auth_users.>" in err.lower()
+    await service.violation(lambda nc: nc.subscribe("_INBOX.>"))
+    err = await service.violation(lambda nc: nc.publish("cmd.x", b"{}", headers={"User-Id": "u"}))
+    assert "publish" in err.lower() and '"cmd.x"' in err.lower()
+    await service.violation(lambda nc: nc.publish("$KV.auth_users.intruder", b"{}"))
+    await service.violation(
+        lambda nc: nc.publish(
+            "$JS.API.DIRECT.GET.KV_auth_credentials",
+            b'{"last_by_subj": "$KV.auth_credentials.admin"}',
+            reply=nc.new_inbox(),
+        )
+    )
+    await service.violation(
+        lambda nc: nc.publish(
+            "$JS.API.CONSUMER.CREATE.chat",
+            b'{"stream_name": "chat", "config": {"deliver_subject": "cmd.x"}}',
+            reply=nc.new_inbox(),
+        )
+    )
+    # Its own requests come back on its inboxes: an application bucket reads.
+    articles = await service.nc.jetstream().key_value("articles")
+    with pytest.raises(KeyNotFoundError):
+        await articles.get("no-such-article")
+    assert service.errors.empty()
