@@ -101,6 +101,13 @@ def _ancestors() -> set[int]:
     return pids
 
 
+def _environ(pid: str) -> list[bytes]:
+    try:
+        return (Path("/proc") / pid / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def stack_pids(layout: Layout) -> list[int]:
     """Every live process carrying this stack's marker (ours and our parents excluded)."""
     marker = f"{STACK_MARKER}={layout.var}".encode()
@@ -109,13 +116,44 @@ def stack_pids(layout: Layout) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in skip:
             continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ and _pid_alive(int(entry.name)):
+        if marker in _environ(entry.name) and _pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def make_args(var: Path, base_port: int | str) -> str:
+    """The `make` arguments that name one stack: VAR_DIR (its sockets and pids) and
+    BASE_PORT (where `status` asks for readiness); nothing for the defaults."""
+    args = []
+    if var != Layout.of(Settings()).var:
+        args.append(f"VAR_DIR={var}")
+    if str(base_port) != str(Settings().base_port):
+        args.append(f"BASE_PORT={base_port}")
+    return "".join(" " + a for a in args)
+
+
+def other_stacks(layout: Layout) -> dict[Path, str]:
+    """Stacks running from another VAR_DIR than `layout`'s: their VAR_DIR → BASE_PORT, read
+    from the marker and the settings every process of a stack carries."""
+    skip = _ancestors()
+    found: dict[Path, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        env = dict(v.split(b"=", 1) for v in _environ(entry.name) if b"=" in v)
+        var = env.get(STACK_MARKER.encode())
+        if var and Path(var.decode()) != layout.var:
+            found[Path(var.decode())] = env.get(b"BASE_PORT", b"").decode()
+    return found
+
+
+def _elsewhere(layout: Layout, command: str) -> str:
+    """What to type to reach the stacks that are up elsewhere (`make stop` without the
+    start's VAR_DIR finds nothing: the walkthrough's stack stayed up)."""
+    return "".join(
+        f"\n  running with VAR_DIR {var}: `make {command}{make_args(var, port)}`"
+        for var, port in sorted(other_stacks(layout).items())
+    )
 
 
 def _ports(settings: Settings) -> Iterator[tuple[int, str]]:
@@ -304,12 +342,13 @@ def banner(settings: Settings, layout: Layout, *, foreground: bool) -> str:
         )
         logins = f"  demo logins: {', '.join(DEMO_USERS)} — password: {password}"
     nats = ", ".join(settings.nats_url)
-    how = "Ctrl-C stops everything" if foreground else "`make stop` stops everything"
+    args = make_args(layout.var, settings.base_port)  # the same make arguments find it again
+    how = "Ctrl-C stops everything" if foreground else f"`make stop{args}` stops everything"
     return (
         f"\nnatsgate is up: {url}\n{logins}\n"
         f"  API {url}/api/ · WebSocket ws://{settings.host}:{settings.base_port}/ws · "
         f"NATS {nats}\n"
-        f"  logs {layout.log_dir}/ (`make logs`) · `make status` · {how}\n"
+        f"  logs {layout.log_dir}/ (`make logs{args}`) · `make status{args}` · {how}\n"
     )
 
 
@@ -378,9 +417,13 @@ def run(settings: Settings, layout: Layout, timeout: float) -> int:
     if supervisord_running(layout):
         raise StackError("the stack is already running in the background: `make stop` first")
     env = _preflight(settings, layout)
+    # -s: supervisord's own lines (spawned, success, its CRIT about the unix socket having
+    # no HTTP authentication: the socket is 0700 in VAR_DIR/run) stay in supervisord.log;
+    # the terminal shows the apps' logs (_follow_logs) once the stack is up.
     proc = subprocess.Popen(
-        [SUPERVISORD, "-n", "-c", str(layout.supervisord_conf)], env=_only_role(env, None)
+        [SUPERVISORD, "-n", "-s", "-c", str(layout.supervisord_conf)], env=_only_role(env, None)
     )
+    follower: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -399,6 +442,7 @@ def run(settings: Settings, layout: Layout, timeout: float) -> int:
         _poll("supervisord", lambda: proc.poll() is None and supervisord_running(layout), deadline)
         _start_apps(settings, layout, env, deadline)
         print(banner(settings, layout, foreground=True), flush=True)
+        follower = _follow_logs(layout)
         code = proc.wait()
         if not stopping:
             print(f"supervisord exited ({code})", file=sys.stderr)
@@ -414,8 +458,18 @@ def run(settings: Settings, layout: Layout, timeout: float) -> int:
             proc.send_signal(signal.SIGTERM)
         _wait_for(proc)
         _end(stack_pids(layout))
+        if follower is not None:
+            follower.terminate()
+            _wait_for(follower)
     print("stopped", file=sys.stderr)
     return code
+
+
+def _follow_logs(layout: Layout) -> subprocess.Popen[bytes]:
+    """Every app's log (API workers, gateways, NATS, nginx) on our stdout from now on, each
+    under its file's name, as `make logs` shows them; supervisord's own log is not among them."""
+    files = sorted(str(p) for p in layout.log_dir.glob("*.log") if p.name != "supervisord.log")
+    return subprocess.Popen(["tail", "-n", "0", "-F", *files], stdin=subprocess.DEVNULL)
 
 
 def _wait_for(proc: subprocess.Popen[bytes]) -> None:
@@ -468,13 +522,13 @@ def stop(layout: Layout, *, quiet: bool = False, timeout: float = 90.0) -> int:
         print(f"ending processes of this stack still alive: {left}", file=sys.stderr)
         _end(left)
     if not quiet:
-        print("stopped" if was_running or left else "not running")
+        print("stopped" if was_running or left else f"not running{_elsewhere(layout, 'stop')}")
     return 0
 
 
 def status(settings: Settings, layout: Layout) -> int:
     if not supervisord_running(layout):
-        print(f"not running (VAR_DIR {layout.var})")
+        print(f"not running (VAR_DIR {layout.var}){_elsewhere(layout, 'status')}")
         return 3
     for p in _process_info(layout):
         print(f"{p['group'] + ':' + p['name']:<28} {p['statename']:<9} {p['description']}")
