@@ -240,8 +240,8 @@ class TokenVerifier:
             claims, not_before = self._verify(token, now)
         except InvalidToken:
             raise
-        except Exception as e:  # any malformed input is a 401, never a 500
-            raise InvalidToken(f"token rejected: {type(e).__name__}") from None
+        except Exception:  # any malformed input is a 401, never a 500, and names no library
+            raise InvalidToken("token malformed") from None
         if now < claims.exp and self._cache_entries > 0:
             while len(self._cache) >= self._cache_entries:
                 del self._cache[next(iter(self._cache))]

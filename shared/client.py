@@ -208,6 +208,8 @@ class PollTransport:
         return cls(http, url, sid, headers)
 
     async def send(self, data: str | bytes) -> None:
+        if self._closed.is_set():
+            raise ConnectionError("session closed")
         body = data.encode() if isinstance(data, str) else data
         async with self.http.post(
             f"{self.base}/send", params={"sid": self.sid}, data=body, headers=self.headers
@@ -227,6 +229,15 @@ class PollTransport:
         self._closed.set()
 
     async def frames(self) -> AsyncIterator[str | bytes]:
+        try:
+            async for body in self._polls():
+                yield body
+        finally:
+            # The session is over (either end closed it): nothing more goes over HTTP, so
+            # the HTTP session goes too, whether or not the client is ever closed.
+            await self.http.close()
+
+    async def _polls(self) -> AsyncIterator[str]:
         failures = 0
         while not self._closed.is_set():
             try:

@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from http_api.state import STORE, VERIFIER
 from shared import natsio
 from shared.auth import Claims
-from shared.client import GatewayClient
+from shared.client import GatewayClient, RequestError
 from shared.settings import Settings
 from shared.users import USER_MARK
 from tests.api.conftest import Api
@@ -167,3 +167,34 @@ async def test_revoked_bucket_ttl_follows_token_ttl(
     assert (await kv.get("some-jti")).value == b"1"
     await natsio.provision(js, settings)  # and back: it follows the setting
     assert (await js.stream_info("KV_auth_revoked")).config.max_age == settings.token_ttl + 60
+
+
+# Headers that are base64url but not JSON (or not text): the verifier's parser fails on them.
+MALFORMED_TOKENS = ["bm90IGpzb24.e30.AAAA", "eyJhbGciOiAx.e30.AAAA", "__4A.e30.AAAA", "x.y.z"]
+LIBRARY_WORDS = ("jwt", "decode", "error", "exception", "binascii", "unicode", "json")
+
+
+def names_no_library(text: str) -> bool:
+    return not any(word in text.lower() for word in LIBRARY_WORDS)
+
+
+@pytest.mark.parametrize("token", MALFORMED_TOKENS)
+async def test_a_malformed_token_is_refused_without_naming_a_library(
+    api: Api, settings: Settings, token: str
+) -> None:
+    """Neither the API's problem JSON, the gateway's upgrade refusal nor its `refresh`
+    error names the parser's exception: the walkthrough saw "token rejected: DecodeError"."""
+    resp = await api.client.get("/api/auth/me", headers=bearer(token))
+    assert resp.status == 401
+    problem = await resp.json()
+    assert problem["detail"] == "token malformed" and names_no_library(str(problem))
+    async with Gateway(settings, host="127.0.0.1", port=0) as gw:
+        with pytest.raises(InvalidStatus) as refused:
+            await GatewayClient.connect(gw.url, token=token)
+        body = refused.value.response.body or b""
+        assert refused.value.response.status_code == 401 and names_no_library(body.decode())
+        async with await GatewayClient.connect(gw.url, token=api.token("alice")) as c:
+            with pytest.raises(RequestError) as answered:
+                await c.refresh(token)
+    assert answered.value.code == "unauthorized"
+    assert answered.value.reason == "token malformed"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import warnings
+
 import aiohttp
 from nats.aio.client import Client as NATS
 
+from shared.client import GatewayClient
 from tests.gateway.conftest import UserFactory
 from ws_gateway.server import Gateway
 
@@ -97,3 +102,30 @@ async def test_browser_same_origin_get_needs_no_origin_header(
         ]:
             async with http.get(gateway.poll_url, params=params, headers=headers) as r:
                 assert r.status == status, (headers, await r.text())
+
+
+async def test_the_python_client_leaves_no_unclosed_session(
+    gateway: Gateway, make_user: UserFactory
+) -> None:
+    """A client closed with its long poll in flight, and one whose session the server ended
+    (user disabled: 4403) that nobody closes, leave no unclosed aiohttp session or connector
+    behind: nothing for the garbage collector to warn about."""
+    warned: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, ctx: warned.append(str(ctx.get("message"))))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for url in (gateway.poll_url, gateway.url):
+                token = await make_user()
+                async with await GatewayClient.connect(url, token=token) as c:
+                    await c.ping()  # the reader's next long poll is now waiting
+                ended = await GatewayClient.connect(url, token=token)
+                await make_user(disabled=True)
+                assert await ended.wait_closed() == 4403
+                del c, ended  # the second one never closed by its user
+                gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert warned == []
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
