@@ -136,9 +136,12 @@ class Article(Struct):
     author: str
     created_at: dt.datetime
     updated_at: dt.datetime
+    # The author's display name when the article was written: readers may not be allowed to
+    # read user records, and a user id means nothing to them (older records have none).
+    author_name: str = ""
 
 
-class ArticleOut(Article):
+class ArticleOut(Article, kw_only=True):
     revision: int
 
 

@@ -9,6 +9,17 @@ const SESSION_FLAG = "natsgate.session"; // "probably logged in": skip a 401 pro
 const TRANSPORT_KEY = "natsgate.transport"; // this tab fell back to polling: start there
 const ROOMS = ["general", "random", "help"];
 const TOKEN_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const JOINED_KEY = "natsgate.rooms"; // rooms this tab joined: listed again in every chat view
+
+/** @returns {string[]} */
+function joinedRooms() {
+  try {
+    const rooms = JSON.parse(sessionStorage.getItem(JOINED_KEY) || "[]");
+    return Array.isArray(rooms) ? rooms.filter((r) => typeof r === "string" && TOKEN_RE.test(r)) : [];
+  } catch {
+    return [];
+  }
+}
 
 /** @type {import("./sync.js").SyncClient | null} */
 let client = null;
@@ -52,6 +63,27 @@ function h(tag, attrs, ...children) {
 function can(op, target, pattern) {
   return allows((client && client.capabilities) || (me && /** @type {any} */ (me).capabilities), op, target, pattern);
 }
+
+/**
+ * Enable `el` when `allowed`; otherwise disable it and say why (tooltip and accessible
+ * description), so a user learns before trying rather than from a refusal.
+ * @param {HTMLElement} el
+ * @param {boolean} allowed
+ * @param {string} reason
+ */
+function gate(el, allowed, reason) {
+  /** @type {any} */ (el).disabled = !allowed;
+  if (allowed) {
+    el.removeAttribute("title");
+    el.removeAttribute("aria-description");
+  } else {
+    el.title = reason;
+    el.setAttribute("aria-description", reason);
+  }
+}
+
+/** @param {string} command */
+const noCommand = (command) => `You may not do this: your capabilities have no ${command} command.`;
 
 /** @param {string} id */
 const $ = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
@@ -244,15 +276,21 @@ function start(login) {
 }
 
 async function logout() {
+  // The client goes first: the logout revokes the token, and the gateway then closes the
+  // socket 4401 ("token revoked"). A client still open when that close arrives takes it for
+  // an involuntary sign-out, tries a refresh (401) and says the session ended.
+  const closing = client;
+  if (!closing) return; // a second click while the first one is under way
+  client = null;
+  me = null;
+  closing.close();
+  localStorage.removeItem(SESSION_FLAG);
   try {
     await api.post("/auth/logout");
   } catch {
     // logged out anyway: the cookie may be gone already
   }
-  localStorage.removeItem(SESSION_FLAG);
-  if (client) client.close();
-  client = null;
-  me = null;
+  // Only now: a login typed before the logout's answer would have its cookie cleared by it.
   showLogin();
   announce("Logged out");
 }
@@ -387,14 +425,21 @@ function articlesView(main, c) {
     title.focus();
   }
 
+  const UNREADABLE = "Saved. It will not appear here: you may no longer read the articles bucket.";
+  const unreadable = () => store.status === "revoked" || store.status === "denied";
+
   /** @param {number} revision */
   async function confirmSeen(revision) {
+    if (unreadable()) {
+      status.textContent = UNREADABLE;
+      return;
+    }
     status.textContent = "Saved — waiting for the live update…";
     try {
       await store.seen(revision, { timeout: 10000 });
       status.textContent = "Saved: every open tab shows it now.";
     } catch {
-      status.textContent = "Saved (the live update is late).";
+      status.textContent = unreadable() ? UNREADABLE : "Saved (the live update is late).";
     }
   }
 
@@ -433,7 +478,7 @@ function articlesView(main, c) {
     conflict.replaceChildren(
       h("strong", null, "Conflict: "),
       latest
-        ? `someone else changed this article while you were editing it (it is now at revision ${latest.revision}, you started from ${editing.revision}). Your text is kept below.`
+        ? `someone else changed this article while you were editing it (it is now at revision ${latest.revision}, you started from ${editing.revision}). Your text is still in the form above.`
         : "this article was deleted while you were editing it.",
       h(
         "span",
@@ -449,8 +494,12 @@ function articlesView(main, c) {
 
   /** @param {any} a @param {HTMLElement | undefined} el */
   function renderItem(a, el) {
-    if (el && el.dataset.revision === String(a.revision)) return el; // unchanged: keep it (and focus)
-    const mine = me && a.author === me.id;
+    const mine = !!me && a.author === me.id;
+    const may = (/** @type {string} */ command) => can("cmd", command) && (mine || can("cmd", "articles.moderate"));
+    const sig = `${a.revision}|${may("articles.update")}|${may("articles.delete")}`;
+    if (el && el.dataset.sig === sig) return el; // unchanged: keep it (and focus)
+    /** @param {string} command */
+    const why = (command) => (can("cmd", command) ? "Only its author or a moderator (articles.moderate) may change it." : noCommand(command));
     const del = h("button", { type: "button", class: "danger", "aria-label": `Delete “${a.title}”` }, "Delete");
     del.addEventListener("click", async () => {
       if (del.dataset.armed !== "1") {
@@ -473,24 +522,29 @@ function articlesView(main, c) {
           e instanceof ApiError && e.status === 412 ? "Not deleted: it changed meanwhile — look again." : `Not deleted: ${describe(e)}`;
       }
     });
+    const editButton = h("button", { type: "button", onclick: () => edit(store.get(a.id)), "aria-label": `Edit “${a.title}”` }, "Edit");
     const li = h(
       "li",
-      { class: "item article", "data-id": a.id, "data-revision": a.revision },
+      { class: "item article", "data-id": a.id, "data-revision": a.revision, "data-sig": sig },
       h("h3", null, a.title),
       h(
         "p",
         { class: "meta" },
-        mine ? "by you" : h("span", { title: a.author }, `by user ${String(a.author).slice(0, 7)}…`),
+        mine
+          ? "by you"
+          : h("span", { class: "author", title: a.author }, a.author_name ? `by ${a.author_name}` : `by user ${String(a.author).slice(0, 7)}…`),
         ` · ${when(a.updated_at)} · revision ${a.revision}`,
       ),
       a.body ? h("p", { class: "body" }, a.body) : null,
       h(
         "div",
         { class: "actions" },
-        h("button", { type: "button", onclick: () => edit(store.get(a.id)), "aria-label": `Edit “${a.title}”` }, "Edit"),
+        editButton,
         del,
       ),
     );
+    gate(editButton, may("articles.update"), why("articles.update"));
+    gate(del, may("articles.delete"), why("articles.delete"));
     if (el) el.replaceWith(li);
     return li;
   }
@@ -513,6 +567,7 @@ function articlesView(main, c) {
     store.on("error", render),
     c.on("capabilities", () => {
       /** @type {HTMLElement} */ (main.querySelector("#article-form")).hidden = !can("cmd", "articles.create");
+      render(); // Edit and Delete follow the new capabilities
     }),
   ];
   main.append(
@@ -565,9 +620,15 @@ function chatView(main, c, arg) {
   const stream = c.stream("chat", { filter: `chat.room.${room}`, startSeq: 1, batch: 200 });
   const banner = h("p", { id: "chat-state", class: "notice", hidden: true });
   const log = h("ol", { id: "messages", class: "messages", "aria-label": `Messages in ${room}`, "aria-live": "polite" });
-  const rooms = ROOMS.includes(room) ? ROOMS : [...ROOMS, room];
+  const joined = joinedRooms();
+  if (!ROOMS.includes(room) && !joined.includes(room)) {
+    joined.push(room);
+    sessionStorage.setItem(JOINED_KEY, JSON.stringify(joined));
+  }
+  const rooms = [...ROOMS, ...joined];
   const text = /** @type {HTMLInputElement} */ (h("input", { id: "chat-text", name: "text", autocomplete: "off", required: true, maxlength: "4000", placeholder: `Message #${room}` }));
   const status = h("p", { id: "chat-status", class: "status", role: "status" });
+  const sendButton = h("button", { type: "submit", class: "primary" }, "Send");
   const join = /** @type {HTMLInputElement} */ (h("input", { id: "chat-room", name: "room", placeholder: "room name", pattern: "[A-Za-z0-9_\\-]{1,64}", "aria-label": "Join a room" }));
 
   /** @type {HTMLElement | null} the newest message, to scroll to at the next frame */
@@ -684,12 +745,17 @@ function chatView(main, c, arg) {
         },
         h("label", { for: "chat-text", class: "visually-hidden" }, "Message"),
         text,
-        h("button", { type: "submit", class: "primary" }, "Send"),
+        sendButton,
       ),
       status,
     ),
   );
   showSubState(banner, stream, "this chat");
+  const gateSend = () => {
+    for (const el of [text, sendButton]) gate(el, can("cmd", "chat.send"), noCommand("chat.send"));
+  };
+  gateSend();
+  offs.push(c.on("capabilities", gateSend));
   return () => {
     offs.forEach((off) => off());
     cancelAnimationFrame(scrollFrame);
@@ -726,9 +792,10 @@ function todosView(main, c) {
 
   /** @param {any} t @param {HTMLElement | undefined} el */
   function renderItem(t, el) {
-    const sig = `${t.title}|${t.done}`;
+    const sig = `${t.title}|${t.done}|${can("cmd", "todos.put")}|${can("cmd", "todos.delete")}`;
     if (el && el.dataset.sig === sig) return el;
     const box = h("input", { type: "checkbox", id: `todo-${t.id}`, checked: !!t.done, onchange: () => put({ ...t, done: !t.done }) });
+    gate(box, can("cmd", "todos.put"), noCommand("todos.put"));
     const li = h(
       "li",
       { class: t.done ? "item todo done" : "item todo", "data-id": t.id, "data-sig": sig },
@@ -752,6 +819,7 @@ function todosView(main, c) {
         "Delete",
       ),
     );
+    gate(/** @type {HTMLElement} */ (li.querySelector("button")), can("cmd", "todos.delete"), noCommand("todos.delete"));
     if (el) {
       const focused = el.contains(document.activeElement) ? document.activeElement : null;
       el.replaceWith(li);
@@ -770,7 +838,13 @@ function todosView(main, c) {
     main.dataset.synced = String(store.state === "synced");
   }
 
+  const addButton = h("button", { type: "submit", class: "primary" }, "Add");
+  const gateAdd = () => {
+    for (const el of [title, addButton]) gate(el, can("cmd", "todos.put"), noCommand("todos.put"));
+    render();
+  };
   const offs = ["change", "state", "revoked", "error"].map((ev) => store.on(/** @type {any} */ (ev), render));
+  offs.push(c.on("capabilities", gateAdd));
   main.append(
     h(
       "section",
@@ -793,14 +867,14 @@ function todosView(main, c) {
         },
         h("label", { for: "todo-title", class: "visually-hidden" }, "New todo"),
         title,
-        h("button", { type: "submit", class: "primary" }, "Add"),
+        addButton,
       ),
       status,
       empty,
       list,
     ),
   );
-  render();
+  gateAdd();
   return () => {
     offs.forEach((off) => off());
     store.close();
@@ -848,6 +922,74 @@ export function checkCapabilities(text) {
     }
   }
   return { caps };
+}
+
+/**
+ * The admin's "new user" form (POST /api/users). A new user may do nothing until given
+ * capabilities: they can start as a copy of an existing user's, and the editor opens on them.
+ * @param {() => Map<string, any>} users the users known now
+ * @param {(user: any) => void} created
+ */
+function newUserForm(users, created) {
+  const field = (/** @type {string} */ id, /** @type {string} */ label, /** @type {Record<string, any>} */ attrs) => [
+    h("label", { for: id }, label),
+    h("input", { id, name: id, required: true, autocomplete: "off", ...attrs }),
+  ];
+  const [nameLabel, username] = field("new-username", "Username", { maxlength: "32", autocapitalize: "none" });
+  const [displayLabel, display] = field("new-display-name", "Display name", { maxlength: "100", required: false });
+  const [passLabel, password] = field("new-password", "Password (at least 8 characters)", { type: "password", minlength: "8", autocomplete: "new-password" });
+  const copy = h("select", { id: "new-caps-from" }, h("option", { value: "" }, "none (set them below)"));
+  const status = h("p", { id: "new-user-status", class: "status", role: "status" });
+  const submit = h("button", { type: "submit", class: "primary" }, "Create user");
+  const details = h(
+    "details",
+    {
+      class: "card",
+      ontoggle: () => {
+        const options = [...users().values()].sort((a, b) => a.username.localeCompare(b.username));
+        copy.replaceChildren(copy.firstChild, ...options.map((u) => h("option", { value: u.id }, u.username)));
+      },
+    },
+    h("summary", null, "New user"),
+    h(
+      "form",
+      {
+        id: "new-user-form",
+        onsubmit: async (/** @type {Event} */ ev) => {
+          ev.preventDefault();
+          submit.disabled = true;
+          status.textContent = "Creating…";
+          const from = users().get(copy.value);
+          try {
+            const u = await api.post("/users", {
+              username: username.value.trim(),
+              display_name: display.value.trim(),
+              password: password.value,
+              ...(from ? { capabilities: from.capabilities } : {}),
+            });
+            status.textContent = `Created ${u.username}${from ? ` with the capabilities of ${from.username}` : ": give them capabilities below"}.`;
+            /** @type {HTMLFormElement} */ (ev.target).reset();
+            created(u);
+          } catch (e) {
+            status.textContent = `Not created: ${describe(e)}`;
+          } finally {
+            submit.disabled = false;
+          }
+        },
+      },
+      nameLabel,
+      username,
+      displayLabel,
+      display,
+      passLabel,
+      password,
+      h("label", { for: "new-caps-from" }, "Start with the capabilities of"),
+      copy,
+      h("div", { class: "actions" }, submit),
+      status,
+    ),
+  );
+  return details;
 }
 
 /**
@@ -1005,6 +1147,13 @@ function adminView(main, c, arg) {
   section.append(
     h("p", { class: "hint" }, "Changes apply live: a user's open subscriptions that the new capabilities no longer allow end at once."),
     banner,
+    newUserForm(
+      () => users,
+      (u) => {
+        users.set(u.id, u); // the live list may show it a moment later: select it now
+        select(u.id);
+      },
+    ),
     h(
       "div",
       { class: "table-wrap" },

@@ -66,7 +66,16 @@ def if_match(request: web.Request) -> int | None:
 
 
 def _out(a: Article, revision: int) -> ArticleOut:
-    return ArticleOut(a.id, a.title, a.body, a.author, a.created_at, a.updated_at, revision)
+    return ArticleOut(
+        a.id,
+        a.title,
+        a.body,
+        a.author,
+        a.created_at,
+        a.updated_at,
+        a.author_name,
+        revision=revision,
+    )
 
 
 def _check_body(body: ArticleIn) -> None:
@@ -172,7 +181,7 @@ async def create_article(request: web.Request) -> web.StreamResponse:
     _check_body(body)
     t = now()
     for _ in range(_ID_ATTEMPTS):
-        article = Article(new_article_id(), body.title, body.body, p.user.id, t, t)
+        article = Article(new_article_id(), body.title, body.body, p.user.id, t, t, p.name)
         try:
             revision = await request.app[STORE].articles.create(article.id, article)
             break
@@ -208,7 +217,10 @@ async def update_article(request: web.Request) -> web.StreamResponse:
     _check_body(body)
     _check_revision(found, expected)
     old = found.value
-    article = Article(aid, body.title, body.body, old.author, old.created_at, now())
+    # A moderator's edit keeps the author; an article from before author_name gets its
+    # author's name when the author edits it.
+    name = p.name if old.author == p.user.id else old.author_name
+    article = Article(aid, body.title, body.body, old.author, old.created_at, now(), name)
     try:
         revision = await request.app[STORE].articles.update(aid, article, last=found.revision)
     except Conflict:

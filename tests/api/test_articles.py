@@ -30,11 +30,13 @@ async def test_create_stores_in_kv_publishes_event_and_audit(
     events = await nc.subscribe("articles.*.created")
     article = await create(api)
     assert article["author"] == api.users["alice"].id
+    assert article["author_name"] == "Alice"  # what readers show: not the user id
     kv = await js.key_value("articles")
     entry = await kv.get(article["id"])
     assert entry.revision == article["revision"]
     stored = msgspec.json.decode(entry.value or b"")
     assert stored["title"] == "Hello" and "revision" not in stored
+    assert stored["author_name"] == "Alice"  # what the SPA reads from the KV watch
     event = await events.next_msg(timeout=5)
     assert event.subject == f"articles.{article['id']}.created"
     assert msgspec.json.decode(event.data)["revision"] == article["revision"]
@@ -221,7 +223,8 @@ async def test_only_the_author_or_a_moderator_changes_an_article(api: Api) -> No
     assert resp.status == 412  # allowed to change it: may learn the revision
     resp = await api.client.put(url, json={"title": "moderated"}, headers=api.auth("mod") | right)
     assert resp.status == 200
-    assert (await resp.json())["author"] == api.users["alice"].id
+    moderated = await resp.json()
+    assert (moderated["author"], moderated["author_name"]) == (api.users["alice"].id, "Alice")
     # The demo admin moderates too (its commands capability is `>`).
     resp = await api.client.delete(url, headers=api.auth("admin"))
     assert resp.status == 200
