@@ -4,18 +4,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements.lock
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: install lock env-example asyncapi transcript test lint typecheck run start stop status logs ctl ensure-nginx browser-deps bench reliability clean
+.PHONY: install lock env-example asyncapi transcript test lint typecheck run start stop status logs ctl ensure-nginx browser-deps js-deps ops-deps bench reliability clean
 
 install: $(STAMP)
 
 # Every distribution at the version requirements.lock pins (the set the dependency audit
 # checks); pip and setuptools too: a new venv's own setuptools 65 carries known advisories.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) --upgrade pip setuptools
 	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) -e clients/python  # the Python client (its own dist)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -47,14 +48,31 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint typecheck ensure-nginx browser-deps
-	node --test web/test/
+test: install lint typecheck ensure-nginx browser-deps js-deps ops-deps
+	node --test clients/js/test/
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The browser tests (tests/browser) drive Debian's chromium through Playwright, and web/'s
-# unit tests run on node: installs whichever is missing (apt-get, as root or with sudo).
+# The browser tests (tests/browser) drive Debian's chromium through Playwright, and the JS
+# client's tests run on node and npm: installs whichever is missing (apt-get, as root or
+# with sudo).
 browser-deps:
 	@tests/browser/ensure-browser.sh
+
+# tests/ops checks the rendered systemd units with systemd-analyze: installs it if missing.
+ops-deps:
+	@tests/ops/ensure-tools.sh
+
+# The JS client's dev tools (typescript, publint, attw; ws, a Node WebSocket that sends a
+# token) at its package-lock.json's versions: tests/js packs clients/js (tsc makes the
+# types), checks the tarball with them and drives it on a real stack.
+JS := clients/js
+JS_STAMP := $(JS)/node_modules/.installed-$(shell cat $(JS)/package-lock.json | sha1sum | cut -c1-12)
+
+js-deps: browser-deps $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --silent
+	@touch $@
 
 # The stack (deploy/README.md). Settings come from the environment or the command line:
 # `make run NATS_CLUSTER=3`, `make start BASE_PORT=9080 VAR_DIR=/tmp/stack2`.
@@ -101,4 +119,4 @@ bench: install $(BENCH_STAMP)
 	$(PY) bench/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache bench/node_modules
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache bench/node_modules $(JS)/node_modules $(JS)/types

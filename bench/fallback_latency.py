@@ -4,9 +4,10 @@
 
 Starts a whole stack with `make start` on free loopback ports (tests/deploy/stackrun.py, a
 temp VAR_DIR), opens one page of it in Debian's chromium and, in that page, imports the real
-web/sync.js twice: a client forced onto WebSocket and one forced onto long polling (no
-fallback, no WebSocket tries), both through nginx as the SPA is. Per write, in the page's own
-clock: `performance.now()` just before the HTTP request is sent, and when the client hands
+JS client (clients/js at /natsgate/) twice: one forced onto WebSocket and one forced onto
+long polling (no fallback, no WebSocket tries), both through nginx as the SPA is. Per
+write, in the page's own clock: `performance.now()` just before the HTTP request is sent,
+and when the client hands
 the result to the app (a `js_msg` with the message's text for `POST /api/commands/chat.send`;
 a `kv_msg` put with the new title for `PUT /api/articles/{id}`). Writes are sequential with a
 random 20-80 ms pause between them (so a long poll is usually waiting, as with sparse real
@@ -38,7 +39,7 @@ from tests.deploy.stackrun import Stack  # noqa: E402
 # updates; returns [[kind, ms to the app, ms to the HTTP response], ...].
 MEASURE = """
 async ({transport, writes, room, articleId, password}) => {
-  const m = await import("/sync.js");
+  const m = await import("/natsgate/index.js");
   const api = m.createApi();
   const client = m.createClient({
     transport, polling: transport === "polling", probeInterval: 0,
@@ -95,7 +96,7 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, lis
             await page.goto(stack.url + "/")  # the login form: the SPA opens no client
             article = await page.evaluate(
                 """async (password) => {
-                    const m = await import("/sync.js");
+                    const m = await import("/natsgate/index.js");
                     const api = m.createApi();
                     await api.post("/auth/login", {username: "alice", password});
                     return (await api.post("/articles", {title: "bench", body: "bench"})).id;

@@ -1,4 +1,6 @@
-"""A typed asyncio client for the gateway protocol (the Python SDK; tests and bench use it).
+"""The low-level client of the test suites and bench: raw envelopes as dicts, every frame
+observable, no reconnect. Users want the Python SDK, clients/python (natsgate-client),
+whose transports this shares (natsgate_client.transport; `make install` installs it).
 
     async with await GatewayClient.connect(url, token=token) as c:
         sub = await c.sub("chat.room.1")
@@ -15,13 +17,12 @@ import asyncio
 import contextlib
 import itertools
 import re
-import secrets
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import aiohttp
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
+from natsgate_client.transport import PollTransport, Transport, WsTransport
 from websockets.exceptions import ConnectionClosed
 
 from shared.subjects import match
@@ -139,164 +140,6 @@ class ClientSubscription:
         )
 
 
-class WsTransport:
-    """The WebSocket transport: one frame per send, frames as they arrive."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    @classmethod
-    async def open(cls, url: str, headers: dict[str, str], open_timeout: float) -> WsTransport:
-        ws = await connect(
-            url,
-            additional_headers=headers,
-            compression=None,
-            max_size=None,
-            open_timeout=open_timeout,
-            ping_interval=None,
-        )
-        return cls(ws)
-
-    async def send(self, data: str | bytes) -> None:
-        await self.ws.send(data)
-
-    async def frames(self) -> AsyncIterator[str | bytes]:
-        try:
-            async for frame in self.ws:
-                yield frame
-        except ConnectionClosed:
-            pass
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-    async def wait_closed(self) -> None:
-        await self.ws.wait_closed()
-
-    @property
-    def close_code(self) -> int | None:
-        return self.ws.close_code
-
-
-class PollTransport:
-    """The long-polling transport (docs/protocol.md, "Fallback transport"): same envelopes."""
-
-    def __init__(
-        self, http: aiohttp.ClientSession, base: str, sid: str, headers: dict[str, str]
-    ) -> None:
-        self.http, self.base, self.sid, self.headers = http, base, sid, headers
-        self.after = 0
-        self._close_code: int | None = None
-        self._closed = asyncio.Event()
-
-    @classmethod
-    async def open(cls, url: str, headers: dict[str, str], open_timeout: float) -> PollTransport:
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        sid = secrets.token_urlsafe(18)
-        try:
-            async with http.post(
-                f"{url}/open",
-                params={"sid": sid},
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=open_timeout),
-            ) as r:
-                if r.status != 200:
-                    raise PollRefused(r.status, await r.text())
-        except BaseException:
-            await http.close()
-            raise
-        return cls(http, url, sid, headers)
-
-    async def send(self, data: str | bytes) -> None:
-        if self._closed.is_set():
-            raise ConnectionError("session closed")
-        body = data.encode() if isinstance(data, str) else data
-        async with self.http.post(
-            f"{self.base}/send", params={"sid": self.sid}, data=body, headers=self.headers
-        ) as r:
-            if r.status == 410:
-                await self._gone(r)
-                raise ConnectionError("session closed")
-            if r.status != 204:
-                raise ConnectionError(f"poll send failed: {r.status} {await r.text()}")
-
-    async def _gone(self, r: aiohttp.ClientResponse) -> None:
-        try:
-            body = await r.json(content_type=None)
-            self._close_code = int(body.get("close_code") or 1006)
-        except Exception:
-            self._close_code = 1006
-        self._closed.set()
-
-    async def frames(self) -> AsyncIterator[str | bytes]:
-        try:
-            async for body in self._polls():
-                yield body
-        finally:
-            # The session is over (either end closed it): nothing more goes over HTTP, so
-            # the HTTP session goes too, whether or not the client is ever closed.
-            await self.http.close()
-
-    async def _polls(self) -> AsyncIterator[str]:
-        failures = 0
-        while not self._closed.is_set():
-            try:
-                async with self.http.get(
-                    self.base,
-                    params={"sid": self.sid, "after": str(self.after)},
-                    headers=self.headers,
-                ) as r:
-                    if r.status == 410:
-                        await self._gone(r)
-                        return
-                    if r.status != 200:
-                        # 401: the token was revoked or expired (as a socket's 4401)
-                        self._close_code = 4401 if r.status == 401 else 1006
-                        self._closed.set()
-                        return
-                    body = await r.text()
-                    self.after = int(r.headers.get("Poll-Last-Frame", self.after))
-                failures = 0
-            except (TimeoutError, aiohttp.ClientError):
-                failures += 1
-                if self._closed.is_set() or failures > 5:
-                    self._close_code = self._close_code or 1006
-                    self._closed.set()
-                    return
-                await asyncio.sleep(0.2 * failures)
-                continue
-            if body:
-                yield body
-
-    async def close(self) -> None:
-        if not self._closed.is_set():
-            with contextlib.suppress(Exception):
-                async with self.http.post(
-                    f"{self.base}/close", params={"sid": self.sid}, headers=self.headers
-                ) as r:
-                    await r.read()
-            if self._close_code is None:
-                self._close_code = 1000
-            self._closed.set()
-        await self.http.close()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    @property
-    def close_code(self) -> int | None:
-        return self._close_code
-
-
-class PollRefused(Exception):
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"poll open refused: {status} {body}")
-        self.status = status
-
-
-Transport = WsTransport | PollTransport
-
-
 class GatewayClient:
     def __init__(self, ws: Transport) -> None:
         self.ws = ws
@@ -331,7 +174,10 @@ class GatewayClient:
         if url.startswith(("http://", "https://")):
             transport = await PollTransport.open(url, hdrs, open_timeout)
         else:
-            transport = await WsTransport.open(url, hdrs, open_timeout)
+            # Silent unless asked (tests of the heartbeat), frames of any size (bench).
+            transport = await WsTransport.open(
+                url, hdrs, open_timeout, ping_interval=None, max_size=None
+            )
         client = cls(transport)
         if record:
             client.envelopes = asyncio.Queue()

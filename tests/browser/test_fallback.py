@@ -1,6 +1,6 @@
 """The long-polling fallback in a real browser: alice's page cannot open a WebSocket (its
 constructor is pointed at a path that answers plain HTTP, as a proxy that does not speak
-WebSocket would), so sync.js falls back to `/poll` through nginx; bob's page is ordinary.
+WebSocket would), so the JS client falls back to `/poll` through nginx; bob's page is ordinary.
 Everything alice sees must still arrive, once each and in order."""
 
 from __future__ import annotations

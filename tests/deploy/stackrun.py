@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ import msgspec
 from deploy import stack as ops
 from deploy.render import Layout
 from shared.settings import Settings, load
+from tests.metrics import scrape_metric
 from tests.waits import until_async
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,6 +227,76 @@ async def chat_send_acked(
         assert time.monotonic() < deadline, f"chat.send not acknowledged for {timeout:.0f} s"
         await asyncio.sleep(0.05)  # a pause between retries, not synchronisation
     return seq
+
+
+async def todo_command(
+    http: aiohttp.ClientSession, token: str, op: str, body: dict[str, Any], timeout: float = 30
+) -> int:
+    """todos.put / todos.delete through nginx, retried until the API answers (its NATS write
+    is idempotent: a put of the same value; a delete of a deleted key is 404); the KV
+    revision, 0 for a delete of nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.post(
+            f"/api/commands/todos.{op}", json=body, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            if r.status == 200:
+                return int((await r.json())["revision"])
+            if r.status == 404 and op == "delete":
+                return 0
+        assert time.monotonic() < deadline, f"todos.{op} not acknowledged: {r.status}"
+        await asyncio.sleep(0.05)  # a pause between retries, not synchronisation
+
+
+class MixedWrites:
+    """Chat messages and one user's todo puts and deletes, written together through nginx,
+    remembering what a reader of both must end with (the client kill -9 tests)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        writer: str,
+        todo_writer: str,
+        room: str,
+        uid: str,
+        prefix: str,
+        published: list[int],
+    ) -> None:
+        self.http, self.writer, self.todo_writer = http, writer, todo_writer
+        self.room, self.uid = room, uid
+        self.keys = (f"{room}-{i}" for i in itertools.count(len(published)))
+        self.published = published  # stream seqs, in order
+        self.ids = [f"{prefix}-{i}" for i in range(10)]
+        self.expected: dict[str, str] = {}  # key -> title, as the writes left it
+        self.last_rev = 0
+
+    async def write(self, n: int) -> None:
+        for i in range(n):
+            key = next(self.keys)
+            self.published.append(
+                await chat_send_acked(self.http, self.writer, self.room, key, key, 30)
+            )
+            todo_id = self.ids[i % len(self.ids)]
+            if i % 4 == 3:
+                rev = await todo_command(self.http, self.todo_writer, "delete", {"id": todo_id})
+                self.expected.pop(f"user.{self.uid}.{todo_id}", None)
+            else:
+                body = {"id": todo_id, "title": key}
+                rev = await todo_command(self.http, self.todo_writer, "put", body)
+                self.expected[f"user.{self.uid}.{todo_id}"] = key
+            self.last_rev = max(self.last_rev, rev)
+
+
+async def gateway_of(ports: list[int]) -> int:
+    """The port of the one gateway of `ports` holding a session (the test's one client)."""
+    found: list[int] = []
+
+    async def one() -> bool:
+        found[:] = [p for p in ports if await scrape_metric(p, "gateway_connections") == 1]
+        return len(found) == 1
+
+    await until_async(one, "one gateway with the client's session", 10)
+    return found[0]
 
 
 def keep_down(server: Any, name: str) -> None:
