@@ -1,4 +1,4 @@
-"""`python -m deploy render|run|start|stop|status|logs|ctl …` (the Makefile's targets).
+"""`python -m deploy render|systemd|run|start|stop|status|logs|ctl …` (the Makefile's targets).
 
 Settings come from the environment like the apps' (`BASE_PORT`, `VAR_DIR`, `NATS_CLUSTER`,
 `GATEWAY_PROCS`, `API_PROCS`, `APP_ENV`, …); see shared/settings.py.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from deploy import stack
+from deploy.production import render_systemd
 from deploy.render import Layout, render
 from shared.natsio import ensure_dev_credentials
 from shared.settings import load
@@ -19,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("render", help="write the configs under VAR_DIR and print where")
+    p = sub.add_parser(
+        "systemd",
+        help="write systemd units, their environment file and an nginx snippet for a "
+        "production host (deploy/README.md)",
+    )
+    p.add_argument("--out", type=Path, help="directory (default: VAR_DIR/systemd)")
+    p.add_argument("--user", default="natsgate", help="the user the services run as")
+    p.add_argument("--env-dir", type=Path, default=Path("/etc/natsgate"))
     for name, text in (("run", "foreground; Ctrl-C stops"), ("start", "background")):
         p = sub.add_parser(name, help=f"bring the whole stack up ({text})")
         p.add_argument(
@@ -42,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                 ensure_dev_credentials(settings)  # as `start` does: NATS users in the config
                 render(settings, layout)
                 print(layout.supervisord_conf)
+                return 0
+            case "systemd":
+                for path in render_systemd(
+                    settings,
+                    layout,
+                    args.out or layout.var / "systemd",
+                    user=args.user,
+                    env_dir=args.env_dir,
+                ):
+                    print(path)
                 return 0
             case "run":
                 return stack.run(settings, layout, args.timeout)

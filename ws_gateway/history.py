@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from shared import envelope
+from shared import envelope, logs
 
 log = logging.getLogger("ws_gateway.history")
 
@@ -115,7 +115,9 @@ class History:
         if reading is None:
             reading = asyncio.get_running_loop().create_future()
             self._reading[key] = reading
-            task = asyncio.get_running_loop().create_task(self._fill(key, reading, mark))
+            task = asyncio.get_running_loop().create_task(
+                self._fill(key, reading, mark), context=logs.detached()
+            )
             task.add_done_callback(_quiet)
         # Shielded: one reader giving up (its subscription ended) does not fail the others.
         return await asyncio.shield(reading)

@@ -17,6 +17,8 @@ NATS_RETRIES = Counter(
 NATS_FAILURES = Counter(
     "gateway_nats_failures_total", "NATS requests that failed past the failover wait", ["kind"]
 )
+NATS_RECONNECTS = Counter("gateway_nats_reconnects_total", "NATS connection re-established")
+READY = Gauge("gateway_ready", "1 when /readyz answers 200 (set at each scrape)")
 DENIED = Counter("gateway_denied_total", "Requests refused by capabilities", ["op"])
 ERRORS = Counter("gateway_errors_total", "Error replies by code", ["code"])
 CLOSES = Counter("gateway_closes_total", "Connections closed by close code", ["code"])

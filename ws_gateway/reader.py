@@ -25,7 +25,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from shared import failover
+from shared import failover, logs
 from shared.tasks import cancel_and_wait
 from ws_gateway.rules import Start
 
@@ -142,7 +142,9 @@ class StreamReader:
     def pull(self) -> None:
         """Start pulling (once): nothing is fetched before, so nothing is dropped."""
         if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(self._pull_loop())
+            self._task = asyncio.get_running_loop().create_task(
+                self._pull_loop(), context=logs.detached()
+            )
 
     async def close(self) -> None:
         """Stop pulling and release the consumer (idempotent)."""

@@ -63,7 +63,8 @@ def backoff_delay(
     factor: float = 2.0,
     jitter: float = 0.5,
 ) -> float:
-    """web/sync.js `backoffDelay`: in [base·(1-jitter), base], base = min(cap, initial·f^n)."""
+    """The JS client's `backoffDelay` (clients/js/src/policy.js): in [base·(1-jitter), base],
+    base = min(cap, initial·f^n)."""
     base = min(cap, initial * factor**attempt)
     return base * (1 - jitter * rnd.random())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,9 @@ async def test_slow_consumer_among_readers(
     slow_ids = opened_ids[n_readers : n_readers + n_slow]
     gave_up = {e["session"]: e for e in events if e.get("msg") == "slow client"}
     closes = [
-        gave_up[sid]["ts"] - t for sid, t in zip(slow_ids, paused_at, strict=True) if sid in gave_up
+        datetime.fromisoformat(gave_up[sid]["time"]).timestamp() - t
+        for sid, t in zip(slow_ids, paused_at, strict=True)
+        if sid in gave_up
     ]
     why = sorted({gave_up[sid]["why"] for sid in slow_ids if sid in gave_up})
     base, with_slow = windows["without"]["samples"], windows["with"]["samples"]
@@ -261,7 +264,7 @@ async def test_reconnect_storm(
         "R6",
         "test_reconnect_storm",
         f"{n} clients ({len(tokens)} users) on a gateway process that is killed (-9) and "
-        "restarted on the same port; clients reconnect with web/sync.js's backoff "
+        "restarted on the same port; clients reconnect with the JS client's backoff "
         "(250 ms x 2^n, cap 10 s, jitter 50 %)",
         f"99 % reconnected after {t99:.2f} s, 100 % after {t100:.2f} s; failed handshakes "
         f"{failures} ({sum(failures.values()) / n:.2f} per client); KV reads per reconnect: "
