@@ -6,19 +6,22 @@ They use the same Store and the same validation as the HTTP API.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
 from argon2 import PasswordHasher
 
+from http_api import roles
 from http_api.passwords import Passwords
 from http_api.routes.users import new_user_id
 from http_api.store import Exists, Store
-from shared import natsio
+from shared import natsio, resources
+from shared.auth import TokenIssuer
 from shared.capabilities import Capabilities, validate
 from shared.settings import Settings
-from shared.users import USERNAME_RE, UserRecord
+from shared.users import USER_ID_RE, USERNAME_RE, UserRecord
 
 log = logging.getLogger("http_api.admin")
 
@@ -64,9 +67,40 @@ async def connected_store(settings: Settings) -> AsyncIterator[Store]:
         await nc.drain()
 
 
-async def provision(settings: Settings) -> None:
-    async with connected_store(settings):
-        pass
+async def provision(settings: Settings) -> list[str]:
+    """Buckets and streams (system and the resources file's), then the file's roles; what
+    was created, updated, and what differs and was left as it is (drift)."""
+    try:
+        res = resources.load(settings)
+    except (OSError, resources.ResourcesError) as e:
+        raise AdminError(f"invalid resources file: {e}") from None
+    nc = await natsio.connect(settings, "http_api-admin", connect_timeout=10.0)
+    try:
+        js = nc.jetstream()
+        report = await natsio.provision(js, settings, res)
+        store = Store(js)
+        await store.open()
+        written = await roles.sync(store, res.roles)
+    finally:
+        await nc.drain()
+    return report.lines() + [f"updated role {name}" for name in written]
+
+
+async def mint_token(settings: Settings, user_id: str, ttl: int) -> tuple[str, int]:
+    """A token for an existing, enabled user (the CLI's `token`): (token, exp)."""
+    if not 1 <= ttl <= settings.token_ttl:
+        raise AdminError(f"ttl must be 1 to TOKEN_TTL ({settings.token_ttl}) seconds")
+    async with connected_store(settings) as store:
+        found = await store.users.get(user_id) if USER_ID_RE.fullmatch(user_id) else None
+        if found is None:
+            raise AdminError(f"no user with id {user_id!r}")
+        if found.value.disabled:
+            raise AdminError(f"user {user_id!r} is disabled")
+        mark = await store.revoked_before(user_id)
+    token, claims = TokenIssuer.from_settings(settings).issue(
+        user_id, now=max(time.time(), float(mark)), ttl=ttl
+    )
+    return token, claims.exp
 
 
 async def create_user(

@@ -16,7 +16,7 @@ from argon2 import PasswordHasher
 from http_api import asyncapi, openapi
 from http_api.events import Events
 from http_api.metrics import Metrics
-from http_api.middlewares import auth_middleware, problem_middleware
+from http_api.middlewares import auth_middleware, problem_middleware, return_request_id
 from http_api.passwords import Passwords
 from http_api.ratelimit import RateLimiter
 from http_api.routes import ROUTES as ROUTE_TABLE
@@ -40,8 +40,9 @@ from http_api.state import (
     Route,
 )
 from http_api.store import Retrier, Store
-from shared import natsio
-from shared.auth import TokenIssuer, TokenVerifier, session_cookie_name
+from shared import natsio, resources
+from shared.auth import TokenIssuer, session_cookie_name
+from shared.issuers import Verifiers
 from shared.settings import Settings
 
 log = logging.getLogger("http_api.app")
@@ -51,11 +52,15 @@ ADDRESS_LIMIT_FACTOR = 5
 
 async def nats_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    nc = await natsio.connect(settings, "http_api")
+    m = app[METRICS]
+
+    async def reconnected() -> None:
+        m.nats_reconnects.inc()
+
+    nc = await natsio.connect(settings, "http_api", on_reconnect=reconnected)
     try:
         js = nc.jetstream(timeout=settings.command_timeout)
         await natsio.provision(js, settings)  # idempotent: any worker may start first
-        m = app[METRICS]
         ride = Retrier(
             settings.nats_failover_wait,
             on_retry=lambda kind: m.nats_retries.labels(kind).inc(),
@@ -79,6 +84,10 @@ async def _draining(app: web.Application) -> None:
     log.info("draining", extra={"event": "draining"})
 
 
+async def _close_verifiers(app: web.Application) -> None:
+    await app[VERIFIER].close()
+
+
 def create_app(
     settings: Settings, *, password_hasher: PasswordHasher | None = None
 ) -> web.Application:
@@ -91,7 +100,7 @@ def create_app(
     app[METRICS] = Metrics()
     app[PASSWORDS] = Passwords(password_hasher or PasswordHasher(), settings.hash_concurrency)
     app[ISSUER] = TokenIssuer.from_settings(settings)
-    app[VERIFIER] = TokenVerifier.from_settings(settings)
+    app[VERIFIER] = Verifiers.from_settings(settings, resources.load_or_exit(settings))
     app[LOGIN_BY_USER] = RateLimiter(settings.login_attempts_per_minute)
     app[LOGIN_BY_ADDRESS] = RateLimiter(settings.login_attempts_per_minute * ADDRESS_LIMIT_FACTOR)
     app[WRITES_BY_USER] = RateLimiter(
@@ -105,5 +114,7 @@ def create_app(
     app[OPENAPI] = openapi.encoded(ROUTE_TABLE, session_cookie_name(settings))
     app[ASYNCAPI] = asyncapi.encoded(session_cookie_name(settings))
     app.cleanup_ctx.append(nats_context)
+    app.on_cleanup.append(_close_verifiers)
     app.on_shutdown.append(_draining)
+    app.on_response_prepare.append(return_request_id)
     return app

@@ -20,7 +20,7 @@ import time
 from aiohttp import hdrs, web
 from nats.js.errors import APIError
 
-from http_api import problems
+from http_api import problems, roles
 from http_api.problems import Problem
 from http_api.state import (
     METRICS,
@@ -34,15 +34,28 @@ from http_api.state import (
     Handler,
     Principal,
 )
-from shared.auth import bearer_token, session_cookie_name
+from http_api.store import Versioned
+from shared import logs
+from shared.auth import Claims, bearer_token, session_cookie_name
 from shared.errors import InvalidToken
 from shared.failover import Unavailable, transient
-from shared.users import compile_or_nothing
+from shared.users import UserRecord, compile_or_nothing
 
 log = logging.getLogger("http_api.access")
 # The metrics' `method` label: the client chooses the method, and every distinct label value
 # is a new series kept for the life of the process.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+REQUEST_ID_HEADER = "X-Request-Id"  # from nginx ($request_id), returned in the response
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
+async def return_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response says which request id its log lines carry."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 def method_label(method: str) -> str:
@@ -56,7 +69,14 @@ def route_label(request: web.Request) -> str:
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes problem JSON; every request is counted, timed and logged once."""
+    """Every error becomes problem JSON; every request is counted, timed and logged once,
+    and every line logged while it is handled carries its request id."""
+    request[REQUEST_ID_KEY] = rid = logs.correlation_id(request.headers.get(REQUEST_ID_HEADER))
+    with logs.bound(request_id=rid):
+        return await _handle(request, handler)
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     start = time.perf_counter()
     try:
         try:
@@ -155,18 +175,31 @@ def client_address(request: web.Request) -> str:
     return peer
 
 
+async def _external_user(request: web.Request, claims: Claims) -> Versioned[UserRecord] | None:
+    """A trusted issuer's user without a record: created from the issuer's default role,
+    or none (refused) when it names none."""
+    role = request.app[VERIFIER].by_name[claims.source].config.default_role
+    return await roles.user_from_role(request.app[STORE], claims.sub, role) if role else None
+
+
 async def authenticate(request: web.Request) -> Principal:
     token, via_cookie = bearer_or_cookie(request)
     if token is None:
         raise Problem(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
     try:
-        claims = request.app[VERIFIER].verify(token)
+        claims = await request.app[VERIFIER].check(token)
     except InvalidToken as e:
         raise Problem(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from None
     store = request.app[STORE]
     if await store.is_revoked(claims.jti):
         raise Problem(401, "token revoked", headers={"WWW-Authenticate": "Bearer"})
     found = await store.users.get(claims.sub)
+    if found is None and claims.source:
+        found = await _external_user(request, claims)
+        if found is None:
+            raise Problem(
+                401, "no user record for this issuer's user", headers={"WWW-Authenticate": "Bearer"}
+            )
     if found is None:
         raise Problem(401, "user no longer exists", headers={"WWW-Authenticate": "Bearer"})
     user = found.value

@@ -20,8 +20,9 @@ from http_api.passwords import Passwords
 from http_api.ratelimit import RateLimiter
 from http_api.schemas import Actor
 from http_api.store import Store
-from shared.auth import Claims, TokenIssuer, TokenVerifier
+from shared.auth import Claims, TokenIssuer
 from shared.capabilities import CompiledCapabilities
+from shared.issuers import Verifiers
 from shared.settings import Settings
 from shared.users import UserRecord
 
@@ -90,7 +91,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 PASSWORDS = web.AppKey("passwords", Passwords)
 ISSUER = web.AppKey("issuer", TokenIssuer)
-VERIFIER = web.AppKey("verifier", TokenVerifier)
+VERIFIER = web.AppKey("verifier", Verifiers)
 LOGIN_BY_USER = web.AppKey("login_by_user", RateLimiter)
 LOGIN_BY_ADDRESS = web.AppKey("login_by_address", RateLimiter)
 WRITES_BY_USER = web.AppKey("writes_by_user", RateLimiter)

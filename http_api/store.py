@@ -28,11 +28,13 @@ from nats.js.kv import KeyValue
 
 from http_api.schemas import Article, Todo
 from shared import kvwire
+from shared.capabilities import Capabilities
 from shared.failover import LEADER_TRY, TRY_TIMEOUT, Unavailable, ride_out, transient
 from shared.kvlist import LeaderRead, leader_get, live_entries
 from shared.users import (
     CREDENTIALS_BUCKET,
     REVOKED_BUCKET,
+    ROLES_BUCKET,
     USER_ID_RE,
     USER_MARK,
     USERS_BUCKET,
@@ -242,6 +244,7 @@ class Store:
         self._revoked_kv = await js.key_value(REVOKED_BUCKET)
         self.articles = await bucket(ARTICLES_BUCKET, Article)
         self.todos = await bucket(TODOS_BUCKET, Todo)
+        self.roles = await bucket(ROLES_BUCKET, Capabilities)
 
     # ------------------------------------------------------------ users and credentials
 

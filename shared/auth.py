@@ -58,6 +58,9 @@ class Claims:
     jti: str
     iat: int
     exp: int
+    # "" for our own tokens, else the name of the external issuer that signed it
+    # (shared/issuers.py): its `default_role` decides about users without a record.
+    source: str = ""
 
 
 def session_cookie_name(settings: Settings) -> str:
@@ -217,6 +220,10 @@ class TokenVerifier:
             settings.jwt_audience,
             settings.jwt_leeway,
         )
+
+    @property
+    def issuer(self) -> str:
+        return self._iss
 
     @property
     def cached(self) -> int:

@@ -1,4 +1,4 @@
-"""NATS connection and idempotent provisioning of every bucket and stream we use."""
+"""NATS connection and credentials. Provisioning: shared/provision.py (re-exported here)."""
 
 from __future__ import annotations
 
@@ -8,56 +8,22 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from nats.aio.client import Client as NATS
-from nats.js import api
-from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from shared import kvwire
-from shared.capabilities import DURABLES_BUCKET, DURABLES_WATCH
+# Re-exported: provisioning lived here, and callers still reach it as natsio.provision.
+from shared.provision import Bucket as Bucket
+from shared.provision import Report as Report
+from shared.provision import Stream as Stream
+from shared.provision import buckets as buckets
+from shared.provision import limits as limits
+from shared.provision import provision as provision
+from shared.provision import streams as streams
 from shared.settings import Settings
 
 log = logging.getLogger("shared.natsio")
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    name: str
-    history: int = 1
-    ttl: float | None = None  # seconds; None = keep forever
-
-
-@dataclass(frozen=True, slots=True)
-class Stream:
-    name: str
-    subjects: tuple[str, ...]
-    max_age: float | None = None
-
-
-def buckets(settings: Settings) -> tuple[Bucket, ...]:
-    return (
-        Bucket("auth_users", history=5),
-        Bucket("auth_credentials"),
-        # A revoked token id only matters until the token would have expired anyway.
-        Bucket("auth_revoked", ttl=float(settings.token_ttl + 60)),
-        Bucket("articles", history=5),
-        Bucket("todos", history=5),
-        # Durable js_subs (ws_gateway/durables.py): the latest record per durable (saved every
-        # second while held). A delete leaves its marker, and a record unused past
-        # DURABLE_INACTIVE is kept as "gone": a later open tells either from a new durable.
-        # Both last twice DURABLE_INACTIVE, then go: what a user can leave behind is bounded.
-        Bucket(DURABLES_BUCKET, ttl=2 * settings.durable_inactive),
-    )
-
-
-STREAMS: tuple[Stream, ...] = (
-    Stream("chat", ("chat.>",)),
-    Stream("audit", ("audit.>",)),
-)
 
 
 # ---------------------------------------------------------------- credentials
@@ -307,132 +273,3 @@ async def settle(nc: NATS, timeout: float = 5.0) -> None:
     """
     await nc._flush_pending(force_flush=True)
     await nc.flush(timeout=int(max(1, timeout)))
-
-
-async def _follow_ttl(js: JetStreamContext, b: Bucket) -> None:
-    """An existing bucket's TTL follows the settings (auth_revoked: TOKEN_TTL + 60): a TTL
-    kept from the bucket's creation would forget revocations of tokens still valid. No
-    request when it has it already; the config travels as the server's JSON (as in
-    `_apply_limits`), so fields nats-py does not know stay."""
-    assert b.ttl is not None
-    stream = kvwire.stream_of(b.name)
-    info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}")
-    config: dict[str, object] = info["config"]
-    want = int(b.ttl * 1e9)
-    old = config.get("max_age")
-    if old == want:
-        return
-    if isinstance(old, int) and old > want:
-        # Tokens issued under the longer TTL outlive revocations kept for the shorter one.
-        log.warning(
-            "bucket ttl lowered",
-            extra={"event": "bucket_ttl_lowered", "bucket": b.name, "old": old, "new": want},
-        )
-    window = config.get("duplicate_window")
-    config["max_age"] = want
-    config["duplicate_window"] = min(window, want) if isinstance(window, int) and window else want
-    await js._api_request(f"{js._prefix}.STREAM.UPDATE.{stream}", json.dumps(config).encode())
-    log.info(
-        "bucket ttl updated",
-        extra={"event": "bucket_ttl_updated", "bucket": b.name, "old": old, "new": want},
-    )
-
-
-def limits(settings: Settings) -> dict[str, dict[str, int]]:
-    """The storage limits of every stream (bucket `b` is the stream `KV_b`), as fields of
-    JetStream's stream config (`max_age` in nanoseconds; 0 = none). A full bucket refuses
-    writes (KV discards new); a full stream drops its oldest messages."""
-    out: dict[str, dict[str, int]] = {}
-    for b in buckets(settings):
-        auth = b.name.startswith("auth_")
-        out[kvwire.stream_of(b.name)] = {
-            "max_bytes": settings.nats_auth_max_bytes if auth else settings.nats_data_max_bytes,
-            "max_msg_size": settings.nats_max_value_bytes,
-            "max_msgs_per_subject": b.history,
-            "max_consumers": settings.nats_max_consumers,
-        }
-    ages = {"chat": settings.nats_chat_max_age, "audit": settings.nats_audit_max_age}
-    for s in STREAMS:
-        out[s.name] = {
-            "max_bytes": settings.nats_stream_max_bytes,
-            "max_msg_size": settings.nats_max_value_bytes,
-            "max_consumers": settings.nats_max_consumers,
-            "max_age": int(ages.get(s.name, s.max_age or 0.0) * 1e9),
-        }
-    return out
-
-
-def _extra(stream: str) -> dict[str, object]:
-    """Config beyond limits: the durables bucket republishes each stored write for the
-    gateways that hold durables (ws_gateway/durables.py watches them)."""
-    if stream != kvwire.stream_of(DURABLES_BUCKET):
-        return {}
-    source = kvwire.subject_of(DURABLES_BUCKET, ">")
-    return {"republish": {"src": source, "dest": f"{DURABLES_WATCH}.>"}}
-
-
-async def _apply_limits(js: JetStreamContext, stream: str, want: dict[str, object]) -> None:
-    """Bring an existing stream to these limits; no request when it has them already (so
-    the API, whose NATS user may not update streams, can run `provision` after the admin
-    CLI). The config travels as the server's JSON, so fields nats-py does not know stay."""
-    info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}")
-    config: dict[str, object] = info["config"]
-    changed = {k: v for k, v in want.items() if config.get(k) != v}
-    if not changed:
-        return
-    old = {k: config.get(k) for k in changed}
-    config.update(changed)
-    await js._api_request(f"{js._prefix}.STREAM.UPDATE.{stream}", json.dumps(config).encode())
-    log.info(
-        "stream limits updated",
-        extra={"event": "limits_updated", "stream": stream, "old": old, "new": changed},
-    )
-
-
-async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Create every bucket and stream of ARCHITECTURE.md, with the limits of the settings
-    (`limits`), and bring existing ones to them; safe to run any number of times."""
-    replicas = settings.nats_replicas
-    caps = limits(settings)
-    for b in buckets(settings):
-        cap = caps[kvwire.stream_of(b.name)]
-        config = api.KeyValueConfig(
-            bucket=b.name,
-            history=b.history,
-            ttl=b.ttl,
-            replicas=replicas,
-            storage=api.StorageType.FILE,
-            max_bytes=cap["max_bytes"],
-            max_value_size=cap["max_msg_size"],
-        )
-        try:
-            await js.key_value(b.name)
-        except BucketNotFoundError:
-            await js.create_key_value(config)
-            log.info("created bucket %s", b.name)
-            continue
-        if b.ttl is not None:
-            await _follow_ttl(js, b)
-    for s in STREAMS:
-        cap = caps[s.name]
-        config2 = api.StreamConfig(
-            name=s.name,
-            subjects=list(s.subjects),
-            num_replicas=replicas,
-            storage=api.StorageType.FILE,
-            max_age=cap["max_age"] / 1e9 or None,
-            max_bytes=cap["max_bytes"],
-            max_msg_size=cap["max_msg_size"],
-            max_consumers=cap["max_consumers"],
-            duplicate_window=120.0,  # the Idempotency-Key window of chat.send
-            allow_direct=True,  # the gateway's shared history reads (direct get batch)
-        )
-        try:
-            await js.stream_info(s.name)
-        except NotFoundError:
-            await js.add_stream(config2)
-            log.info("created stream %s", s.name)
-    for stream, want in caps.items():
-        # allow_direct: also turned on for streams made before the gateway read history
-        # through direct get (and for buckets, where nats-py already sets it).
-        await _apply_limits(js, stream, {**want, "allow_direct": True, **_extra(stream)})

@@ -32,6 +32,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_audience: str = "natsgate"
     jwt_leeway: float = 5.0
     token_ttl: int = 3600
+    # buckets, streams, roles and trusted external issuers (shared/resources.py)
+    resources_file: str = ""  # default: deploy/resources.toml of this checkout
     # browsers
     allowed_origins: tuple[str, ...] = ("http://127.0.0.1:8080", "http://localhost:8080")
     cookie_secure: bool = False
@@ -82,7 +84,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # demo data and logs
     demo_password: str = DEFAULT_DEMO_PASSWORD
     log_level: str = "INFO"
-    log_format: Literal["pretty", "json"] = "pretty"
+    log_format: Literal["auto", "pretty", "json"] = "auto"  # auto: json in production
     # api bounds (issue 14)
     # Unsafe requests (POST/PUT/PATCH/DELETE) per authenticated user and API process: a
     # sustained rate, with bursts of up to `api_writes_burst` at once; beyond it 429.
@@ -115,6 +117,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def production(self) -> bool:
         return self.app_env == "production"
+
+    @property
+    def log_json(self) -> bool:
+        """JSON lines unless asked otherwise: a collector reads them; a person in dev the
+        pretty ones."""
+        return self.log_format == "json" or (self.log_format == "auto" and self.production)
 
     @property
     def api_ports(self) -> range:
@@ -180,6 +188,7 @@ DESCRIPTIONS: dict[str, str] = {
     "jwt_audience": "the tokens' aud claim",
     "jwt_leeway": "seconds of clock skew accepted when checking a token's times",
     "token_ttl": "seconds a token (and the session cookie) is valid",
+    "resources_file": "TOML of buckets, streams, roles, external issuers (empty: the demo's)",
     "allowed_origins": "Origins allowed to use the session cookie, comma-separated (derived)",
     "cookie_secure": "the cookie becomes __Host-session, Secure (required in production)",
     "host": "the address every process of the stack listens on",
@@ -214,7 +223,8 @@ DESCRIPTIONS: dict[str, str] = {
     "command_timeout": "seconds the API waits for NATS: a command's reply, a JetStream call",
     "demo_password": "password of the demo users admin, alice and bob (dev only)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "log_format": "pretty (one readable line) or json (one object per line)",
+    "log_format": "json (one object per line), pretty (one readable line), or auto: json "
+    "in production, pretty in dev",
     "api_writes_per_minute": "unsafe requests per user and API process, sustained (then 429)",
     "api_writes_burst": "unsafe requests per user and API process at once",
     "token_rotation_grace": "seconds a refreshed token's sockets may still send refresh",

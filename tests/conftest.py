@@ -13,6 +13,7 @@ from nats.js.errors import ServerError
 
 from shared import natsio
 from shared.settings import Settings, load
+from tests.idp import idp  # noqa: F401  (a local IdP: tests/idp.py)
 from tests.natsd import NatsServer
 
 

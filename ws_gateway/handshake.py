@@ -17,8 +17,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from shared import logs
 from shared.auth import Claims, bearer_token, session_cookie_name
 from shared.errors import InvalidToken
+from ws_gateway import metrics
 from ws_gateway.hub import Hub, UserRead
 
 log = logging.getLogger("ws_gateway.handshake")
@@ -79,7 +81,7 @@ async def admit(hub: Hub, headers: Headers) -> Admitted:
     settings = hub.settings
     token = token_from(headers, settings.allowed_origins, session_cookie_name(settings))
     try:
-        claims = hub.verifier.verify(token)
+        claims = await hub.verifier.check(token)
     except InvalidToken as e:
         raise Refused(http.HTTPStatus.UNAUTHORIZED, str(e)) from None
     if not hub.nats_ready:
@@ -89,6 +91,10 @@ async def admit(hub: Hub, headers: Headers) -> Admitted:
     if await hub.revoked(claims):
         raise Refused(http.HTTPStatus.UNAUTHORIZED, "token revoked")
     user = await hub.load_user(claims.sub)
+    if user.record is None and claims.source:
+        user = await hub.role_user(claims)
+        if user.record is None:
+            raise Refused(http.HTTPStatus.UNAUTHORIZED, "no user record for this issuer's user")
     if user.record is None or user.record.disabled:
         raise Refused(http.HTTPStatus.FORBIDDEN, "user disabled or deleted")
     if hub.user_sessions(claims.sub) >= hub.settings.max_connections_per_user:
@@ -101,15 +107,20 @@ def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain") 
     return Response(status.value, status.phrase, headers, body.encode())
 
 
-def _readiness(hub: Hub) -> Response:
-    """Ready = NATS connected, both auth watches running (revocations and capability
+def _checks(hub: Hub) -> dict[str, bool]:
+    """Ready = NATS connected, every auth watch running (revocations and capability
     changes reach sessions) and the capabilities re-read since the last reconnect: new
-    sessions may be admitted and deliveries flow. JSON with each check."""
-    checks = {
+    sessions may be admitted and deliveries flow."""
+    return {
         "nats": hub.nats_ready,
         "auth_watch": hub.watching,
         "capabilities_current": hub.delivering(),
     }
+
+
+def _readiness(hub: Hub) -> Response:
+    """/readyz: 200 or 503, JSON with each check."""
+    checks = _checks(hub)
     ready = all(checks.values())
     body = json.dumps({"status": "ready" if ready else "unavailable", "checks": checks})
     status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
@@ -123,9 +134,14 @@ async def process_request(hub: Hub, ws: ServerConnection, request: Request) -> R
     if path == "/readyz":
         return _readiness(hub)
     if path == "/metrics":
+        metrics.READY.set(all(_checks(hub).values()))
         return _text(http.HTTPStatus.OK, generate_latest().decode(), CONTENT_TYPE_LATEST)
     if path not in WS_PATHS:
         return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
+    # The connection's id on every line logged for it from here on: this task runs the
+    # handshake and then the connection (server.py `_handler`), and its session's tasks
+    # start from it. nginx's request id of the upgrade, so its access line matches.
+    logs.bind(conn=logs.correlation_id(request.headers.get("X-Request-Id")))
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return _text(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket upgrade required\n")
     try:

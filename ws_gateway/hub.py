@@ -1,8 +1,9 @@
 """The gateway's registry of sessions and its shared NATS machinery.
 
 Sessions by user and by token id; the core fan-out router; one watch per process on
-`auth_users` (capability changes, disabled/deleted users) and one on `auth_revoked`
-(logout), dispatched to the sessions concerned. The revoked token ids are also kept in
+`auth_users` (capability changes, disabled/deleted users), one on `auth_revoked`
+(logout) and one on `auth_roles` (for users admitted from a default role before they have a
+record), dispatched to the sessions concerned. The revoked token ids are also kept in
 memory (the bucket listed at start and after every NATS reconnect, the watch keeping it
 current), so a handshake costs no KV read: a reconnect storm of N clients is not N reads.
 
@@ -12,7 +13,7 @@ token replaced by refresh: its open sockets may still send `refresh` until then)
 `user.<uid>` holds a time T (Unix seconds): every token of that user issued before T
 (`iat < T`) is revoked (log out everywhere, password change, disable).
 
-Fail closed: if either watch is lost for good (its stream missing past the reader's
+Fail closed: if any watch is lost for good (its stream missing past the reader's
 grace), the hub closes every session, reports not ready and refuses new ones until the
 watch is re-established (retried with backoff) and the revoked tokens listed again.
 """
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -35,19 +37,22 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from shared import failover, kvwire
-from shared.auth import Claims, TokenVerifier
-from shared.capabilities import CompiledCapabilities
+from shared.auth import Claims
+from shared.capabilities import Capabilities, CompiledCapabilities
 from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
+from shared.issuers import Verifiers
 from shared.kvlist import leader_get, live_entries, writes_after
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.users import (
     REVOKED_BUCKET,
+    ROLES_BUCKET,
     USER_MARK,
     USERS_BUCKET,
     UserRecord,
     compile_or_nothing,
     decode_user,
+    with_roles,
 )
 from ws_gateway import metrics
 from ws_gateway.checkpoints import Checkpoints
@@ -89,7 +94,7 @@ class Known:
 
 
 class Hub:
-    def __init__(self, settings: Settings, nc: NATS, verifier: TokenVerifier) -> None:
+    def __init__(self, settings: Settings, nc: NATS, verifier: Verifiers) -> None:
         self.settings = settings
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=5)
@@ -145,7 +150,7 @@ class Hub:
         self._clock: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for bucket in (USERS_BUCKET, REVOKED_BUCKET):
+        for bucket in (USERS_BUCKET, REVOKED_BUCKET, ROLES_BUCKET):
             await self._watch(bucket)
         # After the watch started: a revocation is either listed or delivered by it.
         await self._list_revoked()
@@ -164,7 +169,11 @@ class Hub:
                 session.tick(now, wall)
 
     async def _watch(self, bucket: str) -> None:
-        on_change = self._on_user_change if bucket == USERS_BUCKET else self._on_revoked
+        on_change = {
+            USERS_BUCKET: self._on_user_change,
+            REVOKED_BUCKET: self._on_revoked,
+            ROLES_BUCKET: self._on_role_change,
+        }[bucket]
         w = StreamReader(
             self.nc,
             self.js,
@@ -195,12 +204,13 @@ class Hub:
         await self.js_tails.close()
         await self.history.close()
         await self.durables.close()
+        await self.verifier.close()
 
     # ------------------------------------------------------------------ auth watches lost
 
     @property
     def ready(self) -> bool:
-        """Connected, and both auth watches running: new sessions may be admitted."""
+        """Connected, and every auth watch running: new sessions may be admitted."""
         return self.nats_ready and self.watching
 
     @property
@@ -471,6 +481,24 @@ class Hub:
         finally:
             del self._loading[uid]
 
+    async def role_user(self, claims: Claims) -> UserRead:
+        """A trusted issuer's user without a record, as the issuer's default role makes it
+        (not stored: only the API writes auth_users, and does so on the user's first API
+        request); no record when the issuer names no role or the role is missing. Revision
+        0: the record the API creates later reaches the session through the watch."""
+        role = self.verifier.by_name[claims.source].config.default_role
+        if not role:
+            return UserRead(None, 0)
+        try:
+            entry = await (await self._bucket(ROLES_BUCKET)).get(role)
+        except KeyNotFoundError:
+            return UserRead(None, 0)
+        if not entry.value:
+            return UserRead(None, 0)
+        template = msgspec.json.decode(entry.value, type=Capabilities)
+        record = UserRecord(id=claims.sub, username=claims.sub, display_name=claims.sub)
+        return UserRead(with_roles(record, [role], {role: template}), 0)
+
     async def _read_user(self, uid: str) -> UserRead:
         try:
             entry = await (await self._bucket(USERS_BUCKET)).get(uid)
@@ -615,6 +643,30 @@ class Hub:
             self.users.pop(uid, None)
         for s in list(self.by_user.get(uid, ())):
             s.apply_user(record, read.revision, changed_at, caps)
+
+    def _on_role_change(self, d: Delivery) -> bool:
+        """A role changed. Users with a record follow it through their record (the API
+        rewrites every holder's, http_api/roles.py); this is for the sessions of users
+        admitted from an issuer's default role before they have one (revision 0,
+        `role_user`), which no record change would reach. A role deleted or unreadable
+        grants nothing (fail closed)."""
+        role = d.subject[kvwire.key_offset(ROLES_BUCKET) :]
+        templates: dict[str, Capabilities] = {}
+        if kvwire.kv_op(d.headers) == "put" and d.data:
+            try:
+                templates[role] = msgspec.json.decode(d.data, type=Capabilities)
+            except Exception:
+                log.warning("undecodable role", extra={"role": role})
+        for uid, known in list(self.users.items()):
+            if known.revision != 0 or role not in known.record.roles:
+                continue
+            # Such a record holds its issuer's default role only: `templates` is all of it.
+            record = with_roles(known.record, known.record.roles, templates)
+            caps = compile_or_nothing(record)
+            self.users[uid] = Known(record, 0, caps)
+            for s in list(self.by_user.get(uid, ())):
+                s.apply_user(record, 0, d.time_ns / 1e9, caps)
+        return True
 
     def _on_revoked(self, d: Delivery) -> bool:
         key = d.subject[kvwire.key_offset(REVOKED_BUCKET) :]

@@ -31,11 +31,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from websockets.datastructures import Headers
 
+from shared import logs
 from shared.auth import session_cookie_name
 from shared.errors import Disconnects, InvalidToken
 from shared.tasks import cancel_and_wait
@@ -47,6 +48,7 @@ from ws_gateway.session import Session
 log = logging.getLogger("ws_gateway.poll")
 
 SID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}\Z")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 POLL_WAIT = 25.0
 IDLE_CLOSE = 60.0  # nobody polled for this long: the session is closed
 GONE_KEEP = 60.0  # a closed session's last frames and close code stay fetchable
@@ -173,6 +175,16 @@ class PollTransport:
             self.on_release(before - self.retained)
 
 
+@web.middleware
+async def _correlate(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Every line logged for a long-poll request carries its session (`conn`: the sid, the
+    connection's id across its requests) and nginx's request id."""
+    sid = request.query.get("sid", "")
+    rid = logs.correlation_id(request.headers.get("X-Request-Id"))
+    with logs.bound(conn=sid if SID_RE.match(sid) else None, request_id=rid):
+        return await handler(request)
+
+
 class PollServer:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -180,7 +192,7 @@ class PollServer:
         # Closed transports still fetchable, oldest first, and the bytes they hold.
         self.gone: collections.OrderedDict[str, PollTransport] = collections.OrderedDict()
         self.gone_bytes = 0
-        self.app = web.Application(client_max_size=MAX_SEND_BYTES)
+        self.app = web.Application(client_max_size=MAX_SEND_BYTES, middlewares=[_correlate])
         self.app.router.add_post("/poll/open", self.open)
         self.app.router.add_post("/poll/send", self.send)
         self.app.router.add_get("/poll", self.receive)
@@ -286,7 +298,7 @@ class PollServer:
         Revocation is read from the hub's mirror (the same one handshakes use; no KV read
         per poll, and a NATS outage does not stop a session's requests)."""
         try:
-            claims = self.hub.verifier.verify(self._auth_token(request))
+            claims = await self.hub.verifier.check(self._auth_token(request))
         except Refused as e:
             return _refused(e)
         except InvalidToken as e:

@@ -18,10 +18,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from shared import natsio
-from shared.auth import TokenVerifier
+from shared import natsio, resources
 from shared.errors import Disconnect, Disconnects, ErrorCode, ReplyError
+from shared.issuers import Verifiers
 from shared.settings import Settings
+from ws_gateway import metrics
 from ws_gateway.handshake import GatewayConnection, process_request
 from ws_gateway.hub import Hub
 from ws_gateway.poll import PollServer
@@ -128,13 +129,15 @@ class Gateway:
         self.server: Server | None = None
 
     async def start(self) -> None:
-        verifier = TokenVerifier.from_settings(self.settings)
+        res = resources.load_or_exit(self.settings)
+        verifier = Verifiers.from_settings(self.settings, res)
 
         async def on_disconnect() -> None:
             if self.hub:
                 await self.hub.on_disconnect()
 
         async def on_reconnect() -> None:
+            metrics.NATS_RECONNECTS.inc()
             if self.hub:
                 await self.hub.on_reconnect()
 

@@ -451,7 +451,7 @@ class Session:
 
     async def _refresh(self, op: envelope.Refresh) -> None:
         try:
-            claims = self.hub.verifier.verify(op.data.token)
+            claims = await self.hub.verifier.check(op.data.token)
         except InvalidToken as e:
             raise ReplyError(ErrorCode.UNAUTHORIZED, str(e)) from None
         if claims.sub != self.uid:

@@ -39,14 +39,15 @@ from http_api.state import (
     principal,
 )
 from shared.auth import session_cookie_name
-from shared.capabilities import render
-from shared.users import USERNAME_RE, UserRecord
+from shared.users import USERNAME_RE, UserRecord, compile_or_nothing
 
 log = logging.getLogger("http_api.auth")
 
+
 def me_of(user: UserRecord) -> Me:
-    """The caller's view: capabilities with `{uid}` substituted (as in `cap_update`)."""
-    return Me(user.id, user.username, user.display_name, render(user.capabilities, user.id))
+    """The caller's view: its effective capabilities (its own and its roles'), `{uid}`
+    substituted (as in `cap_update`)."""
+    return Me(user.id, user.username, user.display_name, compile_or_nothing(user).document)
 
 
 async def _issue(request: web.Request, user: UserRecord) -> web.Response:

@@ -26,7 +26,7 @@ from nats.js.client import JetStreamContext
 from http_api import admin
 from http_api.passwords import Passwords
 from http_api.store import Store
-from shared.auth import TokenIssuer
+from shared.auth import TokenIssuer, TokenVerifier
 from shared.capabilities import Capabilities
 from shared.settings import Settings
 from tests.api.conftest import CHEAP_HASHER
@@ -67,7 +67,7 @@ async def run_cli(
     return proc.returncode, out.decode(), err.decode()
 
 
-@pytest.mark.parametrize("command", [[], ["provision"], ["create-user"], ["seed-demo"]])
+@pytest.mark.parametrize("command", [[], ["provision"], ["create-user"], ["seed-demo"], ["token"]])
 def test_every_command_has_help(command: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "http_api", *command, "--help"],
@@ -84,7 +84,13 @@ async def test_provision_seed_demo_and_create_user(
     settings: Settings, nc: NATS, js: JetStreamContext
 ) -> None:
     code, out, _ = await run_cli(settings, "provision")
-    assert (code, out.strip()) == (0, "provisioned")
+    # The buckets and streams exist (the fixture provisioned them); the file's roles not yet.
+    assert (code, out.splitlines()) == (
+        0,
+        ["updated role member", "updated role reader", "provisioned"],
+    )
+    code, out, _ = await run_cli(settings, "provision")
+    assert (code, out.strip()) == (0, "provisioned")  # idempotent: nothing to do
     code, out, err = await run_cli(settings, "seed-demo")
     assert code == 0, err
     assert [line.split()[:2] for line in out.splitlines()] == [
@@ -131,6 +137,27 @@ async def test_provision_seed_demo_and_create_user(
         '{"subjects": ["a.>.b"]}',
     )
     assert code == 1 and "a.>.b" in err
+
+
+async def test_token_prints_a_short_lived_token_for_an_existing_user(
+    settings: Settings, nc: NATS, js: JetStreamContext
+) -> None:
+    """`python -m http_api token`: a token our verifier accepts for that user, expiring
+    when asked; an unknown user or a ttl beyond TOKEN_TTL is refused (exit 1)."""
+    assert (await run_cli(settings, "seed-demo"))[0] == 0
+    store = Store(js)
+    await store.open()
+    found = await store.find_user_by_name("alice")
+    assert found is not None
+    alice = found.value
+    code, out, err = await run_cli(settings, "token", "--user", alice.id, "--ttl", "60")
+    assert code == 0, err
+    claims = TokenVerifier.from_settings(settings).verify(out.strip())
+    assert (claims.sub, claims.exp - claims.iat) == (alice.id, 60)
+    code, _, err = await run_cli(settings, "token", "--user", "nobody")
+    assert code == 1 and "no user" in err
+    code, _, err = await run_cli(settings, "token", "--user", alice.id, "--ttl", "999999")
+    assert code == 1 and "TOKEN_TTL" in err
 
 
 async def test_seed_demo_refuses_in_production(settings: Settings, nc: NATS) -> None:

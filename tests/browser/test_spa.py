@@ -456,3 +456,31 @@ async def test_the_readme_screenshot_helper_renders_the_spa(stack: Stack, tmp_pa
     await demo_screenshot(stack.url, out)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+async def test_admin_assigns_a_role_and_explains_a_decision(person: PersonFactory) -> None:
+    """The admin page's explain box answers from the API's explain (allowed or denied, and
+    the deciding pattern); its roles form assigns a role of the resources file."""
+    admin = await person("admin")
+    bob = await person("bob")
+    bob_id = await bob.user_id()
+    await admin.go("admin")
+    await admin.page.locator('tr[data-username="bob"]').get_by_role("button").click()
+    await admin.page.select_option("#explain-op", "kv_sub")
+    await admin.page.fill("#explain-target", "todos")
+    await admin.page.fill("#explain-pattern", "user.someone-else.>")
+    await admin.page.get_by_role("button", name="Explain").click()
+    await expect(admin.page.locator("#explain-answer")).to_contain_text("Denied")
+    await admin.page.fill("#explain-pattern", f"user.{bob_id}.>")
+    await admin.page.get_by_role("button", name="Explain").click()
+    await expect(admin.page.locator("#explain-answer")).to_contain_text(
+        f"Allowed: 'user.{bob_id}.>' is within"
+    )
+    reader = admin.page.locator('#roles-boxes input[value="reader"]')
+    await reader.check()
+    await admin.page.get_by_role("button", name="Save roles").click()
+    await expect(admin.page.locator("#roles-status")).to_contain_text("Roles saved")
+    await expect(admin.page.locator("#roles-status")).to_contain_text("reader")
+    await reader.uncheck()  # the module's stack is shared: bob holds no role again
+    await admin.page.get_by_role("button", name="Save roles").click()
+    await expect(admin.page.locator("#roles-status")).to_contain_text(": none.")

@@ -42,6 +42,7 @@ async def test_provisioning_sets_every_limit_of_the_settings(
         "KV_auth_users",
         "KV_auth_credentials",
         "KV_auth_revoked",
+        "KV_auth_roles",
         "KV_articles",
         "KV_todos",
         "KV_gw_durables",
