@@ -38,6 +38,59 @@ _RETRY_AFTER = {
 }
 
 
+# A 503 says when to try again where NATS is failing over (the middleware sets it).
+_RETRY_AFTER_503 = {"Retry-After": {**_RETRY_AFTER["Retry-After"], "required": False}}
+_ETAG = {
+    "ETag": {
+        "description": "the KV revision, for If-Match",
+        "required": True,
+        "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+    }
+}
+
+
+def statuses(r: Route) -> set[int]:
+    """Every status the operation can answer: its own, and those implied by what it takes
+    (a token, a body, a path id, a checked header or query) and by the middlewares."""
+    out = {*r.errors, 500}
+    if r.auth:
+        out |= {401, 403, 503}  # the token is checked against NATS-held records
+    if r.body is not None:
+        out |= {400, 413, 422, 503}
+    if r.counts_as_write:
+        out |= {429, 507}  # middlewares.charge_write, and a full JetStream
+    if _PATH_PARAM.search(r.path) and r.auth:
+        out.add(404)
+    if any(q.schema or q.enum or q.required for q in (*r.query, *r.headers)):
+        out.add(400)
+    return out
+
+
+def links(routes: list[Route], r: Route) -> dict[str, Any]:
+    """OpenAPI links from a create (201 with an `id`) to every operation on the created item,
+    and from an answer carrying an ETag to the operations taking If-Match: a stateful client
+    chains create -> read -> update -> delete from the document alone."""
+    out: dict[str, Any] = {}
+    item = f"{r.path}/{{id}}"
+    for other in routes:
+        if not other.in_openapi or other is r:
+            continue
+        params: dict[str, str] = {}
+        if r.method == "POST" and r.status == 201 and other.path.startswith(item):
+            params["path.id"] = "$response.body#/id"
+        elif r.extra.get("etag") and other.path == r.path and other.method in ("PUT", "DELETE"):
+            params["path.id"] = "$request.path.id"
+        else:
+            continue
+        if r.extra.get("etag") and any(h.name == "If-Match" for h in other.headers):
+            params["header.If-Match"] = "$response.header.ETag"
+        out[other.handler.__name__] = {
+            "operationId": other.handler.__name__,
+            "parameters": params,
+        }
+    return out
+
+
 def build(routes: list[Route], cookie_name: str = "session") -> dict[str, Any]:
     """The document; `cookie_name`: the session cookie's (`shared.auth.session_cookie_name`)."""
     types: list[Any] = [ProblemBody]
@@ -66,8 +119,14 @@ def build(routes: list[Route], cookie_name: str = "session") -> dict[str, Any]:
     for r in routes:
         if not r.in_openapi:
             continue
+        path_schemas = r.extra.get("path", {})
         params: list[dict[str, Any]] = [
-            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": n,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", **path_schemas.get(n, {})},
+            }
             for n in _PATH_PARAM.findall(r.path)
         ]
         for where, items in (("query", r.query), ("header", r.headers)):
@@ -89,13 +148,17 @@ def build(routes: list[Route], cookie_name: str = "session") -> dict[str, Any]:
             ok["content"] = _content(
                 r.response_content_type, schema(r.response, r.extra.get("response_variants", ()))
             )
+        if r.extra.get("etag"):
+            ok["headers"] = _ETAG
+        if op_links := links(routes, r):
+            ok["links"] = op_links
         responses: dict[str, Any] = {str(r.status): ok}
-        # A write may meet the caller's write budget (middlewares.charge_write).
-        statuses = {*r.errors, 500, *((429, 507) if r.counts_as_write else ())}
-        for status in sorted(statuses):
+        for status in sorted(statuses(r)):
             responses[str(status)] = {"description": DEFAULTS[status][1], "content": problem}
             if status == 429:
                 responses[str(status)]["headers"] = _RETRY_AFTER
+            elif status == 503:
+                responses[str(status)]["headers"] = _RETRY_AFTER_503
         op: dict[str, Any] = {
             "operationId": r.handler.__name__,
             "summary": r.summary,

@@ -14,7 +14,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.capabilities import Capabilities
-from shared.users import USERNAME_RE, UserRecord
+from shared.users import USER_ID_RE, USERNAME_RE, UserRecord
 
 MAX_TITLE = 200
 MAX_ARTICLE_BODY_BYTES = 100 * 1024
@@ -24,6 +24,7 @@ MAX_ARTICLE_BODY_BYTES = 100 * 1024
 # `(?!\n)$`: a bare `$` also matches before a trailing newline (msgspec uses re.search).
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 # The document's regex dialect is ECMA-262, which has no `\Z`: the same anchor as TOKEN_PATTERN.
+USER_ID_PATTERN = USER_ID_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 USERNAME_PATTERN = USERNAME_RE.pattern.removesuffix("\\Z") + r"(?!\n)$"
 Token = Annotated[str, Meta(pattern=TOKEN_PATTERN, description="letters, digits, '_' or '-'")]
 Username = Annotated[str, Meta(pattern=USERNAME_PATTERN, min_length=1, max_length=32)]
@@ -71,12 +72,13 @@ class UserCreate(_In):
     display_name: DisplayName = ""
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     disabled: bool = False
-    # Checked by the handler (400), not here: USER_ID_RE is the rule, and an id the gateway
-    # could confuse with another user's is refused like any other malformed name.
+    # USER_ID_RE's rule, stated for the document: an id the gateway could confuse with
+    # another user's (`_` names durables `u_<uid>_<name>`) is refused like any bad field.
     id: (
         Annotated[
             str,
             Meta(
+                pattern=USER_ID_PATTERN,
                 description="keep an id given by another system (1-64 letters, digits or "
                 "'-'; no '_'); default: a new one, 'u' + 16 hex"
             ),
@@ -94,18 +96,27 @@ class UserUpdate(_In, omit_defaults=True):
     disabled: bool | UnsetType = UNSET
 
 
-class UserOut(Struct):
+class UserOut(Struct, omit_defaults=True):  # `roles` left out when none
     id: str
     username: str
     display_name: str
     disabled: bool
     capabilities: Capabilities
     revision: Annotated[int, Meta(description="KV revision of the record in auth_users")]
+    roles: Annotated[
+        list[str], Meta(description="roles held (their capabilities add to these)")
+    ] = []
 
     @classmethod
     def of(cls, user: UserRecord, revision: int) -> UserOut:
         return cls(
-            user.id, user.username, user.display_name, user.disabled, user.capabilities, revision
+            user.id,
+            user.username,
+            user.display_name,
+            user.disabled,
+            user.capabilities,
+            revision,
+            list(user.roles),
         )
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 
 from shared.errors import CapabilityError
 from shared.subjects import (
+    MAX_SUBJECT_LENGTH,
+    PATTERN_REGEX,
     overlap_tokens,
     subset_tokens,
     tokens,
@@ -43,11 +46,31 @@ DURABLES_BUCKET = "gw_durables"
 DURABLES_WATCH = "$GW.durables"
 
 
+# The grammar `validate` checks, stated as a schema too (decoding checks it first, and the
+# OpenAPI document shows it): `{uid}` stands for the user's id, itself one token.
+Pattern = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=PATTERN_REGEX,
+        min_length=1,
+        max_length=MAX_SUBJECT_LENGTH,
+        description="NATS subject pattern: '.'-separated tokens, '*' one token, '>' the rest",
+    ),
+]
+ResourceName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(?:\*|>|[^ .*>\t\r\n\x00/\\]{1,255})(?!\n)$",
+        description="a bucket or stream name, or '*' / '>' for all",
+    ),
+]
+
+
 class Capabilities(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    subjects: list[str] = []
-    buckets: dict[str, list[str]] = {}
-    streams: dict[str, list[str]] = {}
-    commands: list[str] = []
+    subjects: list[Pattern] = []
+    buckets: dict[ResourceName, list[Pattern]] = {}
+    streams: dict[ResourceName, list[Pattern]] = {}
+    commands: list[Pattern] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +272,24 @@ def revoked(
     return [s for s in subscriptions if not new.allows(s)]
 
 
+class _Unchecked(msgspec.Struct, forbid_unknown_fields=True):
+    """Capabilities' shape without its patterns: `decode` checks those itself, to name the
+    bad one and where it is (CapabilityError) rather than quote a regex."""
+
+    subjects: list[str] = []
+    buckets: dict[str, list[str]] = {}
+    streams: dict[str, list[str]] = {}
+    commands: list[str] = []
+
+
 def decode(raw: bytes | str | object) -> Capabilities:
     """Decode and validate a capability document (JSON bytes/str or a plain object)."""
     if isinstance(raw, (bytes, str)):
-        caps = msgspec.json.decode(raw, type=Capabilities)
+        loose = msgspec.json.decode(raw, type=_Unchecked)
     else:
-        caps = msgspec.convert(raw, type=Capabilities)
+        if isinstance(raw, Capabilities):
+            raw = msgspec.to_builtins(raw)
+        loose = msgspec.convert(raw, type=_Unchecked)
+    caps = Capabilities(loose.subjects, loose.buckets, loose.streams, loose.commands)
     validate(caps)
-    return caps
+    return msgspec.convert(msgspec.to_builtins(caps), type=Capabilities)

@@ -13,6 +13,13 @@ from __future__ import annotations
 MAX_SUBJECT_LENGTH = 512
 _FORBIDDEN_CHARS = frozenset(" \t\r\n\x00\x0b\x0c")
 
+# The same grammar as regular expressions, for documents (OpenAPI, msgspec Meta) that must
+# state what _check accepts; tests/unit/test_subjects.py checks the two agree. `\s` is
+# str.isspace(); `(?!\n)$` because a bare `$` also matches before a final newline.
+_TOKEN = r"[^\s\x00-\x1f\x7f.*>]+"
+SUBJECT_REGEX = rf"^{_TOKEN}(?:\.{_TOKEN})*(?!\n)$"
+PATTERN_REGEX = rf"^(?:(?:{_TOKEN}|\*)(?:\.(?:{_TOKEN}|\*))*(?:\.>)?|>)(?!\n)$"
+
 
 def _check(s: object, *, wildcards: bool) -> list[str]:
     if not isinstance(s, str):

@@ -11,8 +11,6 @@ so of two writers holding the same ETag exactly one wins and the other gets 412.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import secrets
@@ -40,6 +38,7 @@ _ID_ATTEMPTS = 3
 DEFAULT_PAGE = 50  # articles per page of GET /api/articles
 MAX_PAGE = 200
 _ID_RE = re.compile(TOKEN_PATTERN)
+_ETAG_RE = re.compile(r'"[0-9]{1,19}"')
 
 
 def new_article_id() -> str:
@@ -52,17 +51,18 @@ def etag(revision: int) -> str:
 
 
 def if_match(request: web.Request) -> int | None:
-    """The revision named by If-Match; None when absent or `*` (any current version)."""
+    """The revision named by If-Match; None when absent or `*` (any current version).
+    Anything but `*` or a strong ETag this API gave is a precondition that cannot hold:
+    412, like a stale revision (RFC 9110 13.1.1: weak tags never match)."""
     raw = request.headers.get(hdrs.IF_MATCH)
     if raw is None or raw.strip() == "*":
         return None
     tag = raw.strip()
     if tag.startswith("W/"):
         raise Problem(412, "If-Match needs a strong ETag")
-    tag = tag.strip('"')
-    if not tag.isdigit():
-        raise Problem(412, f"If-Match {raw!r} is not an ETag of this resource")
-    return int(tag)
+    if not _ETAG_RE.fullmatch(tag):
+        raise Problem(412, "If-Match is not an ETag of this resource")
+    return int(tag[1:-1])
 
 
 def _out(a: Article, revision: int) -> ArticleOut:
@@ -133,22 +133,16 @@ def page_limit(request: web.Request) -> int:
     return int(raw)
 
 
-def encode_cursor(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
 def decode_cursor(request: web.Request) -> str | None:
-    """The key the page starts after; the cursor is opaque to clients (base64url of a key)."""
+    """The key the page starts after: `next_cursor` is the last id of the previous page, and
+    any id is a valid place to start after (ids need not exist), so every cursor the document
+    allows is one the API takes."""
     raw = _query_one(request, "cursor")
     if raw is None:
         return None
-    try:
-        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
-        key = ""
-    if not _ID_RE.fullmatch(key) or encode_cursor(key) != raw:
-        raise Problem(400, "cursor is not one this API returned")
-    return key
+    if not _ID_RE.fullmatch(raw):
+        raise Problem(400, "cursor must be an article id (next_cursor of a page)")
+    return raw
 
 
 async def list_articles(request: web.Request) -> web.StreamResponse:
@@ -170,7 +164,7 @@ async def list_articles(request: web.Request) -> web.StreamResponse:
             break
         page.append(key)
     items = [_out(v.value, v.revision) for _, v in await articles.values(page)]
-    next_cursor = encode_cursor(page[-1]) if more else None
+    next_cursor = page[-1] if more else None
     return json_response(ArticleList(items, next_cursor))
 
 
@@ -212,9 +206,9 @@ async def get_article(request: web.Request) -> web.StreamResponse:
 async def update_article(request: web.Request) -> web.StreamResponse:
     p = principal(request)
     aid, found = await _changeable(request, p, "articles.update")
-    expected = if_match(request)
-    body = await read_json(request, ArticleIn)
+    body = await read_json(request, ArticleIn)  # a bad body is 400/422 whatever If-Match says
     _check_body(body)
+    expected = if_match(request)
     _check_revision(found, expected)
     old = found.value
     # A moderator's edit keeps the author; an article from before author_name gets its
@@ -243,7 +237,14 @@ async def delete_article(request: web.Request) -> web.StreamResponse:
     return json_response(out)
 
 
-_IF_MATCH = (QueryParam("If-Match", "the ETag (KV revision) the change is based on"),)
+_IF_MATCH = (
+    QueryParam(
+        "If-Match",
+        'the ETag the change is based on (`"<revision>"`), or `*`; any other value: 412',
+    ),
+)
+
+_ID_PATH = {"id": {"pattern": TOKEN_PATTERN}}
 
 ROUTES = [
     Route(
@@ -261,7 +262,11 @@ ROUTES = [
                 f"articles per page (default {DEFAULT_PAGE})",
                 schema={"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
             ),
-            QueryParam("cursor", "next_cursor of the previous page (opaque)"),
+            QueryParam(
+                "cursor",
+                "next_cursor of the previous page: the page starts after this id",
+                schema={"type": "string", "pattern": TOKEN_PATTERN},
+            ),
         ),
     ),
     Route(
@@ -272,6 +277,7 @@ ROUTES = [
         "articles",
         body=ArticleIn,
         response=ArticleOut,
+        extra={"etag": True},
         status=201,
         errors=(400, 401, 403, 413, 422),
     ),
@@ -282,6 +288,7 @@ ROUTES = [
         "Read an article; ETag = KV revision",
         "articles",
         response=ArticleOut,
+        extra={"etag": True, "path": _ID_PATH},
         errors=(401, 403, 404),
     ),
     Route(
@@ -293,6 +300,7 @@ ROUTES = [
         "articles",
         body=ArticleIn,
         response=ArticleOut,
+        extra={"etag": True, "path": _ID_PATH},
         headers=_IF_MATCH,
         errors=(400, 401, 403, 404, 412, 413, 422),
     ),
@@ -305,6 +313,7 @@ ROUTES = [
         "articles",
         response=Deleted,
         headers=_IF_MATCH,
+        extra={"path": _ID_PATH},
         errors=(401, 403, 404, 412),
     ),
 ]

@@ -16,6 +16,7 @@ no reply within `settings.command_timeout` → 504.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 
 import msgspec
@@ -41,16 +42,21 @@ from http_api.schemas import (
 )
 from http_api.state import EVENTS, JS, NC, SETTINGS, STORE, Principal, QueryParam, Route, principal
 from http_api.store import Exists, todo_key
+from shared.subjects import MAX_SUBJECT_LENGTH, SUBJECT_REGEX
 
 log = logging.getLogger("http_api.commands")
 MAX_IDEMPOTENCY_KEY = 128
+# Printable ASCII, no space at either end (HTTP trims it, so the key would change in transit):
+# the OpenAPI document states this very pattern.
+IDEMPOTENCY_KEY_PATTERN = rf"^[!-~](?:[ -~]{{0,{MAX_IDEMPOTENCY_KEY - 2}}}[!-~])?(?!\n)$"
+_IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+    if not _IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise Problem(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII")
     return key
 
@@ -167,6 +173,8 @@ ROUTES = [
         body=AnyJson,
         response=AnyJson,
         extra={
+            # a command name is a literal subject: `cmd.<command>` is where it is sent
+            "path": {"command": {"pattern": SUBJECT_REGEX, "maxLength": MAX_SUBJECT_LENGTH}},
             "body_variants": (ChatSend, TodoPut, TodoDelete),
             "response_variants": (ChatSent, TodoWritten),
         },
@@ -174,6 +182,7 @@ ROUTES = [
             QueryParam(
                 "Idempotency-Key",
                 "chat.send: a retry with the same key is stored once (becomes Nats-Msg-Id)",
+                schema={"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
             ),
         ),
         errors=(400, 401, 403, 404, 413, 422, 504),

@@ -16,15 +16,23 @@ import secrets
 import msgspec
 from aiohttp import web
 
-from http_api.authz import USERS_MANAGE, require_command
+from http_api.authz import USERS_MANAGE, check_an_admin_remains, require_command
 from http_api.bodies import json_response, read_json
 from http_api.problems import Problem
-from http_api.schemas import Deleted, Explain, UserCreate, UserList, UserOut, UserUpdate
+from http_api.schemas import (
+    USER_ID_PATTERN,
+    Deleted,
+    Explain,
+    UserCreate,
+    UserList,
+    UserOut,
+    UserUpdate,
+)
 from http_api.state import EVENTS, PASSWORDS, STORE, QueryParam, Route, principal
 from http_api.store import Conflict, Exists, IdTaken, Versioned
 from shared.capabilities import Capabilities, CompiledCapabilities, SubscriptionRef, validate
 from shared.errors import CapabilityError
-from shared.users import USER_ID_RE, UserRecord
+from shared.users import USER_ID_RE, UserRecord, effective
 
 log = logging.getLogger("http_api.users")
 EXPLAIN_OPS = ("sub", "kv_sub", "js_sub", "cmd")
@@ -54,6 +62,14 @@ async def _get(request: web.Request, uid: str) -> Versioned[UserRecord]:
     if found is None:
         raise Problem(404, "no such user")
     return found
+
+
+async def _an_admin_remains(request: web.Request, uid: str, after: UserRecord | None) -> None:
+    """409 before a change that would leave no enabled admin (authz.check_an_admin_remains).
+    Two admins demoting each other at the same instant could still both pass: the check
+    reads the list, not a lock; the CLI recovers from that."""
+    rows = await request.app[STORE].users.list()
+    check_an_admin_remains((v.value for _, v in rows), uid, after)
 
 
 async def list_users(request: web.Request) -> web.StreamResponse:
@@ -114,10 +130,13 @@ async def update_user(request: web.Request) -> web.StreamResponse:
     if not isinstance(body.disabled, msgspec.UnsetType):
         changes["disabled"] = body.disabled
     fields = sorted(changes)
-    if not fields and isinstance(body.password, msgspec.UnsetType):
-        raise Problem(422, "nothing to change: give display_name, password, capabilities, disabled")
     store = request.app[STORE]
     found = await _get(request, uid)
+    if not fields and isinstance(body.password, msgspec.UnsetType):
+        # A PUT that carries no field replaces nothing: the user as it is, nothing written.
+        return json_response(UserOut.of(found.value, found.revision))
+    if "disabled" in changes or "capabilities" in changes:
+        await _an_admin_remains(request, uid, msgspec.structs.replace(found.value, **changes))
     if not isinstance(body.password, msgspec.UnsetType):
         fields = sorted([*fields, "password"])
         await store.set_password(found.value, await request.app[PASSWORDS].hash(body.password))
@@ -152,6 +171,7 @@ async def delete_user(request: web.Request) -> web.StreamResponse:
     require_command(p, USERS_MANAGE)
     uid = _user_id(request)
     found = await _get(request, uid)
+    await _an_admin_remains(request, uid, None)
     revision = await request.app[STORE].delete_user(found.value)
     out = Deleted(uid, revision)
     await request.app[EVENTS].write(p.actor, "users", uid, "deleted", out, revision=revision)
@@ -173,12 +193,16 @@ async def explain(request: web.Request) -> web.StreamResponse:
     pattern = q.get("pattern") or (target if op in ("sub", "cmd") else ">")
     user = (await _get(request, uid)).value
     try:
-        caps = CompiledCapabilities(user.capabilities, user.id)
+        caps = CompiledCapabilities(effective(user), user.id)
         decision = caps.allows(SubscriptionRef("explain", op, target, pattern))
     except ValueError as e:
-        raise Problem(400, f"invalid target or pattern: {e}") from None
+        # The question is well formed (the document's rules hold); the answer is no: the
+        # gateway refuses such a request too, whatever the capabilities.
+        return json_response(Explain(False, None, f"invalid target or pattern: {e}"))
     return json_response(Explain(decision.allowed, decision.rule, decision.reason))
 
+
+_ID_PATH = {"id": {"pattern": USER_ID_PATTERN}}
 
 ROUTES = [
     Route(
@@ -207,6 +231,7 @@ ROUTES = [
         get_user,
         "Read a user (users.manage, or oneself)",
         "users",
+        extra={"path": _ID_PATH},
         response=UserOut,
         errors=(401, 403, 404),
     ),
@@ -217,6 +242,7 @@ ROUTES = [
         "Replace the fields given (users.manage); capabilities apply live",
         "users",
         body=UserUpdate,
+        extra={"path": _ID_PATH},
         response=UserOut,
         errors=(400, 401, 403, 404, 409, 413, 422),
     ),
@@ -226,8 +252,9 @@ ROUTES = [
         delete_user,
         "Delete a user and its credentials (users.manage)",
         "users",
+        extra={"path": _ID_PATH},
         response=Deleted,
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 409),
     ),
     Route(
         "GET",
@@ -235,14 +262,17 @@ ROUTES = [
         explain,
         "Would the user be allowed this request, and by which rule (users.manage)",
         "users",
+        extra={"path": _ID_PATH},
         response=Explain,
         errors=(400, 401, 403, 404),
         query=(
             QueryParam("op", "the operation", required=True, enum=EXPLAIN_OPS),
             QueryParam(
                 "target",
-                "subject (sub), bucket (kv_sub), stream (js_sub) or command name (cmd)",
+                "subject (sub), bucket (kv_sub), stream (js_sub) or command name (cmd); "
+                "one that is not valid for `op` is answered allowed: false",
                 required=True,
+                schema={"type": "string", "minLength": 1},
             ),
             QueryParam("pattern", "key pattern (kv_sub) or filter (js_sub); default '>'"),
         ),

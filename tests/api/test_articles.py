@@ -315,11 +315,23 @@ async def test_list_bad_paging_parameters_are_400(api: Api) -> None:
         "?limit=%EF%BC%91",  # a full-width digit: isdigit() but not ASCII
         "?limit=1&limit=2",
         "?cursor=!!!",
-        "?cursor=YS5i",  # base64url of "a.b": not a key we make
-        f"?cursor={cursor}=",  # padded: not the form we return
+        "?cursor=a.b",  # not an id: ids are one NATS token
+        "?cursor=",
+        f"?cursor={cursor}=",
         f"?cursor={cursor}&cursor={cursor}",
     ):
         resp = await api.client.get(f"/api/articles{query}", headers=api.auth("bob"))
         assert resp.status == 400, query
         assert resp.content_type == "application/problem+json"
     assert (await _page(api, "bob", "?limit=200"))[0][:1] == first
+
+
+async def test_any_id_is_a_cursor_and_the_page_starts_after_it(api: Api) -> None:
+    """The document says a cursor is an id, so every id is taken, existing or not."""
+    ids = sorted([(await create(api, f"t{i}"))["id"] for i in range(3)])
+    assert await _page(api, "bob", f"?cursor={ids[0]}") == (ids[1:], None)
+    before_all = "-"  # need not exist: the page holds the ids after it
+    expected = [i for i in ids if i > before_all]
+    assert await _page(api, "bob", f"?cursor={before_all}") == (expected, None)
+    last = "z" * 64
+    assert await _page(api, "bob", f"?cursor={last}") == ([i for i in ids if i > last], None)

@@ -164,13 +164,13 @@ async def test_secure_cookie_is_host_prefixed(api_with: ApiWith) -> None:
 
 
 async def test_a_user_id_with_an_underscore_is_refused(api: Api) -> None:
-    """`u_<uid>_<name>` names durables: an id with `_` is a 400 and creates nothing; other
+    """`u_<uid>_<name>` names durables: an id with `_` is a 422 and creates nothing; other
     given ids are kept, generated ones are `u` + 16 hex, a taken id is 409."""
     admin_auth = api.auth("admin")
     body = {"username": "carol", "password": "carol-secret"}
     for bad in ("u1_x", "_", "a_", "a.b", "", "x" * 65):
         resp = await api.client.post("/api/users", json=body | {"id": bad}, headers=admin_auth)
-        assert resp.status == 400, bad
+        assert resp.status == 422, bad
         assert resp.content_type == "application/problem+json"
     names = {
         u["username"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from nats.aio.msg import Msg
 from shared.natsio import nats_connect
 from shared.subjects import (
     MAX_SUBJECT_LENGTH,
+    PATTERN_REGEX,
+    SUBJECT_REGEX,
     is_subset,
     match,
     overlaps,
@@ -406,3 +409,22 @@ async def test_match_agrees_with_nats_server(nats_server: NatsServer) -> None:
         assert received[p] == expected, p
     # The alphabet is small on purpose: many pairs must match for the test to mean much.
     assert matched_pairs >= 300
+
+
+# The regexes the API document states must accept exactly what the validators accept.
+_GRAMMAR_ALPHABET = st.sampled_from(list("ab.*> \t\n\x00\x1f\x7f\xa0\u2028{}-_Z"))
+
+
+def _accepts(check: object, s: str) -> bool:
+    try:
+        check(s)  # type: ignore[operator]
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=3000)
+@given(st.text(_GRAMMAR_ALPHABET, max_size=12) | st.text(max_size=8))
+def test_the_documented_regexes_are_the_validators(s: str) -> None:
+    assert _accepts(validate_subject, s) == bool(re.fullmatch(SUBJECT_REGEX, s))
+    assert _accepts(validate_pattern, s) == bool(re.fullmatch(PATTERN_REGEX, s))
