@@ -56,7 +56,7 @@ async def main(rounds: int) -> None:
     config = IssuerConfig(
         issuer=ISSUER, audience=AUDIENCE, algorithms=["RS256", "ES256"], jwks_file="/unused"
     )
-    ext = ExternalVerifier("bench", config)
+    ext = ExternalVerifier("bench", config, max_ttl=3600)
     ext.jwks._keys = parse_jwks(json.dumps(idp.jwks()).encode())
     ext.jwks._fetched_at = ext.jwks._tried_at = time.monotonic()
     for alg in ("RS256", "ES256"):

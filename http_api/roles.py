@@ -27,9 +27,13 @@ async def templates(store: Store) -> dict[str, Capabilities]:
 async def refresh_holders(store: Store, only: set[str] | None = None) -> list[str]:
     """Rewrite every holder (of a role in `only`, or of any) whose role_capabilities
     differ from its roles' current union; the ids rewritten."""
+    # Roles are read after the records (and again after a conflict): a role change that
+    # lands later has its own pass, which then sees what this one wrote, or conflicts
+    # with it. Read before, a stale template could be written over a fresh record.
+    holders = await store.users.list()
     roles = await templates(store)
     changed: list[str] = []
-    for uid, found in await store.users.list():
+    for uid, found in holders:
         if not found.value.roles or (only is not None and not only & set(found.value.roles)):
             continue
         for _ in range(UPDATE_ATTEMPTS):
@@ -45,6 +49,7 @@ async def refresh_holders(store: Store, only: set[str] | None = None) -> list[st
                 if again is None:
                     break
                 found = again
+                roles = await templates(store)
     if changed:
         log.info("role holders updated", extra={"event": "roles_applied", "users": len(changed)})
     return changed
@@ -83,4 +88,10 @@ async def user_from_role(store: Store, uid: str, role: str) -> Versioned[UserRec
     except Exists:
         return await store.users.get(uid)
     log.info("user created from role", extra={"event": "user_from_role", "user": uid, "role": role})
+    again = await store.roles.get(role)
+    if again is None or again.value != found.value:
+        # The role changed while the record was made: a change whose pass listed the
+        # users before this one existed would never reach it.
+        await refresh_holders(store, {role})
+        return await store.users.get(uid)
     return Versioned(user, revision)

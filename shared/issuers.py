@@ -118,10 +118,13 @@ class Jwks:
             )
         async with self._http.get(self._config.jwks_url, allow_redirects=False) as r:
             r.raise_for_status()
-            body = await r.content.read(JWKS_MAX_BYTES + 1)
-            if len(body) > JWKS_MAX_BYTES:
-                raise ValueError("JWKS too large")
-            return body
+            # read(n) returns what has arrived so far: read to the end, bounded.
+            body = bytearray()
+            async for chunk in r.content.iter_chunked(16384):
+                body += chunk
+                if len(body) > JWKS_MAX_BYTES:
+                    raise ValueError("JWKS too large")
+            return bytes(body)
 
 
 def parse_jwks(raw: bytes) -> dict[str, jwt.PyJWK]:
@@ -160,9 +163,14 @@ def peek_issuer(token: str) -> str | None:
 
 class ExternalVerifier:
     def __init__(
-        self, name: str, config: IssuerConfig, *, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        config: IssuerConfig,
+        *,
+        max_ttl: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.name, self.config = name, config
+        self.name, self.config, self.max_ttl = name, config, max_ttl
         self.jwks = Jwks(config, name, clock=clock)
 
     async def verify(self, token: str) -> Claims:
@@ -217,6 +225,10 @@ class ExternalVerifier:
         iat, exp = payload["iat"], payload["exp"]
         if not (isinstance(iat, int | float) and isinstance(exp, int | float)):
             raise InvalidToken("token claims malformed")
+        if exp - iat > self.max_ttl:
+            # A revocation (logout) is kept for TOKEN_TTL: a token living longer would
+            # come back to life once its revocation expired.
+            raise InvalidToken(f"token lifetime over {self.max_ttl} s not accepted")
         # A token id of our own namespace: `x` + hex never meets ours (token_urlsafe, 22
         # characters) nor the `user.` marks, and an IdP's jti (or the token itself, when
         # it has none) of any shape becomes one KV key token. Logout revokes it as ours.
@@ -238,7 +250,10 @@ class Verifiers:
     def from_settings(cls, settings: Settings, resources: Resources) -> Verifiers:
         return cls(
             TokenVerifier.from_settings(settings),
-            [ExternalVerifier(name, c) for name, c in resources.issuers.items()],
+            [
+                ExternalVerifier(name, c, max_ttl=settings.token_ttl)
+                for name, c in resources.issuers.items()
+            ],
         )
 
     def verify(self, token: str) -> Claims:

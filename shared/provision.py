@@ -36,6 +36,7 @@ class Bucket:
     replicas: int | None = None
     storage: resources.Storage = "file"
     system: bool = False  # the stack's own
+    marker_ttl: float | None = None  # per-message TTLs, expiries leave markers (seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ def buckets(settings: Settings, res: resources.Resources | None = None) -> tuple
         Bucket(DURABLES_BUCKET, ttl=2 * settings.durable_inactive, system=True),
     )
     app = tuple(
-        Bucket(name, b.history, b.max_age, b.max_bytes, b.replicas, b.storage)
+        Bucket(name, b.history, b.max_age, b.max_bytes, b.replicas, b.storage, False, b.marker_ttl)
         for name, b in _resources(settings, res).buckets.items()
     )
     return own + app
@@ -173,12 +174,14 @@ def _data_loss(key: str, old: object, new: object, state: dict[str, object]) -> 
     if not isinstance(old, int) or not isinstance(new, int):
         return None
     bytes_ = state.get("bytes")
-    if key == "max_bytes" and 0 < new < old and isinstance(bytes_, int) and bytes_ > new:
+    # A limit of 0 or -1 is none at all: any positive new one is a cut.
+    cut = 0 < new and (old <= 0 or new < old)
+    if key == "max_bytes" and cut and isinstance(bytes_, int) and bytes_ > new:
         return f"{bytes_} bytes are stored"
     if key == "max_age" and 0 < new and (old == 0 or new < old):
         if _first_age(state) > new / 1e9:
             return "stored messages are older than that"
-    if key == "max_msgs_per_subject" and 0 < new < old and state.get("messages"):
+    if key == "max_msgs_per_subject" and cut and state.get("messages"):
         return "keys may hold more revisions than that"
     return None
 
@@ -251,6 +254,11 @@ async def provision(
         wants[stream] = {**cap, "num_replicas": replicas, "storage": b.storage}
         if not b.system and b.ttl is not None:
             wants[stream]["max_age"] = int(b.ttl * 1e9)
+        if b.marker_ttl is not None:
+            # Set through the server's JSON (`_apply`), on new and old buckets alike: once
+            # on, NATS never turns per-message TTLs off again.
+            wants[stream]["allow_msg_ttl"] = True
+            wants[stream]["subject_delete_marker_ttl"] = int(b.marker_ttl * 1e9)
         try:
             await js.key_value(b.name)
         except BucketNotFoundError:

@@ -8,6 +8,7 @@ a typo stops `provision` and the servers at startup rather than at the first req
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,8 @@ from shared.capabilities import (
 )
 from shared.errors import CapabilityError
 from shared.settings import Settings
-from shared.subjects import validate_pattern
+from shared.subjects import overlaps, validate_pattern
+from shared.users import ROLE_NAME_RE
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "deploy" / "resources.toml"
 # Never `none`, never HMAC: with a public key published in a JWKS an HMAC algorithm would
@@ -38,6 +40,9 @@ class BucketSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_bytes: int | None = None  # None: NATS_DATA_MAX_BYTES
     replicas: int | None = None  # None: NATS_REPLICAS
     storage: Storage = "file"
+    # Per-message TTLs (`Nats-TTL`), and a delete marker kept this many seconds when one
+    # expires, so watchers see the key go (presence, docs/protocol.md). None: neither.
+    marker_ttl: float | None = None
 
 
 class StreamSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -46,6 +51,14 @@ class StreamSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_bytes: int | None = None  # None: NATS_STREAM_MAX_BYTES
     replicas: int | None = None
     storage: Storage = "file"
+
+
+# An issuer's user ids: prefix + claim. Letters or digits, then '-': never a local id
+# (`u` + hex, or one an admin gives without this form) and never another issuer's.
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9]{1,16}-\Z")
+MAX_LEEWAY = 60.0
+# What no stream of the application may capture: NATS's own, our command bus, replies.
+_INTERNAL_SUBJECTS = ("$JS.>", "$KV.>", "$SYS.>", "$O.>", "$JSC.>", "cmd.>", "_INBOX.>")
 
 
 class IssuerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -109,6 +122,8 @@ def _check(res: Resources, settings: Settings) -> None:
             raise ResourcesError(f"buckets.{name}: not a bucket name of the application")
         if not 1 <= b.history <= 64:
             raise ResourcesError(f"buckets.{name}.history: 1 to 64")
+        if b.marker_ttl is not None and b.marker_ttl < 1:
+            raise ResourcesError(f"buckets.{name}.marker_ttl: at least 1 (seconds)")
     for name, s in res.streams.items():
         if not is_nats_name(name) or is_internal_stream(name):
             raise ResourcesError(f"streams.{name}: not a stream name of the application")
@@ -119,7 +134,7 @@ def _check(res: Resources, settings: Settings) -> None:
                 validate_pattern(p)
             except ValueError as e:
                 raise ResourcesError(f"streams.{name}.subjects: {p!r}: {e}") from None
-            if p.startswith(("$", "cmd.", "_INBOX.")):
+            if p.startswith("$") or any(overlaps(p, i) for i in _INTERNAL_SUBJECTS):
                 raise ResourcesError(f"streams.{name}.subjects: {p!r} is internal")
     specs: list[BucketSpec | StreamSpec] = [*res.buckets.values(), *res.streams.values()]
     for spec in specs:
@@ -129,6 +144,8 @@ def _check(res: Resources, settings: Settings) -> None:
         if spec.replicas is not None and not 1 <= spec.replicas <= 5:
             raise ResourcesError("replicas: 1 to 5")
     for name, caps in res.roles.items():
+        if not ROLE_NAME_RE.fullmatch(name):
+            raise ResourcesError(f"roles.{name}: 1-64 letters, digits, '_' or '-'")
         try:
             validate(caps)
         except CapabilityError as e:
@@ -143,6 +160,20 @@ def _check(res: Resources, settings: Settings) -> None:
             raise ResourcesError(f"{where}: exactly one of jwks_url, jwks_file")
         if iss.jwks_url and not iss.jwks_url.startswith(("https://", "http://")):
             raise ResourcesError(f"{where}.jwks_url: http(s) only")
+        if settings.production and iss.jwks_url and not iss.jwks_url.startswith("https://"):
+            # Whoever is on the path could swap in keys of their own and sign any user.
+            raise ResourcesError(f"{where}.jwks_url: https only in production")
+        # The prefix keeps the issuer's users apart from ours and from other issuers': a
+        # token must never name a local user (the admin's id is visible to members).
+        if not _PREFIX_RE.fullmatch(iss.user_prefix):
+            raise ResourcesError(
+                f"{where}.user_prefix: letters or digits then '-', e.g. 'acme-' (required)"
+            )
+        for other, o in res.issuers.items():
+            if other != name and o.user_prefix.startswith(iss.user_prefix):
+                raise ResourcesError(f"{where}.user_prefix: a prefix of issuers.{other}'s")
+        if not 0 <= iss.leeway <= MAX_LEEWAY:
+            raise ResourcesError(f"{where}.leeway: 0 to {MAX_LEEWAY:g} seconds")
         if not iss.algorithms:
             raise ResourcesError(f"{where}.algorithms: at least one")
         if iss.default_role and iss.default_role not in res.roles:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,9 @@ class Idp:
         self.published: set[str] = set()
         self.fetches = 0
         self.url = ""
+        # Send the JWKS in two writes, the second a moment later: as a large document
+        # arrives from a real IdP (a reader must not stop at the first piece).
+        self.in_pieces = False
 
     def add_key(self, kid: str, alg: str, *, publish: bool = True) -> None:
         self.keys[kid] = (alg, new_key(alg))
@@ -80,9 +84,19 @@ class Idp:
     def jwks_url(self) -> str:
         return self.url + JWKS_PATH
 
-    async def _serve_jwks(self, request: web.Request) -> web.Response:
+    async def _serve_jwks(self, request: web.Request) -> web.StreamResponse:
         self.fetches += 1
-        return web.json_response(self.jwks())
+        if not self.in_pieces:
+            return web.json_response(self.jwks())
+        body = json.dumps(self.jwks()).encode()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:100])
+        await asyncio.sleep(0.05)  # not a wait for anything: the second piece comes later
+        await resp.write(body[100:])
+        await resp.write_eof()
+        return resp
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Idp]:

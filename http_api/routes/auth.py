@@ -143,6 +143,10 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def refresh(request: web.Request) -> web.StreamResponse:
     """A new token; the presented one is revoked (rotation), its sockets after the grace."""
     p = principal(request)
+    if p.claims.source:
+        # Made here from an IdP's token, ours would outlive what the IdP decides (a
+        # disabled account, a shorter lifetime): its tokens come from the IdP again.
+        raise Problem(403, "refresh this token at its issuer", slug="refresh_at_issuer")
     response = await _issue(request, p.user)
     grace_until = int(time.time() + request.app[SETTINGS].token_rotation_grace)
     await request.app[STORE].rotate(p.claims.jti, p.claims.exp, grace_until)

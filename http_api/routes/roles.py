@@ -77,14 +77,16 @@ async def set_user_roles(request: web.Request) -> web.StreamResponse:
         raise Problem(404, "no such user")
     body = await read_json(request, UserRoles)
     store = request.app[STORE]
-    templates = await roles.templates(store)
-    missing = sorted(set(body.roles) - set(templates))
-    if missing:
-        raise Problem(404, f"no such role: {', '.join(missing)}")
     for _ in range(_ATTEMPTS):
         found = await store.users.get(uid)
         if found is None:
             raise Problem(404, "no such user")
+        # After the record (roles.refresh_holders says why): a role changed later either
+        # conflicts with this write or sees it.
+        templates = await roles.templates(store)
+        missing = sorted(set(body.roles) - set(templates))
+        if missing:
+            raise Problem(404, f"no such role: {', '.join(missing)}")
         user = with_roles(found.value, body.roles, templates)
         try:
             revision = await store.users.update(uid, user, last=found.revision)

@@ -28,7 +28,7 @@ from http_api.schemas import (
     UserOut,
     UserUpdate,
 )
-from http_api.state import EVENTS, PASSWORDS, STORE, QueryParam, Route, principal
+from http_api.state import EVENTS, PASSWORDS, STORE, VERIFIER, QueryParam, Route, principal
 from http_api.store import Conflict, Exists, IdTaken, Versioned
 from shared.capabilities import Capabilities, CompiledCapabilities, SubscriptionRef, validate
 from shared.errors import CapabilityError
@@ -172,6 +172,13 @@ async def delete_user(request: web.Request) -> web.StreamResponse:
     uid = _user_id(request)
     found = await _get(request, uid)
     await _an_admin_remains(request, uid, None)
+    for issuer in request.app[VERIFIER].by_name.values():
+        if issuer.config.default_role and uid.startswith(issuer.config.user_prefix):
+            # Its next token would make it again from the default role: deleting would
+            # not keep it out, disabling does.
+            raise Problem(
+                409, "a user of an issuer with a default role comes back: disable it instead"
+            )
     revision = await request.app[STORE].delete_user(found.value)
     out = Deleted(uid, revision)
     await request.app[EVENTS].write(p.actor, "users", uid, "deleted", out, revision=revision)

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from http_api import roles
-from http_api.state import STORE
+from http_api.state import JS, STORE
 from shared import resources
 from shared.capabilities import Capabilities
 from shared.client import RequestError
@@ -24,6 +24,7 @@ from tests.gateway.conftest import ClientFactory
 from tests.idp import Idp, resources_file
 from tests.natsd import NatsServer
 from tests.unit.test_issuers import forgeries
+from tests.waits import until
 from ws_gateway.server import Gateway
 
 
@@ -123,6 +124,39 @@ async def test_role_change_reaches_every_holder_live(
 
 
 @pytest.mark.usefixtures("seeded_roles")
+async def test_a_role_change_during_a_default_role_handshake_is_applied(
+    api: Api, gateway: Gateway, connect: ClientFactory, idp: Idp
+) -> None:
+    """The role loses `streams` while a record-less user's handshake holds the template it
+    read: the new socket and every later one of that user get the narrowed role (the role
+    watch applied the change before the user was known to it)."""
+    assert gateway.hub is not None
+    hub = gateway.hub
+    token = idp.sign("ida", "rsa-1")
+    hold = hub.checkpoint.hold("admit.role")
+    connecting = asyncio.ensure_future(connect(token))
+    await hold.reached()
+    narrowed = Capabilities(subjects=["chat.room.*"], buckets={"todos": ["user.{uid}.>"]})
+    resp = await api.client.put(
+        "/api/roles/member", json=msgspec.to_builtins(narrowed), headers=api.auth("admin")
+    )
+    assert resp.status == 200, await resp.text()
+    roles_kv = await api.app[JS].key_value("auth_roles")
+    last = (await roles_kv.get("member")).revision or 0
+    await until(
+        lambda: hub._role_seen.get("member", (0, None))[0] >= last, "the role watch", 10
+    )
+    hold.release()
+    c = await connecting
+    assert "streams" not in c.capabilities, c.capabilities
+    with pytest.raises(RequestError) as e:
+        await c.js_sub("chat", "chat.>")
+    assert e.value.code == "forbidden"
+    again = await connect(token)
+    assert "streams" not in again.capabilities
+
+
+@pytest.mark.usefixtures("seeded_roles")
 async def test_refresh_with_a_new_idp_token_and_logout_revokes(
     api: Api, connect: ClientFactory, idp: Idp
 ) -> None:
@@ -139,6 +173,19 @@ async def test_refresh_with_a_new_idp_token_and_logout_revokes(
     assert resp.status == 204, await resp.text()
     assert await c.wait_closed() is not None
     assert (await api.client.get("/api/auth/me", headers=bearer(fresh))).status == 401
+
+
+@pytest.mark.usefixtures("seeded_roles")
+async def test_the_api_does_not_turn_an_idp_token_into_ours(api: Api, idp: Idp) -> None:
+    """POST /api/auth/refresh with an IdP's token: 403, no token of ours. Ours would outlive
+    what the IdP decides (a disabled account, a shorter lifetime)."""
+    token = idp.sign("hal", "rsa-1")
+    assert (await api.client.get("/api/auth/me", headers=bearer(token))).status == 200
+    resp = await api.client.post("/api/auth/refresh", headers=bearer(token))
+    assert resp.status == 403, await resp.text()
+    assert (await resp.json())["detail"] == "refresh this token at its issuer"
+    assert "session" not in resp.cookies
+    assert (await api.client.get("/api/auth/me", headers=bearer(token))).status == 200
 
 
 @pytest.mark.usefixtures("seeded_roles")
@@ -196,3 +243,22 @@ async def test_minted_tokens_for_app_backends(
     ]:
         r = await api.client.post("/api/auth/tokens", json=body, headers=api.auth("admin"))
         assert r.status == status, (body, await r.text())
+
+
+@pytest.mark.usefixtures("seeded_roles")
+async def test_a_default_role_user_is_disabled_not_deleted(api: Api, idp: Idp) -> None:
+    """Deleted, its next request would make it again from the issuer's default role: the
+    API refuses the delete (409) and a disable keeps it out."""
+    token = idp.sign("jon", "rsa-1")
+    me = await api.client.get("/api/auth/me", headers=bearer(token))
+    assert me.status == 200, await me.text()
+    uid = (await me.json())["id"]
+    resp = await api.client.delete(f"/api/users/{uid}", headers=api.auth("admin"))
+    assert resp.status == 409
+    assert "disable it instead" in (await resp.json())["detail"]
+    resp = await api.client.put(
+        f"/api/users/{uid}", json={"disabled": True}, headers=api.auth("admin")
+    )
+    assert resp.status == 200, await resp.text()
+    fresh = idp.sign("jon", "ec-1", claims={"jti": "after-disable"})
+    assert (await api.client.get("/api/auth/me", headers=bearer(fresh))).status == 403

@@ -42,7 +42,7 @@ def _verifier(idp: Idp, clock: Clock, **kw: object) -> ExternalVerifier:
         jwks_min_refresh=MIN_REFRESH,
         **kw,  # type: ignore[arg-type]
     )
-    return ExternalVerifier("testidp", config, clock=clock)
+    return ExternalVerifier("testidp", config, max_ttl=3600, clock=clock)
 
 
 async def _reason(v: ExternalVerifier | Verifiers, token: str) -> str:
@@ -218,13 +218,68 @@ def test_jwks_drops_symmetric_foreign_and_unusable_keys() -> None:
         ('jwks_url = "https://x/"\ndefault_role = "ghost"', "no role"),
         ('jwks_url = "https://x/"\njwks_min_refresh = 0.01', "jwks_min_refresh"),
         ('jwks_url = "https://x/"\nissuer_typo = 1', "unknown field"),
+        ('jwks_url = "https://x/"\nleeway = 1e9', "leeway"),
     ],
 )
 def test_resources_file_refuses_unsafe_issuers(section: str, message: str) -> None:
-    data = f'[issuers.x]\nissuer = "https://i/"\naudience = "a"\n{section}\n'
+    data = f'[issuers.x]\nissuer = "https://i/"\naudience = "a"\nuser_prefix = "x-"\n{section}\n'
     with pytest.raises(ResourcesError) as e:
         resources.parse(data.encode(), load({}))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "message"),
+    [
+        ([""], "required"),  # an IdP's `sub` could be a local id, the admin's included
+        (["a_b."], "required"),
+        (["idp"], "required"),
+        (["a-", "a-b-"], "a prefix of issuers.i1's"),  # i1's b-bob would be i0's bob
+    ],
+)
+def test_every_issuer_has_a_prefix_of_its_own(prefixes: list[str], message: str) -> None:
+    data = "".join(
+        f'[issuers.i{n}]\nissuer = "https://i{n}/"\naudience = "a"\n'
+        f'jwks_url = "https://x/"\nuser_prefix = "{p}"\n'
+        for n, p in enumerate(prefixes)
+    )
+    with pytest.raises(ResourcesError) as e:
+        resources.parse(data.encode(), load({}))
+    assert message in str(e.value)
+
+
+def test_production_takes_jwks_over_https_only() -> None:
+    data = (
+        b'[issuers.x]\nissuer = "https://i/"\naudience = "a"\nuser_prefix = "x-"\n'
+        b'jwks_url = "http://idp.example/jwks"\n'
+    )
+    resources.parse(data, load({}))  # dev: a local IdP over http is fine
+    with pytest.raises(ResourcesError, match="https only in production"):
+        resources.parse(data, load({"APP_ENV": "production"}))
+
+
+@pytest.mark.parametrize("subject", ["*.>", ">", "*.articles.>", "_INBOX.x", "$FOO.x"])
+def test_no_stream_may_capture_an_internal_subject(subject: str) -> None:
+    data = f'[streams.s]\nsubjects = ["{subject}"]\n'.encode()
+    with pytest.raises(ResourcesError, match="is internal"):
+        resources.parse(data, load({}))
+
+
+def test_role_names_are_checked_where_they_are_declared() -> None:
+    with pytest.raises(ResourcesError, match=r"roles\.a b"):
+        resources.parse(b'[roles."a b"]\ncommands = ["chat.send"]\n', load({}))
+
+
+async def test_a_token_living_longer_than_token_ttl_is_refused(idp: Idp) -> None:
+    """Logout keeps a revocation for TOKEN_TTL: a token living longer would come back to
+    life after it, so the IdP's tokens may live at most that long (here 3600 s)."""
+    v = _verifier(idp, Clock())
+    try:
+        assert (await v.verify(idp.sign("alice", "rsa-1", ttl=3600))).sub == "idp-alice"
+        reason = await _reason(v, idp.sign("alice", "rsa-1", ttl=3601))
+        assert reason == "token lifetime over 3600 s not accepted"
+    finally:
+        await v.jwks.close()
 
 
 def test_our_own_issuer_cannot_be_declared_external() -> None:
@@ -235,7 +290,7 @@ def test_our_own_issuer_cannot_be_declared_external() -> None:
 
 def test_the_demo_file_is_valid_and_declares_the_demo_set(tmp_path: Path) -> None:
     res = resources.load(load({}))
-    assert set(res.buckets) == {"articles", "todos"}
+    assert set(res.buckets) == {"articles", "todos", "presence"}
     assert set(res.streams) == {"chat", "audit"}
     assert set(res.roles) == {"member", "reader"}
     assert res.issuers == {}
@@ -253,3 +308,15 @@ async def test_tokens_are_routed_by_issuer_and_a_foreign_one_is_named(idp: Idp) 
         assert await _reason(verifiers, foreign) == "token issuer not accepted"
     finally:
         await verifiers.close()
+
+
+async def test_a_jwks_arriving_in_pieces_is_read_whole(idp: Idp) -> None:
+    """A JWKS sent in two writes: read to its end (reading what had arrived cut it at the
+    first piece, and every kid was then unknown)."""
+    idp.in_pieces = True
+    v = _verifier(idp, Clock())
+    try:
+        assert (await v.verify(idp.sign("alice", "ec-1"))).sub == "idp-alice"
+        assert idp.fetches == 1
+    finally:
+        await v.jwks.close()

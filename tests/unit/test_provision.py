@@ -73,3 +73,23 @@ async def test_a_changed_file_applied_twice(js: JetStreamContext, settings: Sett
     back = await natsio.provision(js, settings, demo)
     assert back.created == [] and "notes" in "\n".join(back.drift)
     assert (await natsio.provision(js, settings, demo)).updated == []
+
+
+async def test_a_limit_on_an_unlimited_stream_never_drops_what_it_holds(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    """An app's own stream made without a byte limit (NATS says -1): declaring one below
+    what it holds is drift, not applied (applying it made NATS drop the oldest messages)."""
+    await js.add_stream(name="orders", subjects=["orders.>"])
+    assert (await _config(js, "orders"))["config"]["max_bytes"] == -1
+    for i in range(50):
+        await js.publish(f"orders.{i}", b"x" * 100)
+    res = resources.parse(
+        b'[streams.orders]\nsubjects = ["orders.>"]\nmax_bytes = 1024\n', settings
+    )
+    report = await natsio.provision(js, settings, res)
+    assert any(line.startswith("orders: max_bytes") for line in report.drift), report.drift
+    orders = await _config(js, "orders")
+    assert orders["state"]["messages"] == 50
+    assert orders["config"]["max_bytes"] == -1
+    await js.delete_stream("orders")
