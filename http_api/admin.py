@@ -28,7 +28,7 @@ log = logging.getLogger("http_api.admin")
 # docs/protocol.md's example ("Capabilities"), with per-user todos.
 DEMO_USER_CAPABILITIES = Capabilities(
     subjects=["chat.room.*", "articles.>"],
-    buckets={"todos": ["user.{uid}.>"], "articles": [">"]},
+    buckets={"todos": ["user.{uid}.>"], "articles": [">"], "presence": ["chat.room.*.>"]},
     streams={"chat": [">"]},
     commands=[
         "articles.create",

@@ -41,6 +41,9 @@ EXPOSABLE_AUTH_BUCKET = "auth_users"
 # The gateway's durable js_sub records (ws_gateway/durables.py): every user's durables, their
 # holders and ack floors. Never a client's to read, whatever its capabilities say.
 DURABLES_BUCKET = "gw_durables"
+# Who is here (ws_gateway/presence.py): declared in the resources file like any bucket and
+# read by kv_sub under `buckets.presence`, but only the gateways write it.
+PRESENCE_BUCKET = "presence"
 # Where that bucket republishes each stored write (`<DURABLES_WATCH>.<key>`): holders watch
 # their keys there. `$`: an internal subject, never delivered to a client.
 DURABLES_WATCH = "$GW.durables"

@@ -33,11 +33,17 @@ class _Op(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
     inbox: Inbox | None = None
 
 
+class SubData(Struct, forbid_unknown_fields=True):
+    # Announce this connection on the (literal) subject while the sub lasts: a key of KV
+    # `presence` (docs/protocol.md, "Presence").
+    presence: bool = False
+
+
 class Sub(_Op, kw_only=True, tag="sub"):
     """A core NATS subscription to a subject or pattern."""
 
     target: Name
-    data: Empty | None = None
+    data: SubData | None = None
 
 
 class UnsubData(Struct, forbid_unknown_fields=True):

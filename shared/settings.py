@@ -45,7 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_port: int = 8301  # long-polling listener of the first gateway; the others follow
     api_port: int = 8101  # first API worker; the others follow
     api_procs: int = 2
-    nats_cluster: int = 1  # NATS nodes run by deploy/: 1, or 3 for the loopback cluster
+    # NATS nodes run by deploy/: 1, or 3 for the loopback cluster; 0: none, this host joins
+    # the NATS of another (NATS_URL, required then; deploy/README.md "N hosts").
+    nats_cluster: int = 1
     nats_port: int = 4222  # node i listens on nats_port + i
     nats_monitor_port: int = 8222  # node i: nats_monitor_port + i
     nats_cluster_port: int = 6222  # node i routes on nats_cluster_port + i
@@ -76,6 +78,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_bad_frames: int = 10
     ping_interval: float = 25.0
     max_connections_per_user: int = 64
+    # Live connections (WebSockets and long-poll sessions) this host holds, spread evenly over
+    # its gateways; nginx's and supervisord's fd limits derive from it (deploy/limits.py).
+    # Past it, 503 with Retry-After. 10,000 fits a 20,000 fd hard limit.
+    max_connections: int = 10000
+    # presence (issue 19, docs/protocol.md "Presence"): a key lives PRESENCE_TTL seconds
+    # unless its gateway re-puts it (every PRESENCE_REFRESH): a dead gateway's users leave
+    # within PRESENCE_TTL. Patterns in PRESENCE_REFUSE announce nobody.
+    presence_ttl: int = 30
+    presence_refresh: float = 10.0
+    presence_refuse: tuple[str, ...] = ()
     # api limits
     login_attempts_per_minute: int = 10
     max_body_bytes: int = 256 * 1024
@@ -123,6 +135,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """JSON lines unless asked otherwise: a collector reads them; a person in dev the
         pretty ones."""
         return self.log_format == "json" or (self.log_format == "auto" and self.production)
+
+    @property
+    def gateway_max_connections(self) -> int:
+        """One gateway process's share of MAX_CONNECTIONS."""
+        return -(-self.max_connections // max(1, self.gateway_procs))
 
     @property
     def api_ports(self) -> range:
@@ -198,7 +215,8 @@ DESCRIPTIONS: dict[str, str] = {
     "poll_port": "the first gateway's long-polling port; the others follow (derived)",
     "api_port": "the first API worker's port; the others follow (derived)",
     "api_procs": "API worker processes",
-    "nats_cluster": "NATS nodes run by the stack: 1, or 3 for the loopback cluster",
+    "nats_cluster": "NATS nodes run by the stack: 1, or 3 for the loopback cluster; 0: none, "
+    "NATS_URL names the shared cluster (another host's)",
     "nats_port": "client port of NATS node 0; node i listens on NATS_PORT + i (derived)",
     "nats_monitor_port": "monitoring port of NATS node 0; node i: + i (derived)",
     "nats_cluster_port": "route port of NATS node 0; node i: + i (derived)",
@@ -217,6 +235,12 @@ DESCRIPTIONS: dict[str, str] = {
     "max_bad_frames": "undecodable or invalid frames before a connection is closed",
     "ping_interval": "seconds between pings; a client silent for two is closed 1008",
     "max_connections_per_user": "connections one user may hold per gateway process (then 429)",
+    "max_connections": "live connections this host holds, over all its gateways (then 503); "
+    "nginx and fd limits derive from it",
+    "presence_ttl": "seconds a presence key outlives its last refresh (a dead gateway's "
+    "users leave within it); whole seconds, at least 1",
+    "presence_refresh": "seconds between a gateway's re-puts of its presence keys (< PRESENCE_TTL)",
+    "presence_refuse": "subject patterns on which sub data.presence is refused, comma-separated",
     "login_attempts_per_minute": "logins per username and API process (5x per address), then 429",
     "max_body_bytes": "largest request body, bytes (nginx answers 413 beyond it)",
     "hash_concurrency": "password hashes computed at once per API process",
@@ -260,7 +284,7 @@ def _derive(raw: dict[str, Any]) -> None:
     host = raw.get("host", defaults["host"])
     first = int(raw["nats_port"])
     raw.setdefault("nats_url", [f"nats://127.0.0.1:{first + i}" for i in range(nodes)])
-    raw.setdefault("nats_replicas", min(nodes, 3))
+    raw.setdefault("nats_replicas", max(1, min(nodes, 3)))
     raw.setdefault("allowed_origins", [f"http://{host}:{base}", f"http://localhost:{base}"])
 
 
@@ -295,6 +319,10 @@ def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         settings.nats_monitor_port + last_nats,
         settings.nats_cluster_port + last_nats,
     ]
-    if settings.nats_cluster < 1 or not all(1 <= p <= 65535 for p in ports):
+    if not 0 < settings.presence_refresh < settings.presence_ttl:
+        raise SystemExit("invalid settings: 0 < PRESENCE_REFRESH < PRESENCE_TTL")
+    if settings.nats_cluster == 0 and not settings.nats_url:
+        raise SystemExit("invalid settings: NATS_CLUSTER=0 (no NATS of its own) needs NATS_URL")
+    if settings.nats_cluster < 0 or not all(1 <= p <= 65535 for p in ports):
         raise SystemExit(f"invalid settings: a derived port is out of range ({ports})")
     return settings

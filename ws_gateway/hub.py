@@ -62,6 +62,7 @@ from ws_gateway.history import History
 from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds
 from ws_gateway.outbox import Flusher
+from ws_gateway.presence import Presence
 from ws_gateway.reader import Delivery, StreamReader
 from ws_gateway.rules import Start
 from ws_gateway.session import Session
@@ -82,6 +83,9 @@ class UserRead:
 
     record: UserRecord | None
     revision: int
+    # For a user admitted from an issuer's default role: the auth_roles revision its
+    # template was read at (a change the role watch applied later is applied on open).
+    role_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,7 @@ class Hub:
         self.js_tails.on_gone = self._tail_gone
         self.history = History(nc, settings.js_history_bytes)
         self.durables = DurableStore(nc, self.js, settings)
+        self.presence = Presence(self.js, settings)
         self.catchups = asyncio.Semaphore(MAX_CATCHUPS)  # kv_sub catch-up consumers at once
         self.sessions: set[Session] = set()
         self.closing: set[Session] = set()  # deregistered, still releasing subscriptions
@@ -139,6 +144,8 @@ class Hub:
         # key of the bucket): a handshake whose read is older than it re-reads, so a
         # change that lands while a handshake reads is never lost.
         self._seen: dict[str, int] = {}
+        # Role -> (auth_roles revision, template or None: deleted) the role watch applied.
+        self._role_seen: dict[str, tuple[int, Capabilities | None]] = {}
         self._readers: dict[str, int] = {}  # kv_sub + js_sub held per user (take_reader)
         self.nats_ready = nc.is_connected
         # False from a NATS disconnect until every user's record has been re-read:
@@ -156,6 +163,7 @@ class Hub:
         await self._list_revoked()
         await self.history.start()
         await self.durables.start()
+        self.presence.start()
         self._clock = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
@@ -200,6 +208,7 @@ class Hub:
         for w in self._watchers.values():
             await w.close()
         self._watchers.clear()
+        await self.presence.close()
         await self.kv_feeds.close()
         await self.js_tails.close()
         await self.history.close()
@@ -235,6 +244,7 @@ class Hub:
         if bucket == USERS_BUCKET:
             # A recreated bucket numbers its revisions from 1 again.
             self._seen.clear()
+            self._role_seen.clear()
             self.users.clear()
         for s in list(self.sessions):
             s.close(Disconnects.AUTH_WATCH_LOST)
@@ -411,6 +421,7 @@ class Hub:
             session.apply_user(fresh.record, fresh.revision)
         if session.closed:
             return session
+        self._catch_up_role(session, read)
         known = self.users.get(session.uid)
         if known is None or known.revision < session.user_revision:
             self.users[session.uid] = Known(session.user, session.user_revision, session.caps)
@@ -419,6 +430,20 @@ class Hub:
         if not self.watching:  # lost while this handshake was admitted
             session.close(Disconnects.AUTH_WATCH_LOST)
         return session
+
+    def _catch_up_role(self, session: Session, read: UserRead) -> None:
+        """A default-role user's template changed while its handshake ran: the role watch
+        applied the change to the users it knew, not to this one. Applied here, with no
+        await before the user joins `self.users`, so every later change reaches it."""
+        if read.revision != 0 or session.user_revision != 0 or not session.user.roles:
+            return
+        role = session.user.roles[0]
+        seen = self._role_seen.get(role)
+        if seen is None or seen[0] <= read.role_revision:
+            return
+        templates = {role: seen[1]} if seen[1] is not None else {}
+        record = with_roles(session.user, session.user.roles, templates)
+        session.apply_user(record, 0, time.time(), compile_or_nothing(record))
 
     def _close_if_revoked(self, session: Session) -> None:
         if self._token_revoked(session.claims):
@@ -456,6 +481,10 @@ class Hub:
 
     def user_sessions(self, uid: str) -> int:
         return len(self.by_user.get(uid, ()))
+
+    def full(self) -> bool:
+        """At this process's share of MAX_CONNECTIONS (WebSocket and long-poll sessions)."""
+        return len(self.sessions) >= self.settings.gateway_max_connections
 
     # ------------------------------------------------------------------ lookups
 
@@ -496,8 +525,9 @@ class Hub:
         if not entry.value:
             return UserRead(None, 0)
         template = msgspec.json.decode(entry.value, type=Capabilities)
+        await self.checkpoint("admit.role")
         record = UserRecord(id=claims.sub, username=claims.sub, display_name=claims.sub)
-        return UserRead(with_roles(record, [role], {role: template}), 0)
+        return UserRead(with_roles(record, [role], {role: template}), 0, entry.revision or 0)
 
     async def _read_user(self, uid: str) -> UserRead:
         try:
@@ -657,6 +687,7 @@ class Hub:
                 templates[role] = msgspec.json.decode(d.data, type=Capabilities)
             except Exception:
                 log.warning("undecodable role", extra={"role": role})
+        self._role_seen[role] = (d.stream_seq, templates.get(role))
         for uid, known in list(self.users.items()):
             if known.revision != 0 or role not in known.record.roles:
                 continue

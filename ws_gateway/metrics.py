@@ -33,3 +33,6 @@ DURABLE_FAILURES = Counter(
     "what was handed on since the last save)",
     ["when"],
 )
+PRESENCE_WRITES = Counter(
+    "gateway_presence_writes_total", "Presence KV writes: joins, refreshes and leaves"
+)

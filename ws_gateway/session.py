@@ -36,6 +36,7 @@ from ws_gateway import metrics
 from ws_gateway.jsfeed import JsTail
 from ws_gateway.kvfeed import KvFeed
 from ws_gateway.outbox import Outbox
+from ws_gateway.presence import refusal
 from ws_gateway.rules import OpBudget, Tokens, is_primary
 from ws_gateway.subscriptions import (
     CoreSubscription,
@@ -120,6 +121,11 @@ class Session:
 
     def __hash__(self) -> int:
         return self.id
+
+    @property
+    def name(self) -> str:
+        """What presence shows of the user: the display name, else the username."""
+        return self.user.display_name or self.user.username
 
     # ------------------------------------------------------------------ lifetime
 
@@ -376,8 +382,14 @@ class Session:
         if not decision:
             raise self._deny("sub", decision.reason)
         await self._require_nats()
+        presence = op.data is not None and op.data.presence
+        if presence:
+            # Anyone who may subscribe to the subject may announce on it (docs/protocol.md).
+            why = refusal(self.settings, pattern)
+            if why is not None:
+                raise ReplyError(ErrorCode.BAD_REQUEST, why)
         ref = SubscriptionRef(inbox, "sub", pattern, pattern)
-        await self._open(CoreSubscription(ref, self, self.hub))
+        await self._open(CoreSubscription(ref, self, self.hub, presence))
 
     async def _unsub(self, op: envelope.Unsub) -> None:
         if op.inbox is not None and op.inbox in self.subs:

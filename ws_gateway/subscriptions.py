@@ -47,6 +47,7 @@ from ws_gateway.history import History, HistoryUnavailable, aligned
 from ws_gateway.jscursor import Cursor
 from ws_gateway.jsfeed import JsTail, JsTails
 from ws_gateway.kvfeed import KvFeed, KvFeeds, Member, encode_change
+from ws_gateway.presence import Announcement, Presence
 from ws_gateway.reader import Delivery, StreamReader
 from ws_gateway.rules import Start, Tokens, js_reply_error, js_start, kv_resume
 
@@ -72,6 +73,7 @@ class Node(Protocol):
     """The process's shared machinery that subscriptions use (the hub)."""
 
     nc: NATS
+    presence: Presence
     js: JetStreamContext
     settings: Settings
     router: CoreRouter
@@ -97,7 +99,11 @@ class Owner(Protocol):
     """The session a subscription belongs to, as the subscription sees it."""
 
     uid: str
+    id: int
     core_patterns: dict[str, Tokens]
+
+    @property
+    def name(self) -> str: ...
 
     def push(self, frame: bytes) -> bool: ...
 
@@ -259,11 +265,27 @@ class Subscription:
 class CoreSubscription(Subscription):
     kind = "sub"
 
+    def __init__(self, ref: SubscriptionRef, owner: Owner, node: Node, presence: bool) -> None:
+        super().__init__(ref, owner, node)
+        self.presence = presence
+
     async def _setup(self) -> None:
         router = self._node.router
         self._shared: Shared = await self._hold(
             "join", router.acquire(self.ref.pattern), router.release
         )
+        if self.presence:
+            await self._announce()
+
+    async def _announce(self) -> None:
+        """Hold this connection's presence key; `ok` once it is written. Its leave is a
+        stop, so `end()` queues it at once, whatever the setup was doing."""
+        presence, owner = self._node.presence, self._owner
+        key = presence.key(self.ref.pattern, owner.uid, owner.id)
+        written = presence.join(key, Announcement(owner.uid, owner.name, time.time()))
+        self._stops.append(lambda: presence.leave(key))
+        await asyncio.shield(written)
+        await self._step("presence")
 
     def _on_live(self) -> None:
         router, shared, owner = self._node.router, self._shared, self._owner

@@ -383,6 +383,18 @@ async def test_chat_keeps_joined_rooms_across_views(person: PersonFactory) -> No
     await expect(rooms.get_by_role("link", name=f"#{room}")).to_be_visible()
 
 
+async def test_chat_shows_who_is_in_the_room_live(person: PersonFactory) -> None:
+    """alice and bob in one room each see both names (presence, through any gateway); bob
+    leaves for another view and alice's list drops him, with no reload."""
+    alice, bob = await person("alice"), await person("bob")
+    await in_room(alice, bob)  # a new room: nobody else is in it
+    here = alice.page.locator("#chat-presence li")
+    await expect(here).to_have_text(["Alice", "Bob"])
+    await expect(bob.page.locator("#chat-presence li")).to_have_text(["Alice", "Bob"])
+    await bob.go("todos")
+    await expect(here).to_have_text(["Alice"])
+
+
 async def test_admin_creates_a_user_whose_forbidden_controls_say_why(
     person: PersonFactory,
 ) -> None:

@@ -21,8 +21,10 @@ from natsgate_client import (
     ClientClosed,
     Disconnected,
     Event,
+    Joined,
     KvChange,
     KvSynced,
+    Left,
     PasswordLogin,
     Resubscribed,
     State,
@@ -345,3 +347,33 @@ async def _nats(stack: Stack) -> NATS:
     return await natsio.nats_connect(
         servers=list(stack.settings.nats_url), user=user, password=password
     )
+
+
+async def test_presence_is_one_member_per_user_with_joins_and_leaves(client_stack: Stack) -> None:
+    """`presence(subject)` through nginx: alice's two connections are one member (two
+    connections), she leaves when the last one unsubscribes or closes."""
+    stack, room = client_stack, "chat.room.pyc-presence"
+    async with Client(stack.url, PasswordLogin(stack.url, "bob", DEMO)) as bob:
+        here = await bob.presence(room)
+        await here.synced(10)
+        assert here.members == {}
+        tab1 = await Client(stack.url, PasswordLogin(stack.url, "alice", DEMO)).connect()
+        tab2 = await Client(stack.url, PasswordLogin(stack.url, "alice", DEMO)).connect()
+        try:
+            first = await tab1.sub(room, presence=True)
+            event = await here.get(10)
+            assert isinstance(event, Joined)
+            uid = event.member.uid
+            assert (event.member.name, event.member.connections) == ("Alice", 1)
+            await tab2.sub(room, presence=True)
+            await until(lambda: here.members[uid].connections == 2, "the second tab")
+            assert list(here.members) == [uid]  # one member
+            await first.unsub()
+            await until(lambda: here.members[uid].connections == 1, "the first tab's leave")
+            await tab2.close()
+            event = await here.get(10)
+            assert event == Left(uid)
+            assert here.members == {}
+        finally:
+            await tab1.close()
+            await tab2.close()

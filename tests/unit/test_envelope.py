@@ -35,7 +35,7 @@ def test_decode_accepts_str_frames_and_explicit_v1() -> None:
     """A str frame and an explicit `"v": 1` decode the same as bytes without v."""
     op = env.decode_client_frame('{"v": 1, "op": "sub", "target": "a", "data": {}}')
     assert isinstance(op, env.Sub)
-    assert op.data == env.Empty()
+    assert op.data == env.SubData()
 
 
 def test_decode_unsub_with_inbox_or_target() -> None:

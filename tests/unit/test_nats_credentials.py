@@ -12,7 +12,7 @@ import pytest
 
 from deploy.render import nats_authorization
 from shared import natsio
-from shared.capabilities import DURABLES_BUCKET
+from shared.capabilities import DURABLES_BUCKET, PRESENCE_BUCKET
 from shared.settings import load
 from shared.subjects import match
 
@@ -118,13 +118,16 @@ def _may_publish(role: natsio.Role, subject: str) -> bool:
 
 
 def test_the_gateway_user_writes_its_durables_bucket_and_no_other() -> None:
-    """The gateway may publish to $KV.gw_durables (its durable records) and to no other
-    bucket, present or future, nor create or purge a stream; the API still writes buckets."""
+    """The gateway may publish to $KV.gw_durables (its durable records) and $KV.presence
+    (who is here) and to no other bucket, present or future, nor create or purge a stream;
+    the API still writes buckets."""
     assert _may_publish("gateway", f"$KV.{DURABLES_BUCKET}.x")
     assert _may_publish("gateway", f"$KV.{DURABLES_BUCKET}.chat.u1.d")
     assert not _may_publish("gateway", "$KV.articles.x")
     for b in natsio.buckets(load({})):
-        assert _may_publish("gateway", f"$KV.{b.name}.x") == (b.name == DURABLES_BUCKET)
+        assert _may_publish("gateway", f"$KV.{b.name}.x") == (
+            b.name in (DURABLES_BUCKET, PRESENCE_BUCKET)
+        )
     for subject in (
         "$KV.some_new_bucket.x",
         "$JS.API.STREAM.PURGE.KV_gw_durables",

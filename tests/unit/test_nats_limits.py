@@ -45,6 +45,7 @@ async def test_provisioning_sets_every_limit_of_the_settings(
         "KV_auth_roles",
         "KV_articles",
         "KV_todos",
+        "KV_presence",
         "KV_gw_durables",
         "chat",
         "audit",
@@ -58,6 +59,10 @@ async def test_provisioning_sets_every_limit_of_the_settings(
     assert (await _config(js, "KV_articles"))["max_msgs_per_subject"] == 5
     assert (await _config(js, "chat"))["max_age"] == 30 * 86400 * 10**9
     assert (await _config(js, "audit"))["max_age"] == 90 * 86400 * 10**9
+    # Presence: per-message TTLs whose expiries leave markers watchers see (marker_ttl 60 s).
+    presence = await _config(js, "KV_presence")
+    assert presence["allow_msg_ttl"] is True
+    assert presence["subject_delete_marker_ttl"] == 60 * 10**9
 
 
 async def test_reprovisioning_moves_existing_buckets_and_streams_to_new_limits(

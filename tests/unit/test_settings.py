@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import DEFAULT_DEMO_PASSWORD, Settings, load
+from ws_gateway.presence import refusal
 
 PRODUCTION_OK = {
     "APP_ENV": "production",
@@ -209,3 +210,30 @@ def test_out_of_range_ports_exit(env: dict[str, str]) -> None:
     """A port outside 1..65535, derived or explicit, or no NATS node, stops the process."""
     with pytest.raises(SystemExit):
         load(env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PRESENCE_REFRESH": "30"},
+        {"PRESENCE_TTL": "5", "PRESENCE_REFRESH": "6"},
+        {"PRESENCE_REFRESH": "0"},
+    ],
+)
+def test_a_presence_refresh_not_below_the_ttl_exits(env: dict[str, str]) -> None:
+    """Keys would expire between refreshes: present users would flicker out."""
+    with pytest.raises(SystemExit) as ei:
+        load(env)
+    assert "PRESENCE_REFRESH" in str(ei.value.code)
+
+
+def test_presence_refusal_reasons() -> None:
+    """Wildcards, non-key characters and PRESENCE_REFUSE patterns refuse; the rest pass."""
+    s = load({"PRESENCE_REFUSE": "chat.private.>, ops.*"})
+    assert refusal(s, "chat.room.1") is None
+    assert "literal" in (refusal(s, "chat.room.*") or "")
+    assert "literal" in (refusal(s, "chat.>") or "")
+    assert "KV key" in (refusal(s, "chat.room.é") or "")
+    assert "refused" in (refusal(s, "chat.private.a.b") or "")
+    assert "refused" in (refusal(s, "ops.x") or "")
+    assert s.presence_refuse == ("chat.private.>", "ops.*")

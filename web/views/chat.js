@@ -1,4 +1,6 @@
-// The chat view: a room is a JetStream subject read from its first message, then live.
+// The chat view: a room is a JetStream subject read from its first message, then live;
+// who is in it is the room's presence (docs/protocol.md, "Presence"): this tab announces
+// itself with a presence `sub` and lists everyone announced, from any gateway.
 import { ApiError } from "natsgate";
 import { api, session, h, can, gate, noCommand, describe, when, newId, showSubState } from "../ui.js";
 
@@ -23,7 +25,21 @@ function joinedRooms() {
  */
 export function chatView(main, c, arg) {
   const room = arg && TOKEN_RE.test(arg) ? arg : "general";
-  const stream = c.stream("chat", { filter: `chat.room.${room}`, startSeq: 1, batch: 200 });
+  const subject = `chat.room.${room}`;
+  const stream = c.stream("chat", { filter: subject, startSeq: 1, batch: 200 });
+  // Announced while the view is open (the messages come from the stream, not this sub).
+  const announce = can("sub", subject) ? c.subscribe(subject, undefined, { presence: true }) : null;
+  const here = can("kv_sub", "presence", `${subject}.*.*`) ? c.presence(subject) : null;
+  const people = h("ul", { id: "chat-presence", class: "presence", "aria-label": `Who is in ${room}`, "aria-live": "polite" });
+  function showPeople() {
+    if (!here) return;
+    const members = [...here.members.values()].sort((a, b) => a.name.localeCompare(b.name));
+    people.replaceChildren(
+      ...members.map((m) =>
+        h("li", { "data-uid": m.uid, title: m.connections > 1 ? `${m.connections} tabs` : null }, m.name),
+      ),
+    );
+  }
   const banner = h("p", { id: "chat-state", class: "notice", hidden: true });
   const log = h("ol", { id: "messages", class: "messages", "aria-label": `Messages in ${room}`, "aria-live": "polite" });
   const joined = joinedRooms();
@@ -115,6 +131,7 @@ export function chatView(main, c, arg) {
     stream.on("revoked", () => showSubState(banner, stream, "this chat")),
     stream.on("error", () => showSubState(banner, stream, "this chat")),
   ];
+  if (here) offs.push(here.on("change", showPeople));
   main.append(
     h(
       "section",
@@ -137,6 +154,7 @@ export function chatView(main, c, arg) {
           h("button", { type: "submit" }, "Join"),
         ),
       ),
+      here ? h("aside", { class: "here" }, h("h2", {}, "Here now"), people) : null,
       banner,
       log,
       h(
@@ -166,5 +184,7 @@ export function chatView(main, c, arg) {
     offs.forEach((off) => off());
     cancelAnimationFrame(scrollFrame);
     stream.close();
+    here?.close();
+    announce?.close();
   };
 }

@@ -7,6 +7,7 @@ import { TransportPolicy, backoffDelay } from "./policy.js";
 import { PollingTransport, WebSocketTransport, pollUrlFor } from "./transports.js";
 import { CoreSubscription, KvStore, StreamSubscription } from "./subscriptions.js";
 import { Emitter } from "./events.js";
+import { PRESENCE_BUCKET, Presence } from "./presence.js";
 
 /**
  * The connection's events: `state` (ConnectionState and what else is known), `transport`
@@ -162,12 +163,24 @@ export class SyncClient extends Emitter {
   }
 
   /**
-   * A core subscription; `handler(payload, {subject, envelope})` per message.
+   * A core subscription; `handler(payload, {subject, envelope})` per message. With
+   * `presence: true` this connection is announced on the (literal) subject while it lasts.
    * @param {string} subject subject or pattern
    * @param {(payload: any, msg: {subject: string, envelope: Envelope}) => void} [handler]
+   * @param {{presence?: boolean}} [opts]
    */
-  subscribe(subject, handler) {
-    return this._add(new CoreSubscription(this, subject, handler));
+  subscribe(subject, handler, opts) {
+    return this._add(new CoreSubscription(this, subject, handler, opts));
+  }
+
+  /**
+   * Who is on `subject` (announced anywhere with `subscribe(subject, h, {presence: true})`):
+   * one member per user, with `join` and `leave` events.
+   * @param {string} subject
+   * @returns {Presence}
+   */
+  presence(subject) {
+    return new Presence(this.kv(PRESENCE_BUCKET, { pattern: `${subject}.*.*` }), subject);
   }
 
   /**

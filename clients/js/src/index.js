@@ -31,4 +31,5 @@ export * from "./policy.js";
 export * from "./transports.js";
 export * from "./subscriptions.js";
 export * from "./client.js";
+export * from "./presence.js";
 export * from "./api.js";

@@ -172,10 +172,16 @@ export class CoreSubscription extends Subscription {
    * @param {SyncClient} client
    * @param {string} subject
    * @param {(payload: any, msg: {subject: string, envelope: Envelope}) => void} [handler]
+   * @param {{presence?: boolean}} [opts]
    */
-  constructor(client, subject, handler) {
+  constructor(client, subject, handler, opts = {}) {
     super(client, "sub", subject, subject);
+    this.presence = Boolean(opts.presence);
     if (handler) this.on("message", handler);
+  }
+
+  requestData() {
+    return this.presence ? { presence: true } : undefined;
   }
 
   /** @param {Envelope} env */

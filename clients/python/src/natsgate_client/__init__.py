@@ -40,6 +40,7 @@ from natsgate_client.messages import (
     StreamEvent,
     StreamMessage,
 )
+from natsgate_client.presence import Joined, Left, Member, Presence, PresenceEvent
 from natsgate_client.subscription import (
     CoreSubscription,
     KvSubscription,
@@ -62,15 +63,20 @@ __all__ = [
     "Event",
     "Gap",
     "HandshakeRefused",
+    "Joined",
     "KvChange",
     "KvEvent",
     "KvSubscription",
     "KvSynced",
+    "Left",
     "Login",
     "LoginError",
+    "Member",
     "Message",
     "NatsgateError",
     "PasswordLogin",
+    "Presence",
+    "PresenceEvent",
     "RequestError",
     "Resubscribed",
     "ServerError",

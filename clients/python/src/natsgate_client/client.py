@@ -61,6 +61,7 @@ from natsgate_client.messages import (
     decode_frame,
     encode_request,
 )
+from natsgate_client.presence import PRESENCE_BUCKET, Presence
 from natsgate_client.subscription import (
     CoreSubscription,
     KvSubscription,
@@ -247,12 +248,22 @@ class Client:
 
     # ------------------------------------------------------------------ subscribing
 
-    async def sub(self, subject: str, *, queue_size: int | None = None) -> CoreSubscription:
+    async def sub(
+        self, subject: str, *, presence: bool = False, queue_size: int | None = None
+    ) -> CoreSubscription:
         """A core subscription (a subject or pattern). At-most-once: what is published
-        while the client is disconnected is not delivered."""
-        return await self._subscribe(
-            CoreSubscription(self, subject, subject, self._inbox(), queue_size or self.queue_size)
-        )
+        while the client is disconnected is not delivered. `presence`: announce this
+        connection on the (literal) subject while the subscription lasts, made again on
+        each reconnect (docs/protocol.md, "Presence")."""
+        sub = CoreSubscription(self, subject, subject, self._inbox(), queue_size or self.queue_size)
+        sub.presence = presence
+        return await self._subscribe(sub)
+
+    async def presence(self, subject: str, *, queue_size: int | None = None) -> Presence:
+        """Who is on `subject` (announced by `sub(subject, presence=True)` anywhere): a
+        kv_sub of bucket `presence`, one member per user however many connections, with
+        `Joined` and `Left` events."""
+        return Presence(await self.kv_sub(PRESENCE_BUCKET, f"{subject}.*.*", queue_size=queue_size))
 
     async def kv_sub(
         self,

@@ -143,6 +143,10 @@ class CoreSubscription(Subscription[Message]):
     """`sub`: at-most-once; what is published while disconnected is not delivered."""
 
     kind = "sub"
+    presence = False  # announced on its subject (docs/protocol.md, "Presence")
+
+    def _request_data(self) -> dict[str, Any] | None:
+        return {"presence": True} if self.presence else None
 
 
 class KvSubscription(Subscription[KvEvent]):

@@ -63,9 +63,7 @@ async def _problem(r: aiohttp.ClientResponse) -> LoginError:
     return LoginError(r.status, title)
 
 
-async def _post(
-    url: str, http: aiohttp.ClientSession | None, **kwargs: Any
-) -> Login:
+async def _post(url: str, http: aiohttp.ClientSession | None, **kwargs: Any) -> Login:
     own = http is None
     session = http or aiohttp.ClientSession()
     try:
@@ -86,9 +84,7 @@ async def login(
     return await _post(f"{base_url.rstrip('/')}/api/auth/login", http, json=body)
 
 
-async def refresh(
-    base_url: str, token: str, *, http: aiohttp.ClientSession | None = None
-) -> Login:
+async def refresh(base_url: str, token: str, *, http: aiohttp.ClientSession | None = None) -> Login:
     """`POST /api/auth/refresh`: a new token of the same user (the old one is revoked after
     the server's grace, 30 s by default)."""
     headers = {"Authorization": f"Bearer {token}"}
