@@ -252,14 +252,18 @@ class Client {
     this.groups = new Map();
     this.runs = new Map();
     this.kv = new Map();
+    this.opened = 0;
   }
 
   openOne(p) {
     const mode = p.mode;
+    // `local`: source addresses (127.0.0.x) taken in turn, past one address's ephemeral ports
+    const localAddress = p.local && p.local.length ? p.local[this.opened++ % p.local.length] : undefined;
     return new Promise((resolve, reject) => {
       const headers = p.token ? { Authorization: `Bearer ${p.token}` } : {};
       const ws = new WebSocket(p.url, {
         headers,
+        localAddress,
         perMessageDeflate: false,
         skipUTF8Validation: true,
         handshakeTimeout: 60000,

@@ -297,14 +297,20 @@ class Client:
         self.groups: dict[str, list[Conn]] = {}
         self.runs: dict[str, Run] = {}
         self.kv: dict[str, KvWatch] = {}
+        self.opened = 0
 
     # ---------------------------------------------------------------- connections
 
     async def _open_one(self, p: dict[str, Any]) -> Conn:
         mode = p["mode"]
         headers = {"Authorization": f"Bearer {p['token']}"} if p.get("token") else None
+        # `local`: source addresses (127.0.0.x) taken in turn, past one's ephemeral ports
+        local = p.get("local") or []
+        extra = {"local_addr": (local[self.opened % len(local)], 0)} if local else {}
+        self.opened += 1
         ws = await connect(
             p["url"],
+            **extra,
             additional_headers=headers,
             compression=None,
             max_size=None,

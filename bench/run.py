@@ -23,7 +23,9 @@ peer through `$JS.API` pull consumers; the stream's NATS consumers sampled throu
 JetStream tail (ours only: N clients `js_sub` one stream from its end, one filter for all and
 then one filter each: the stream's NATS consumers while they are subscribed, and one message
 to every client). Messages lost are counted by sequence in every run. `bench/report.py`
-writes RESULTS.md (every figure against issue 18's targets) and the chart.
+writes RESULTS.md (every figure against issue 18's targets) and the chart. Then the
+connections figure (`--connections`, bench/connections.py): subscribed sockets through the
+nginx of a `make start` stack beside nats-server's listener, its own section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -749,6 +751,17 @@ async def main(args: argparse.Namespace) -> None:
         LOG(f"wrote {args.out} and {png} in {took:.0f}s")
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    if args.connections:
+        # The connections figure (issue 24) after the suite: its own stacks, its section of
+        # RESULTS.md.
+        from bench import connections
+
+        conn_args = connections.parse(["--n", ",".join(map(str, args.connections))])
+        conn_args.client = args.client
+        conn_args.out = args.out.with_name("CONNECTIONS.json")
+        rows = await connections.main(conn_args)
+        with args.out.open("a", encoding="utf-8") as f:
+            f.write("\n" + connections.summary(rows))
 
 
 def default_client() -> str:
@@ -794,6 +807,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="load client: bench/loadclient.js (needs `npm install` in bench/) or "
         "bench/loadclient.py; default node when bench/node_modules/ws is there",
     )
+    p.add_argument(
+        "--connections",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[5000, 50000],
+        help="N of the connections figure (bench/connections.py); empty: skip it",
+    )
     p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per proc")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--png", default="fanout.png")
@@ -806,6 +825,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.n, args.idle, args.messages, args.messages_big = [20, 100], 200, 300, 300
         args.latency_messages, args.kv_clients, args.kv_updates = 20, 20, 5
         args.js_clients, args.js_messages, args.tail_clients = 5, 1000, 20
+        args.connections = [200]
         if args.out == ROOT / "bench" / "RESULTS.md":
             args.out = Path(tempfile.gettempdir()) / "bench-quick" / "RESULTS.md"
     args.command = shlex.join(

@@ -5,7 +5,7 @@ placeholders; every value comes from `shared.settings.load()`, so one `BASE_PORT
 whole stack. Output goes under VAR_DIR (default `var/`, gitignored) and is rewritten on
 every start: edit the templates, never the output.
 
-    VAR_DIR/supervisord.conf  nginx.conf  nats/n0.conf …  run/  log/  nginx/
+    VAR_DIR/supervisord.conf  nginx.conf  nats/n0.conf …  prometheus/  run/  log/  nginx/
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import json
 import os
 import pwd
 import re
-import resource
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import nginx_api
+from deploy.limits import Limits
 from shared import kvwire
-from shared.capabilities import DURABLES_BUCKET, DURABLES_WATCH
+from shared.capabilities import DURABLES_BUCKET, DURABLES_WATCH, PRESENCE_BUCKET
 from shared.natsio import (
     PASSWORD_ENV,
     SERVICE_INBOX_PREFIX,
@@ -90,6 +91,11 @@ class Layout:
         return self.root / "web"
 
     @property
+    def js_client(self) -> Path:
+        """The JS client's modules, which the SPA imports as `natsgate` (web/index.html)."""
+        return self.root / "clients" / "js" / "src"
+
+    @property
     def supervisord_pid(self) -> Path:
         return self.run_dir / "supervisord.pid"
 
@@ -139,6 +145,9 @@ def stack_env(settings: Settings, layout: Layout) -> dict[str, str]:
         "BASE_PORT": str(settings.base_port),
         "API_PORT": str(settings.api_port),
         "GATEWAY_PORT": str(settings.gateway_port),
+        # Each gateway admits its share of MAX_CONNECTIONS over GATEWAY_PROCS.
+        "GATEWAY_PROCS": str(settings.gateway_procs),
+        "MAX_CONNECTIONS": str(settings.max_connections),
         "NATS_CLUSTER": str(settings.nats_cluster),
         "NATS_PORT": str(settings.nats_port),
         "NATS_MONITOR_PORT": str(settings.nats_monitor_port),
@@ -171,7 +180,9 @@ JS_ADMIN = [  # stream (and so bucket) creation and removal: provision only
 # allow), so a broader allow added later still writes no other bucket. A `$KV.>` deny would
 # refuse `$KV.gw_durables.>` as well.
 _NOT_GATEWAY_BUCKETS = [
-    kvwire.subject_of(b.name, ">") for b in buckets(Settings()) if b.name != DURABLES_BUCKET
+    kvwire.subject_of(b.name, ">")
+    for b in buckets(Settings())
+    if b.name not in (DURABLES_BUCKET, PRESENCE_BUCKET)
 ]
 
 # The buckets no service may touch: auth_* (users, capabilities, password hashes,
@@ -210,6 +221,7 @@ PERMISSIONS: dict[Role, dict[str, dict[str, list[str]] | bool]] = {
                 "$JS.ACK.>",
                 "$JS.FC.>",
                 kvwire.subject_of(DURABLES_BUCKET, ">"),
+                kvwire.subject_of(PRESENCE_BUCKET, ">"),  # who is here (ws_gateway/presence.py)
             ],
             "deny": [*_NOT_GATEWAY_BUCKETS, "$SYS.>", *JS_ADMIN],
         },
@@ -365,6 +377,39 @@ def _write(path: Path, text: str, *, private: bool = False) -> None:
     tmp.replace(path)
 
 
+def scrape_targets(settings: Settings) -> list[dict[str, object]]:
+    """Prometheus file_sd targets of the stack: every gateway's `/metrics` and every API
+    worker's `/api/metrics` (each process has its own counters, so each is scraped, not one
+    through nginx). `stack` tells stacks on one host apart; `job` is what the dashboard and
+    the alert rules select on."""
+    stack = f"natsgate-{settings.base_port}"
+    return [
+        {
+            "targets": [f"{settings.host}:{p}" for p in settings.gateway_ports],
+            "labels": {"job": "natsgate_gateway", "stack": stack},
+        },
+        {
+            "targets": [f"{settings.host}:{p}" for p in settings.api_ports],
+            "labels": {"job": "natsgate_api", "stack": stack, "__metrics_path__": "/api/metrics"},
+        },
+    ]
+
+
+def render_prometheus(settings: Settings, layout: Layout) -> None:
+    """VAR_DIR/prometheus/: `targets.json` (file_sd; point a Prometheus at it, it re-reads
+    it when the stack is rendered again) and a `prometheus.yml` that uses it with the alert
+    rules of deploy/prometheus/alerts.yml, for a Prometheus of this host."""
+    out = layout.var / "prometheus"
+    _write(out / "targets.json", json.dumps(scrape_targets(settings), indent=2) + "\n")
+    _write(
+        out / "prometheus.yml",
+        fill(
+            (DEPLOY / "prometheus" / "prometheus.yml").read_text(),
+            {"targets": out / "targets.json", "rules": DEPLOY / "prometheus" / "alerts.yml"},
+        ),
+    )
+
+
 def render(settings: Settings, layout: Layout) -> None:
     """Write every config of the stack under VAR_DIR and create its directories."""
     for d in (layout.run_dir, layout.log_dir, layout.nats_dir, layout.nginx_prefix):
@@ -398,9 +443,10 @@ def render(settings: Settings, layout: Layout) -> None:
             private=passwords is not None,
         )
 
+    render_prometheus(settings, layout)
+
     # nginx.
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    nofile = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    limits = Limits.of(settings)
     hashes = script_hashes(layout.web_root)
 
     def servers(ports: range) -> str:
@@ -414,8 +460,9 @@ def render(settings: Settings, layout: Layout) -> None:
             (DEPLOY / "templates" / "nginx.conf").read_text(),
             {
                 "user": _nginx_user(layout.root),
-                "nofile": nofile,
-                "worker_connections": max(1024, nofile // 2),
+                "nginx_workers": limits.nginx_workers,
+                "nofile": limits.nginx_nofile,
+                "worker_connections": limits.worker_connections,
                 "run_dir": layout.run_dir,
                 "log_dir": layout.log_dir,
                 "nginx_prefix": layout.nginx_prefix,
@@ -427,6 +474,10 @@ def render(settings: Settings, layout: Layout) -> None:
                 "host": settings.host,
                 "base_port": settings.base_port,
                 "web_root": layout.web_root,
+                "js_client": layout.js_client,
+                "allow_map": nginx_api.allow_map(),
+                "proxy_headers": nginx_api.proxy_headers(),
+                "problem_pages": nginx_api.problem_pages(),
             },
         ),
     )
@@ -444,6 +495,7 @@ def render(settings: Settings, layout: Layout) -> None:
                 "log_dir": layout.log_dir,
                 "root": layout.root,
                 "base_port": settings.base_port,
+                "minfds": limits.minfds,
                 "environment": _supervisor_env(stack_env(settings, layout)),
                 "api_environment": _program_env(settings, "api"),
                 "gateway_environment": _program_env(settings, "gateway"),

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from deploy.limits import Limits
 from deploy.render import STACK_MARKER, Layout, nginx_binary, render, stack_env
 from shared.natsio import PASSWORD_ENV, Role, ensure_dev_credentials
 from shared.settings import DEFAULT_DEMO_PASSWORD, Settings
@@ -364,6 +365,11 @@ def _preflight(settings: Settings, layout: Layout) -> dict[str, str]:
         print(f"ending processes left by an earlier run of this stack: {leftovers}")
         _end(leftovers)
     _check_ports_free(settings)
+    # supervisord raises every program's fd limit to what MAX_CONNECTIONS needs; past the
+    # hard limit it could not, and nginx would cut sockets instead of the gateways' 503.
+    too_many = Limits.of(settings).problem(settings)
+    if too_many:
+        raise StackError(too_many)
     # NATS users' passwords before the NATS config that lists them: generated once into
     # VAR_DIR in dev; in production every role's password must be set (refused otherwise).
     ensure_dev_credentials(settings)

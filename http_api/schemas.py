@@ -80,7 +80,7 @@ class UserCreate(_In):
             Meta(
                 pattern=USER_ID_PATTERN,
                 description="keep an id given by another system (1-64 letters, digits or "
-                "'-'; no '_'); default: a new one, 'u' + 16 hex"
+                "'-'; no '_'); default: a new one, 'u' + 16 hex",
             ),
         ]
         | UnsetType

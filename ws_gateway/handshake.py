@@ -1,6 +1,7 @@
 """The opening handshake: health routes, origin and token checks, before any WebSocket.
 
-A refused upgrade is a plain HTTP response (401/403/503); nothing is upgraded.
+A refused upgrade is a plain HTTP response (401/403/429/503); nothing is upgraded. A
+gateway at its share of MAX_CONNECTIONS answers 503 problem JSON with Retry-After.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from ws_gateway.hub import Hub, UserRead
 log = logging.getLogger("ws_gateway.handshake")
 
 WS_PATHS = frozenset({"/ws", "/"})
+# Seconds a client refused for capacity is told to wait: long enough for sessions to end,
+# short enough that a freed slot is not left idle; clients add their own jitter.
+FULL_RETRY_AFTER = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +47,24 @@ class GatewayConnection(ServerConnection):
 
 
 class Refused(Exception):
-    def __init__(self, status: http.HTTPStatus, reason: str) -> None:
+    def __init__(
+        self, status: http.HTTPStatus, reason: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
+
+    def problem(self) -> dict[str, object]:
+        """RFC 9457 body; `code` as the protocol's error codes (docs/protocol.md)."""
+        code = {429: "limit", 503: "unavailable"}.get(self.status.value, "unauthorized")
+        return {
+            "type": "about:blank",
+            "title": self.status.phrase,
+            "status": self.status.value,
+            "code": code,
+            "detail": self.reason,
+        }
 
 
 def token_from(
@@ -79,6 +97,13 @@ def token_from(
 
 async def admit(hub: Hub, headers: Headers) -> Admitted:
     settings = hub.settings
+    # First, before any work: a full gateway refuses cleanly instead of running out of fds
+    # (or nginx out of worker connections) and cutting sockets. Handshakes in flight may
+    # pass together; the fd limits keep headroom for them (deploy/limits.py).
+    if hub.full():
+        raise Refused(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, "connection limit reached", FULL_RETRY_AFTER
+        )
     token = token_from(headers, settings.allowed_origins, session_cookie_name(settings))
     try:
         claims = await hub.verifier.check(token)
@@ -148,7 +173,11 @@ async def process_request(hub: Hub, ws: ServerConnection, request: Request) -> R
         cast(GatewayConnection, ws).admitted = await admit(hub, request.headers)
     except Refused as e:
         log.info("upgrade refused", extra={"status": e.status.value, "reason": e.reason})
-        return _text(e.status, e.reason + "\n")
+        if e.retry_after is None:
+            return _text(e.status, e.reason + "\n")
+        response = _text(e.status, json.dumps(e.problem()), "application/problem+json")
+        response.headers["Retry-After"] = str(e.retry_after)
+        return response
     except Exception as e:
         log.warning("upgrade failed", extra={"error": type(e).__name__})
         return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "temporarily unavailable\n")

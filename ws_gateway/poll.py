@@ -78,8 +78,12 @@ def _problem(status: int, code: str, detail: str, **extra: object) -> web.Respon
 
 def _refused(e: Refused) -> web.Response:
     """A refused token or open: `unauthorized` (401, 403), `limit` (429), `unavailable` (503)."""
-    code = {429: "limit", 503: "unavailable"}.get(e.status.value, "unauthorized")
-    return _problem(e.status.value, code, e.reason)
+    response = web.json_response(
+        e.problem(), status=e.status.value, content_type="application/problem+json"
+    )
+    if e.retry_after is not None:
+        response.headers["Retry-After"] = str(e.retry_after)
+    return response
 
 
 def _closed(t: PollTransport) -> web.Response:

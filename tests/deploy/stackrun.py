@@ -25,6 +25,7 @@ import msgspec
 
 from deploy import stack as ops
 from deploy.render import Layout
+from shared.client import ClientSubscription
 from shared.settings import Settings, load
 from tests.metrics import scrape_metric
 from tests.waits import until_async
@@ -56,7 +57,7 @@ def free_base_port(nats_cluster: int = 1) -> int:
     low, high = 10000 + 3858, _ephemeral_start() - 145
     for _ in range(200):
         base = random.randrange(low, high)
-        settings = load({"BASE_PORT": str(base), "NATS_CLUSTER": str(nats_cluster)})
+        settings = load({"BASE_PORT": str(base), "NATS_CLUSTER": str(max(1, nats_cluster))})
         ports = [
             base,
             *settings.api_ports,
@@ -196,6 +197,25 @@ async def login(http: aiohttp.ClientSession, username: str) -> tuple[str, str]:
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         return body["token"], resp.cookies["session"].value
+
+
+async def article_reaches(
+    sub: ClientSubscription, http: aiohttp.ClientSession, token: str, title: str
+) -> dict[str, Any]:
+    """Once `sub` (a kv_sub of `articles`) is synced, an article created through `http`'s
+    API with `token`: the kv_msg envelope of it that `sub` receives."""
+    while (await sub.get())["data"]["op"] != "synced":
+        pass
+    async with http.post(
+        "/api/articles",
+        json={"title": title, "body": "through nginx"},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+        revision = (await resp.json())["revision"]
+    while (env := await sub.get())["data"].get("revision") != revision:
+        pass
+    return env
 
 
 async def chat_send(

@@ -22,6 +22,7 @@ import pytest
 from nats.js import api
 
 from deploy import stack
+from deploy.limits import HEADROOM, Limits, hard_nofile
 from deploy.render import Layout, nats_server_binary, nginx_binary, render, script_hashes
 from deploy.render import stack_env as make_stack_env
 from shared.natsio import nats_connect
@@ -73,7 +74,7 @@ def test_rendered_nginx_config_is_valid(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     conf = layout.nginx_conf.read_text()
-    assert "listen 127.0.0.1:9080;" in conf
+    assert "listen 127.0.0.1:9080 reuseport;" in conf
     for port in (9101, 9102, 9201, 9202, 9203):
         assert f"server 127.0.0.1:{port} " in conf
     assert re.search(r"upstream ws_gateway \{\s*least_conn;", conf)
@@ -83,6 +84,50 @@ def test_rendered_nginx_config_is_valid(tmp_path: Path) -> None:
     for header in ("X-Content-Type-Options nosniff", "X-Frame-Options DENY", "Referrer-Policy"):
         assert header in conf
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf
+
+
+def test_fd_limits_derive_from_max_connections(tmp_path: Path) -> None:
+    """MAX_CONNECTIONS sizes nginx (two connections per WebSocket, spread over its workers),
+    supervisord's minfds and each gateway's share, within the fd limit the stack inherits."""
+    s = _settings(tmp_path, BASE_PORT="9080", MAX_CONNECTIONS="30000", GATEWAY_PROCS="3")
+    layout = Layout.of(s)
+    render(s, layout)
+    limits = Limits.of(s)
+    assert limits.gateway_cap * 3 >= 30000 and s.gateway_max_connections == limits.gateway_cap
+    assert limits.nginx_workers * (limits.worker_connections - HEADROOM) >= 2 * 30000
+    assert limits.nginx_nofile > limits.worker_connections
+    assert limits.minfds <= hard_nofile()
+    conf = layout.nginx_conf.read_text()
+    assert f"worker_processes {limits.nginx_workers};" in conf
+    assert f"worker_connections {limits.worker_connections};" in conf
+    assert f"worker_rlimit_nofile {limits.nginx_nofile};" in conf
+    assert f"minfds = {limits.minfds}" in layout.supervisord_conf.read_text()
+    assert 'MAX_CONNECTIONS="30000"' in layout.supervisord_conf.read_text()
+
+
+def test_start_refuses_more_connections_than_the_fd_limit_allows(tmp_path: Path) -> None:
+    """`make start` says which limit to raise, and starts nothing."""
+    s = _settings(tmp_path, BASE_PORT="9080", MAX_CONNECTIONS="30000", GATEWAY_PROCS="1")
+    problem = Limits.of(s, hard=20000).problem(s, hard=20000)
+    assert problem is not None
+    assert "ulimit -Hn 31024" in problem and "GATEWAY_PROCS=2" in problem
+    assert Limits.of(s, hard=40000).problem(s, hard=40000) is None
+    huge = str(hard_nofile() * 4)
+    env = clean_env(
+        VAR_DIR=str(tmp_path / "huge"), BASE_PORT=str(free_base_port()), MAX_CONNECTIONS=huge
+    )
+    res = subprocess.run(
+        ["make", "-s", "--no-print-directory", "start"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode != 0
+    assert f"MAX_CONNECTIONS={huge} needs" in res.stderr and "`ulimit -Hn`" in res.stderr
+    assert not (tmp_path / "huge" / "supervisord.conf").exists()
 
 
 @pytest.mark.parametrize("env", [{}, {"NATS_CLUSTER": "3", "GATEWAY_PROCS": "3", "API_PROCS": "4"}])

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.deploy.stackrun import Stack, login
+from tests.deploy.stackrun import Stack, article_reaches, login
 from tests.waits import split
 
 
@@ -115,18 +115,7 @@ async def test_long_polling_through_nginx_reaches_the_same_session(
         f"{stack.url}/poll", headers={"Cookie": f"session={cookie}", "Origin": stack.origin}
     )
     try:
-        sub = await client.kv_sub("articles")
-        while (await sub.get())["data"]["op"] != "synced":
-            pass
-        async with http.post(
-            "/api/articles",
-            json={"title": "polled", "body": "through nginx"},
-            headers={"Authorization": f"Bearer {bob_token}"},
-        ) as resp:
-            assert resp.status == 201, await resp.text()
-            revision = (await resp.json())["revision"]
-        while (env := await sub.get())["data"].get("revision") != revision:
-            pass
+        env = await article_reaches(await client.kv_sub("articles"), http, bob_token, "polled")
         assert env["data"]["value"]["title"] == "polled"
     finally:
         await client.close()
