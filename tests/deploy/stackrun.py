@@ -323,8 +323,14 @@ def keep_down(server: Any, name: str) -> None:
     """Stop a killed program for good: supervisord may already be restarting it."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if server.supervisor.getProcessInfo(name)["statename"] in ("STOPPED", "EXITED", "FATAL"):
+        state = server.supervisor.getProcessInfo(name)["statename"]
+        if state in ("STOPPED", "EXITED", "FATAL"):
             return
+        if state == "STARTING":
+            # Just forked: a SIGTERM before its exec is lost (supervisord's handler in the
+            # child), and the stop then waits stopwaitsecs for SIGKILL. Stop it once started.
+            time.sleep(0.1)
+            continue
         try:
             server.supervisor.stopProcess(name, True)
         except xmlrpc.client.Fault:
